@@ -1,0 +1,25 @@
+"""vstream: ask questions about long video streams, live or recorded, with their audio."""
+
+from vstream.errors import ConfigError, DecodeError, SourceError, VStreamError
+from vstream.ingest import FileSource, LiveSource, MediaInfo, Source, SourceConfig, SourceStats, open_source, probe
+from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AUDIO_SAMPLE_RATE",
+    "AudioChunk",
+    "ConfigError",
+    "DecodeError",
+    "FileSource",
+    "Frame",
+    "LiveSource",
+    "MediaInfo",
+    "Source",
+    "SourceConfig",
+    "SourceError",
+    "SourceStats",
+    "VStreamError",
+    "open_source",
+    "probe",
+]

@@ -1,0 +1,24 @@
+"""The error tree of vstream.
+
+One base, ``VStreamError``, and a subclass per stage of the path. Each subclass also
+derives from the nearest builtin, so ``except OSError`` around a source still works.
+Messages name the input and what was expected.
+"""
+
+
+class VStreamError(Exception):
+    """Base of every error vstream raises on purpose."""
+
+
+class ConfigError(VStreamError, ValueError):
+    """A configuration value is out of range or of the wrong kind."""
+
+
+class SourceError(VStreamError, OSError):
+    """A source cannot be opened or read: missing file, unreachable URL, no camera,
+    a connection lost for good."""
+
+
+class DecodeError(VStreamError, ValueError):
+    """A source opened but its bytes are not media vstream can decode: not a media
+    file, a truncated or corrupt file, no video and no audio stream."""

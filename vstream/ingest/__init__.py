@@ -1,0 +1,18 @@
+"""Ingest: any source to time-stamped ``Frame``s and 16 kHz mono ``AudioChunk``s."""
+
+from vstream.ingest.config import SourceConfig
+from vstream.ingest.container import AudioInfo, MediaInfo, VideoInfo, probe
+from vstream.ingest.source import FileSource, LiveSource, Source, SourceStats, open_source
+
+__all__ = [
+    "AudioInfo",
+    "FileSource",
+    "LiveSource",
+    "MediaInfo",
+    "Source",
+    "SourceConfig",
+    "SourceStats",
+    "VideoInfo",
+    "open_source",
+    "probe",
+]

@@ -1,0 +1,198 @@
+"""Decoding chosen frames of a video file: decord where it reads the file, PyAV otherwise.
+
+``FileIndex`` demuxes the file once (no decoding) for the presentation time of every
+frame and where the key frames are; both decoders share it, so frame indices and times
+are the same whichever decodes. Sparse indices seek to the key frame before them
+instead of decoding everything in between.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from vstream.errors import DecodeError
+from vstream.ingest.container import start_time
+
+log = logging.getLogger(__name__)
+
+_DECORD_BATCH = 8  # frames per decord call: large enough to amortise, small enough to stream
+_TRUNCATION_SLACK = 1.0  # seconds the last packet may end before the declared duration
+
+
+@dataclass
+class FileIndex:
+    """Where the frames of a file's first video stream are.
+
+    Attributes:
+        pts: ``[N]`` presentation timestamps in the stream's time base, ascending.
+        times: ``[N]`` the same in seconds from the start of the source.
+        keyframes: ``[K]`` ascending indices (into ``pts``) of the key frames.
+        end: seconds from the start of the source at which the last packet of any
+            stream ends.
+        declared_duration: what the container says its duration is, seconds, or None.
+    """
+
+    pts: np.ndarray
+    times: np.ndarray
+    keyframes: np.ndarray
+    end: float
+    declared_duration: float | None
+
+    @classmethod
+    def build(cls, container: av.container.InputContainer) -> "FileIndex":
+        """Demux every packet of ``container`` once; leaves it rewound to the start."""
+        stream = container.streams.video[0]
+        base = start_time(container)
+        pts, keys, end = [], [], 0.0
+        for packet in container.demux():
+            if packet.size == 0 or packet.pts is None and packet.dts is None:
+                continue
+            ts = packet.pts if packet.pts is not None else packet.dts
+            end = max(end, float((ts + (packet.duration or 0)) * packet.time_base) - base)
+            if packet.stream is stream:
+                pts.append(ts)
+                keys.append(packet.is_keyframe)
+        container.seek(0)
+        order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
+        sorted_pts = np.asarray(pts, dtype=np.int64)[order]
+        keyframes = np.flatnonzero(np.asarray(keys, dtype=bool)[order])
+        if len(keyframes) == 0 or keyframes[0] != 0:
+            keyframes = np.concatenate([[0], keyframes]).astype(np.int64)
+        times = sorted_pts * float(stream.time_base) - base
+        declared = container.duration / av.time_base if container.duration else None
+        return cls(pts=sorted_pts, times=times, keyframes=keyframes, end=end, declared_duration=declared)
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+    def keyframe_before(self, index: int) -> int:
+        """Index of the last key frame at or before frame ``index``."""
+        return int(self.keyframes[np.searchsorted(self.keyframes, index, side="right") - 1])
+
+    def check_complete(self, uri: str) -> None:
+        """Raise if the file ends well before the duration its container declares."""
+        if self.declared_duration and self.end < self.declared_duration - _TRUNCATION_SLACK:
+            raise DecodeError(
+                f"source {uri!r}: truncated: its media ends at {self.end:.2f} s but the container "
+                f"declares {self.declared_duration:.2f} s"
+            )
+
+
+class PyAVDecoder:
+    """Decodes chosen frames with PyAV, seeking over gaps longer than a key-frame interval."""
+
+    name = "pyav"
+
+    def __init__(self, uri: str, container: av.container.InputContainer, index: FileIndex, size: tuple[int, int], threads: int):
+        self.uri = uri
+        self.container = container
+        self.index = index
+        self.size = size
+        self.stream = container.streams.video[0]
+        self.stream.thread_type = "AUTO"
+        if threads:
+            self.stream.thread_count = threads
+        self.decoded = 0
+
+    def frames(self, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(index, image [H, W, 3] uint8)`` for ``indices`` (ascending)."""
+        pending = deque(indices)
+        position = -1  # index of the last frame decoded
+        exhausted = False
+        while pending and not exhausted:
+            key = self.index.keyframe_before(pending[0])
+            if key > position + 1 or position >= pending[0]:
+                self.container.seek(int(self.index.pts[key]), stream=self.stream, backward=True, any_frame=False)
+                position = key - 1
+            exhausted = True
+            for frame in self._decode():
+                position = self._index_of(frame, position)
+                while pending and pending[0] < position:
+                    pending.popleft()  # a frame the decoder never produced (damaged packet)
+                if pending and pending[0] == position:
+                    pending.popleft()
+                    yield position, frame.to_ndarray(width=self.size[0], height=self.size[1], format="rgb24")
+                if not pending or self.index.keyframe_before(pending[0]) > position + 1:
+                    exhausted = False
+                    break
+        if pending:
+            raise DecodeError(
+                f"source {self.uri!r}: decoding stopped at frame {max(position, 0)} of {len(self.index)}: "
+                "the file is truncated or corrupt"
+            )
+
+    def _decode(self) -> Iterator[av.VideoFrame]:
+        try:
+            for frame in self.container.decode(self.stream):
+                self.decoded += 1
+                yield frame
+        except av.error.FFmpegError as e:
+            raise DecodeError(f"source {self.uri!r}: corrupt video data ({e.strerror})") from e
+
+    def _index_of(self, frame: av.VideoFrame, previous: int) -> int:
+        if frame.pts is None:
+            return previous + 1
+        i = int(np.searchsorted(self.index.pts, frame.pts))
+        return i if i < len(self.index) and self.index.pts[i] == frame.pts else previous + 1
+
+    def close(self) -> None:
+        self.container.close()
+
+
+class DecordDecoder:
+    """Decodes chosen frames with decord, in small batches; on a decord failure it hands
+    the rest to PyAV, so a damaged file still yields every frame PyAV can decode."""
+
+    name = "decord"
+
+    def __init__(self, reader, fallback: PyAVDecoder):
+        self.reader = reader
+        self.fallback = fallback
+        self._decoded = 0
+
+    @property
+    def decoded(self) -> int:
+        return self._decoded + self.fallback.decoded
+
+    def frames(self, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+        indices = list(indices)
+        for first in range(0, len(indices), _DECORD_BATCH):
+            batch = indices[first : first + _DECORD_BATCH]
+            try:
+                images = self.reader.get_batch(batch).asnumpy()
+            except Exception as e:  # decord raises its own error types and RuntimeError
+                log.warning("decord failed at frame %d of %s (%s); continuing with PyAV", batch[0], self.fallback.uri, e)
+                yield from self.fallback.frames(indices[first:])
+                return
+            self._decoded += len(batch)
+            yield from zip(batch, images)
+
+    def close(self) -> None:
+        self.reader = None
+        self.fallback.close()
+
+
+def open_video_decoder(uri: str, container: av.container.InputContainer, index: FileIndex, size: tuple[int, int], threads: int):
+    """A decord decoder when decord reads ``uri`` with the same frames and times as
+    ``index``, a PyAV decoder otherwise."""
+    pyav = PyAVDecoder(uri, container, index, size, threads)
+    try:
+        import decord
+
+        reader = decord.VideoReader(uri, width=size[0], height=size[1], num_threads=threads)
+        theirs = reader.get_frame_timestamp(range(len(reader)))[:, 0] if len(reader) else np.zeros(0)
+    except Exception as e:  # decord refuses many containers with a bare RuntimeError
+        log.debug("decord cannot read %s (%s); using PyAV", uri, e)
+        return pyav
+    stream = container.streams.video[0]
+    offset = (stream.start_time or 0) * float(stream.time_base) - start_time(container)
+    if len(theirs) != len(index) or not np.allclose(theirs + offset, index.times, atol=2e-3):
+        log.debug("decord disagrees with the demuxer on the frames of %s; using PyAV", uri)
+        return pyav
+    return DecordDecoder(reader, pyav)

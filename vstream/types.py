@@ -1,0 +1,85 @@
+"""The small domain objects that travel along the whole path: ``Frame`` and ``AudioChunk``.
+
+Times are seconds on the source's clock: 0 is the start of the source, and a live
+source's clock keeps running across reconnects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+AUDIO_SAMPLE_RATE = 16_000
+"""Sample rate of every ``AudioChunk``, in Hz (what speech models expect)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One sampled video frame.
+
+    Attributes:
+        image: ``[H, W, 3]`` uint8 RGB pixels.
+        t: presentation time, seconds from the start of the source.
+        index: position of the frame among all decoded frames of the source (not
+            among the sampled ones), so a caller can tell exactly which frame it got.
+    """
+
+    image: np.ndarray
+    t: float
+    index: int
+
+    def __post_init__(self) -> None:
+        image = self.image
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(
+                f"Frame.image must be a uint8 array of shape [H, W, 3], got "
+                f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}"
+            )
+        if not np.isfinite(self.t):
+            raise ValueError(f"Frame.t must be a finite number of seconds, got {self.t!r}")
+        if self.index < 0:
+            raise ValueError(f"Frame.index must be >= 0, got {self.index}")
+
+    @property
+    def height(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.image.shape[1]
+
+
+@dataclass(frozen=True, eq=False)
+class AudioChunk:
+    """A stretch of audio, mono float32 at 16 kHz.
+
+    Attributes:
+        samples: ``[n]`` float32 in [-1, 1], ``AUDIO_SAMPLE_RATE`` samples a second.
+        start: time of the first sample, seconds from the start of the source.
+        end: ``start + n / AUDIO_SAMPLE_RATE``, seconds.
+    """
+
+    samples: np.ndarray
+    start: float
+    end: float
+
+    def __post_init__(self) -> None:
+        samples = self.samples
+        if not isinstance(samples, np.ndarray) or samples.dtype != np.float32 or samples.ndim != 1:
+            raise ValueError(
+                f"AudioChunk.samples must be a float32 array of shape [n], got "
+                f"{getattr(samples, 'dtype', type(samples).__name__)} {getattr(samples, 'shape', '')}"
+            )
+        if not (np.isfinite(self.start) and np.isfinite(self.end)) or self.end < self.start:
+            raise ValueError(f"AudioChunk needs finite start <= end, got {self.start!r}..{self.end!r}")
+        expected = len(samples) / AUDIO_SAMPLE_RATE
+        if abs((self.end - self.start) - expected) > 1e-3:
+            raise ValueError(
+                f"AudioChunk spans {self.end - self.start:.4f} s but holds {len(samples)} samples "
+                f"({expected:.4f} s at {AUDIO_SAMPLE_RATE} Hz)"
+            )
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
