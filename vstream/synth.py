@@ -35,11 +35,11 @@ _CODECS = {
     ".mkv": ("libx264", "aac", 48_000),
     ".ts": ("libx264", "aac", 48_000),
     ".webm": ("libvpx", "libopus", 48_000),
-    ".avi": ("mjpeg", "libmp3lame", 44_100),
+    ".avi": ("mjpeg", "pcm_s16le", 44_100),  # mp3 encoder delay shifts AVI video by a frame
 }
 _FORMATS = {".ts": "mpegts"}
 
-_TIME_BASE = Fraction(1, 90_000)  # fine enough for exact variable-rate timestamps
+_VFR_TIME_BASE = Fraction(1, 90_000)  # fine enough for exact variable-rate timestamps
 
 
 @dataclass
@@ -149,6 +149,10 @@ def write_clip(
     width, height = size
     if width % 2 or height % 2 or width < 2 * BARCODE_BITS or height < 16:
         raise ConfigError(f"write_clip: size {size} must be even, at least {2 * BARCODE_BITS}x16")
+    rate = Fraction(fps).limit_denominator(1001)
+    # Constant-rate clips count in frames (AVI can express nothing else); variable-rate
+    # ones in 1/90000 s.
+    time_base = _VFR_TIME_BASE if frame_times is not None else 1 / rate
     if frame_times is None:
         frame_times = np.arange(int(round(duration * fps))) / fps
     frame_times = np.asarray(frame_times, dtype=np.float64)
@@ -160,7 +164,7 @@ def write_clip(
     with av.open(str(path), "w", format=_FORMATS.get(ext)) as container:
         writers = []
         if video:
-            writers.append(_video_packets(container, video_codec, frame_times, size, scenes, keyframe_interval, crf, fps))
+            writers.append(_video_packets(container, video_codec, frame_times, size, scenes, keyframe_interval, crf, rate, time_base))
         if audio:
             writers.append(_audio_packets(container, audio_codec, audio_rate, duration, tones))
         # Interleave the tracks in time order, as a real recording is, so a reader that
@@ -190,29 +194,29 @@ def _tone_cycle():
         i += 1
 
 
-def _video_packets(container, codec, frame_times, size, scenes, keyframe_interval, crf, fps):
+def _video_packets(container, codec, frame_times, size, scenes, keyframe_interval, crf, rate, time_base):
     """Add a video stream; yield ``(t, packets)`` per frame, then the flushed tail."""
     width, height = size
-    stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+    stream = container.add_stream(codec, rate=rate)
     stream.width, stream.height = width, height
     stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-    stream.codec_context.time_base = _TIME_BASE
-    gop = max(int(round(keyframe_interval * fps)), 1)
+    stream.codec_context.time_base = time_base
+    gop = max(int(round(keyframe_interval * rate)), 1)
     if codec == "libx264":
         stream.options = {"preset": "ultrafast", "crf": str(crf), "g": str(gop), "bf": "0"}
     elif codec == "libvpx":
         stream.options = {"deadline": "realtime", "cpu-used": "8", "b": "1M", "g": str(gop)}
-    return _encode_video(stream, frame_times, size, scenes)
+    return _encode_video(stream, frame_times, size, scenes, time_base)
 
 
-def _encode_video(stream, frame_times, size, scenes):
+def _encode_video(stream, frame_times, size, scenes, time_base):
     width, height = size
     scene_starts = [s for s, _ in scenes]
     for index, t in enumerate(frame_times):
         background = scenes[max(np.searchsorted(scene_starts, t, side="right") - 1, 0)][1]
         frame = av.VideoFrame.from_ndarray(draw_frame(index, t, width, height, background), format="rgb24")
-        frame.pts = int(round(t / _TIME_BASE))
-        frame.time_base = _TIME_BASE
+        frame.pts = int(round(t / time_base))
+        frame.time_base = time_base
         yield t, stream.encode(frame)
     yield math.inf, stream.encode()
 

@@ -220,7 +220,7 @@ class FileSource(Source):
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"frame {i} out of range for {n} sampled frames of {self.uri!r}")
-        return self._decode_indices(self.sampled_indices[i : i + 1])[0]
+        return self._decode_indices([self.sampled_indices[i]])[0]
 
     def frame_at(self, seconds: float) -> Frame:
         """The frame on screen at ``seconds`` (the last one at or before it), sampled or not."""

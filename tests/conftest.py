@@ -1,0 +1,37 @@
+"""Shared fixtures: synthetic clips written once per test session, and a thread check."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from vstream import synth
+
+
+@pytest.fixture(scope="session")
+def make_clip(tmp_path_factory):
+    """``make_clip(name, **write_clip_kwargs) -> ClipInfo``, written once per session."""
+    folder = tmp_path_factory.mktemp("clips")
+    made: dict[str, synth.ClipInfo] = {}
+
+    def make(name: str, **kwargs) -> synth.ClipInfo:
+        if name not in made:
+            made[name] = synth.write_clip(folder / name, **kwargs)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture
+def no_leaked_threads():
+    """Fail the test if a decoder thread outlives it."""
+    yield
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("vstream-decode")]
+        if not alive:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"decoder threads left running: {alive}")

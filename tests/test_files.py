@@ -1,0 +1,242 @@
+"""Reading files: which frames are sampled, audio timing, resizing, indexing, pacing, drops."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import vstream
+from vstream import AudioChunk, Frame, synth
+from vstream.ingest.container import open_container
+from vstream.ingest.video import DecordDecoder, FileIndex, PyAVDecoder, open_video_decoder
+
+FORMATS = [".mp4", ".mkv", ".mov", ".webm", ".avi", ".ts"]
+
+
+def split(items):
+    items = list(items)
+    frames = [x for x in items if isinstance(x, Frame)]
+    chunks = [x for x in items if isinstance(x, AudioChunk)]
+    return frames, chunks
+
+
+def expected_indices(times: np.ndarray, fps: float | None) -> list[int]:
+    """First frame at or after each instant k/fps, independently of FrameSampler."""
+    if fps is None:
+        return list(range(len(times)))
+    picked = []
+    for k in range(int(times[-1] * fps) + 1):
+        later = np.flatnonzero(times >= k / fps - 1e-6)
+        if len(later) and (not picked or later[0] != picked[-1]):
+            picked.append(int(later[0]))
+    return picked
+
+
+def check_frames(frames, clip, fps, offset=0.0):
+    """Frames are exactly the expected ones: bar code, index and time agree."""
+    assert [f.index for f in frames] == expected_indices(clip.frame_times, fps)
+    for f in frames:
+        assert synth.read_index(f.image) == f.index
+        assert f.t == pytest.approx(clip.frame_times[f.index] + offset, abs=2e-3)
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+@pytest.mark.parametrize("fps", [0.5, 1.0, 2.0, None])
+def test_constant_rate_sampling(make_clip, ext, fps):
+    clip = make_clip(f"cfr{ext}", duration=6.0, fps=30)
+    with vstream.open_source(clip.path, fps=fps, audio=False) as source:
+        frames, chunks = split(source)
+    assert chunks == []
+    offset = frames[0].t  # MPEG-TS starts its video a little after its audio
+    assert 0.0 <= offset < 0.05
+    check_frames(frames, clip, fps, offset)
+    assert source.stats.sampled == len(frames) and source.stats.dropped == 0
+
+
+@pytest.mark.parametrize("ext", [".mkv", ".mp4"])
+@pytest.mark.parametrize("fps", [0.5, 1.0, 2.0, None])
+def test_variable_rate_sampling(make_clip, ext, fps):
+    clip = make_clip(f"vfr{ext}", duration=12.0, frame_times=synth.vfr_times(12.0, seed=1))
+    with vstream.open_source(clip.path, fps=fps, audio=False) as source:
+        frames, _ = split(source)
+    check_frames(frames, clip, fps)
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".ts", ".webm"])
+def test_audio_chunks_line_up_with_frames(make_clip, ext):
+    clip = make_clip(f"cfr{ext}", duration=6.0, fps=30)
+    with vstream.open_source(clip.path, fps=1.0, chunk_seconds=1.0) as source:
+        items = list(source)
+    frames, chunks = split(items)
+    assert all(c.samples.dtype == np.float32 and c.samples.ndim == 1 for c in chunks)
+    assert all(len(c.samples) == vstream.AUDIO_SAMPLE_RATE for c in chunks[:-1])
+    for a, b in zip(chunks, chunks[1:]):
+        assert b.start == pytest.approx(a.end, abs=1e-6)
+    # Each frame has a chunk starting within one frame interval of it.
+    for f in frames:
+        assert min(abs(c.start - f.t) for c in chunks) <= 1 / 30
+    assert source.stats.audio_seconds == pytest.approx(6.0, abs=0.1)
+    # Items come in time order: a chunk when it is complete, a frame at its time.
+    released = [f.t if isinstance(f, Frame) else f.end for f in items]
+    assert released == sorted(released)
+
+
+def tone_changes(samples: np.ndarray, start: float, freqs: list[float]) -> list[tuple[float, float]]:
+    """``[(time, frequency)]`` where the loudest of ``freqs`` changes, on 5 ms hops."""
+    window, hop = 400, 80  # 25 ms window, 5 ms hop at 16 kHz
+    n = (len(samples) - window) // hop
+    t = np.arange(window) / vstream.AUDIO_SAMPLE_RATE
+    basis = np.stack([np.exp(-2j * np.pi * f * t) for f in freqs])  # [F, window]
+    frames = np.lib.stride_tricks.sliding_window_view(samples, window)[::hop][:n]
+    loudest = np.argmax(np.abs(frames @ basis.T), axis=1)
+    centres = start + (np.arange(n) * hop + window / 2) / vstream.AUDIO_SAMPLE_RATE
+    changes = [(centres[0], freqs[loudest[0]])]
+    for i in np.flatnonzero(np.diff(loudest)) + 1:
+        changes.append((centres[i], freqs[loudest[i]]))
+    return changes
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv", ".webm", ".avi"])
+def test_tone_changes_are_found_at_their_times(make_clip, ext):
+    tones = [(0.0, 440.0), (1.3, 880.0), (2.75, 660.0), (4.1, 330.0)]
+    clip = make_clip(f"tones{ext}", duration=5.0, fps=30, tones=tones)
+    with vstream.open_source(clip.path, video=False, chunk_seconds=0.37) as source:
+        _, chunks = split(source)
+    samples = np.concatenate([c.samples for c in chunks])
+    found = tone_changes(samples, chunks[0].start, sorted({f for _, f in tones}))
+    assert [f for _, f in found] == [f for _, f in tones]
+    for (t_found, _), (t_true, _) in zip(found, tones):
+        assert abs(t_found - t_true) <= 1 / 30  # within one frame interval
+
+
+@pytest.mark.parametrize("size, shape", [(64, (64, 86, 3)), ((100, 50), (50, 100, 3))])
+def test_frames_are_resized_by_the_decoder(make_clip, size, shape):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    source = vstream.open_source(clip.path, fps=1.0, audio=False, size=size)
+    frames, _ = split(source)
+    assert all(f.image.shape == shape for f in frames)
+    assert [synth.read_index(f.image) for f in frames] == [f.index for f in frames]
+
+
+def test_file_source_indexes_like_a_sequence(make_clip):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    source = vstream.open_source(clip.path, fps=2.0)
+    assert len(source) == 12
+    assert source.times.tolist() == pytest.approx([k / 2 for k in range(12)], abs=1e-3)
+    assert source[0].index == 0 and source[3].index == 45 and source[-1].index == 165
+    assert [f.index for f in source[2:5]] == [30, 45, 60]
+    assert source.frame_at(2.01).index == 60  # on screen at 2.01 s: the frame shown from 2.0 s
+    assert source.frame_at(1.0 / 30 * 77 + 1e-4).index == 77
+    with pytest.raises(IndexError):
+        source[12]
+    audio = source.audio_between(1.3, 2.3)
+    assert audio.start == pytest.approx(1.3, abs=1e-3) and len(audio.samples) == 16000
+    source.close()
+
+
+def test_audio_only_and_video_only_files(make_clip):
+    audio_only = make_clip("audio_only.mkv", duration=3.0, video=False)
+    with vstream.open_source(audio_only.path) as source:
+        frames, chunks = split(source)
+    assert frames == [] and sum(c.duration for c in chunks) == pytest.approx(3.0, abs=0.1)
+    assert len(source) == 0
+    video_only = make_clip("video_only.mp4", duration=3.0, audio=False)
+    with vstream.open_source(video_only.path) as source:
+        frames, chunks = split(source)
+    assert chunks == [] and [f.index for f in frames] == [0, 30, 60]
+    with pytest.raises(vstream.DecodeError, match="no video stream"):
+        vstream.open_source(audio_only.path, audio=False)
+
+
+def test_realtime_pacing_releases_items_at_their_times(make_clip):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    start = time.monotonic()
+    lags = []
+    with vstream.open_source(clip.path, fps=2.0, audio=False, realtime=True) as source:
+        for frame in source:
+            lags.append(time.monotonic() - start - frame.t)
+            if frame.t >= 2.0:
+                break
+    assert time.monotonic() - start >= 1.9
+    assert max(lags) < 0.5 and min(lags) > -0.05
+
+
+def test_a_slow_consumer_makes_a_file_wait_not_drop(make_clip, no_leaked_threads):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    with vstream.open_source(clip.path, fps=None, audio=False, queue_size=2) as source:
+        got = 0
+        for _ in source:
+            time.sleep(0.002)
+            got += 1
+    assert got == 180 and source.stats.dropped == 0
+
+
+def test_a_slow_consumer_of_a_paced_file_drops_the_oldest_frames(make_clip, no_leaked_threads):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    got = []
+    with vstream.open_source(clip.path, fps=None, audio=False, realtime=True, queue_size=3) as source:
+        for frame in source:
+            got.append(frame.index)
+            time.sleep(0.1)  # 10 items/s against 30 frames/s
+    stats = source.stats
+    assert stats.dropped > 0
+    assert stats.sampled == len(got) + stats.dropped  # every kept frame is either consumed or counted
+    assert got == sorted(got)
+    assert got[-1] >= 170  # the newest frames are kept, the oldest dropped
+
+
+def test_leaving_the_loop_early_stops_the_decoder(make_clip, no_leaked_threads):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    source = vstream.open_source(clip.path, fps=None, queue_size=2)
+    for n, _ in enumerate(source):
+        if n == 3:
+            break
+    assert source.stats.sampled < 20
+    source.close()
+
+
+def test_sparse_sampling_seeks_instead_of_decoding_everything(make_clip):
+    clip = make_clip("sparse.mp4", duration=60.0, fps=30, size=(80, 60), audio=False, keyframe_interval=1.0)
+    with open_container(str(clip.path)) as container:
+        index = FileIndex.build(container)
+        decoder = PyAVDecoder(str(clip.path), container, index, (80, 60), threads=1)
+        wanted = list(range(0, len(index), 300))  # one frame every 10 s
+        got = [i for i, image in decoder.frames(wanted) if synth.read_index(image) == i]
+    assert got == wanted
+    assert decoder.decoded < len(index) / 5
+
+
+def test_decord_and_pyav_decode_the_same_frames(make_clip):
+    clip = make_clip("cfr.mkv", duration=6.0, fps=30)
+    wanted = [0, 1, 29, 30, 31, 100, 179]
+    results = []
+    for use_decord in (True, False):
+        with open_container(str(clip.path)) as container:
+            index = FileIndex.build(container)
+            decoder = open_video_decoder(str(clip.path), container, index, (160, 120), threads=1)
+            if not use_decord:
+                decoder = decoder.fallback
+            assert isinstance(decoder, DecordDecoder if use_decord else PyAVDecoder)
+            results.append([(i, synth.read_index(image)) for i, image in decoder.frames(wanted)])
+    assert results[0] == results[1] == [(i, i) for i in wanted]
+
+
+def test_iterating_twice_reads_the_file_again(make_clip):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    source = vstream.open_source(clip.path, fps=1.0)
+    assert [len(split(source)[0]) for _ in range(2)] == [6, 6]
+
+
+def test_stats_are_readable_while_iterating(make_clip):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    seen = []
+    with vstream.open_source(clip.path, fps=None, audio=False, queue_size=4) as source:
+        reader = threading.Thread(target=lambda: seen.append(source.stats.decoded))
+        for n, _ in enumerate(source):
+            if n == 50:
+                reader.start()
+                reader.join()
+    assert 50 <= seen[0] <= 180
