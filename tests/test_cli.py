@@ -1,0 +1,52 @@
+"""The vstream command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import vstream
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vstream", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"vstream {vstream.__version__}"
+
+
+def test_probe_prints_streams_duration_fps_resolution_and_audio_rate(make_clip):
+    clip = make_clip("cfr.mkv", duration=6.0, fps=30)
+    text = run("probe", str(clip.path))
+    assert text.returncode == 0, text.stderr
+    assert "h264 160x120 @ 30.000 fps" in text.stdout and "48000 Hz" in text.stdout
+    info = json.loads(run("probe", str(clip.path), "--json").stdout)
+    assert info["video"]["width"] == 160 and info["audio"]["sample_rate"] == 48000
+    assert abs(info["duration"] - 6.0) < 0.1
+
+
+def test_frames_lists_sampled_frames_and_audio(make_clip):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    result = run("frames", str(clip.path), "--fps", "2", "--json", "--chunk-seconds", "0.5")
+    assert result.returncode == 0, result.stderr
+    items = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [i["index"] for i in items if i["kind"] == "frame"] == list(range(0, 180, 15))
+    audio = [i for i in items if i["kind"] == "audio"]
+    assert abs(sum(a["end"] - a["start"] for a in audio) - 6.0) < 0.05 and audio[0]["peak_hz"] == 440.0
+    assert "sampled=12" in result.stderr
+
+
+def test_synth_writes_a_clip_that_probes(tmp_path):
+    out = tmp_path / "made.webm"
+    assert run("synth", str(out), "--duration", "2", "--width", "96", "--height", "64").returncode == 0
+    assert vstream.probe(str(out)).video.width == 96
+
+
+def test_errors_are_one_line_and_exit_1(tmp_path):
+    result = run("probe", str(tmp_path / "missing.mkv"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("vstream: error: source") and "no such file" in result.stderr
+    assert "Traceback" not in result.stderr
