@@ -6,7 +6,9 @@ encoded with PyAV as it goes out and paced by the wall clock.
     python tests/live_server.py --udp HOST:PORT [--fps 10] [--size 160x120]
         pushes it as UDP datagrams to HOST:PORT instead.
 
-Prints "ready" once a client can connect and runs until SIGTERM. Frame ``i`` is shown at
+Prints "ready EPOCH" once a client can connect, EPOCH being the ``time.monotonic()`` at which
+frame 0 was due (the clock is system-wide, so a test can tell when any frame was made),
+and runs until SIGTERM. Frame ``i`` is shown at
 ``i / fps`` seconds after the server started and carries ``i`` as a bar code
 (``vstream.synth.draw_frame``); an HTTP client joins the broadcast where it is when it
 connects, as a viewer of a real live stream does, so its first frame is not frame 0.
@@ -88,7 +90,7 @@ def serve_http(port: int, epoch: float, fps: int, size: tuple[int, int], stop: t
 
     http.server.ThreadingHTTPServer.allow_reuse_address = True
     with http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler) as server:
-        print("ready", flush=True)
+        print(f"ready {epoch}", flush=True)
         try:
             server.serve_forever(poll_interval=0.1)
         finally:
@@ -109,7 +111,7 @@ def main() -> None:
     if args.port is not None:
         serve_http(args.port, epoch, args.fps, size, stop)
     else:
-        print("ready", flush=True)
+        print(f"ready {epoch}", flush=True)
         broadcast(f"udp://{args.udp}?pkt_size=1316", epoch, args.fps, size, stop)
 
 

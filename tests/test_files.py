@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,3 +242,19 @@ def test_stats_are_readable_while_iterating(make_clip):
                 reader.start()
                 reader.join()
     assert 50 <= seen[0] <= 180
+
+
+def test_committed_speech_clip_has_speech_where_its_transcript_says():
+    data = Path(__file__).parent / "data"
+    segments = json.loads((data / "speech.json").read_text())["segments"]
+    with vstream.open_source(data / "speech.mp4", video=False, chunk_seconds=0.25) as source:
+        _, chunks = split(source)
+
+    def loud(chunk):
+        return float(np.sqrt(np.mean(chunk.samples**2))) > 0.01
+
+    def spoken(chunk):
+        return any(s["start"] <= (chunk.start + chunk.end) / 2 <= s["end"] for s in segments)
+
+    assert not any(loud(c) for c in chunks if c.end < segments[0]["start"])  # silence before
+    assert np.mean([loud(c) for c in chunks if spoken(c)]) > 0.6

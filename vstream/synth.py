@@ -3,7 +3,8 @@
 Every frame carries its own index as a bar code across the top quarter, so a reader can
 tell exactly which frame it got, even after the decoder resized it; a square moves across
 the rest; the background colour can change at given times (scenes); the audio track is a
-sine tone whose frequency changes at given times. ``write_clip`` returns a ``ClipInfo``
+sine tone whose frequency changes at given times, with sentences spoken by espeak-ng
+mixed in at given times if asked. ``write_clip`` returns a ``ClipInfo``
 with the frame times and the tone schedule the clip was written with, so tests compare
 what the ingest gives against what is known by construction.
 """
@@ -11,8 +12,12 @@ what the ingest gives against what is known by construction.
 from __future__ import annotations
 
 import heapq
+import io
 import logging
 import math
+import shutil
+import subprocess
+import wave
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -61,6 +66,8 @@ class ClipInfo:
     duration: float
     size: tuple[int, int]
     scenes: list[tuple[float, tuple[int, int, int]]] = field(default_factory=list)
+    speech: list[tuple[float, float, str]] = field(default_factory=list)
+    """``[(start, end, text), ...]`` seconds, of each spoken sentence."""
 
     def tone_at(self, t: float) -> float:
         """Frequency in Hz of the tone playing at ``t`` seconds."""
@@ -120,6 +127,7 @@ def write_clip(
     video: bool = True,
     tones: list[tuple[float, float]] | None = None,
     scenes: list[tuple[float, tuple[int, int, int]]] | None = None,
+    speech: list[tuple[float, str]] | None = None,
     frame_times: np.ndarray | None = None,
     keyframe_interval: float = 2.0,
     crf: int = 20,
@@ -133,7 +141,10 @@ def write_clip(
         fps: frame rate for a constant-rate clip (ignored when ``frame_times`` is given).
         size: ``(width, height)``, even numbers.
         audio, video: which tracks to write (at least one).
-        tones: ``[(start_seconds, frequency_hz), ...]``; default a new tone every 2 s.
+        tones: ``[(start_seconds, frequency_hz), ...]``; default a new tone every 2 s;
+            ``[]`` for silence.
+        speech: ``[(start_seconds, text), ...]`` sentences spoken by espeak-ng over the
+            tones (needs the espeak-ng program).
         scenes: ``[(start_seconds, (r, g, b)), ...]`` background colours; default grey.
         frame_times: ``[N]`` explicit presentation times in seconds (variable frame rate).
         keyframe_interval: seconds between key frames.
@@ -157,8 +168,9 @@ def write_clip(
         frame_times = np.arange(int(round(duration * fps))) / fps
     frame_times = np.asarray(frame_times, dtype=np.float64)
     tones = tones if tones is not None else [(float(s), f) for s, f in zip(range(0, int(duration) + 2, 2), _tone_cycle())]
-    scenes = scenes or [(0.0, (96, 96, 96))]
     video_codec, audio_codec, audio_rate = _CODECS[ext]
+    spoken = [(start, speak(text, audio_rate), text) for start, text in speech or []]
+    scenes = scenes or [(0.0, (96, 96, 96))]
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w", format=_FORMATS.get(ext)) as container:
@@ -166,7 +178,7 @@ def write_clip(
         if video:
             writers.append(_video_packets(container, video_codec, frame_times, size, scenes, keyframe_interval, crf, rate, time_base))
         if audio:
-            writers.append(_audio_packets(container, audio_codec, audio_rate, duration, tones))
+            writers.append(_audio_packets(container, audio_codec, audio_rate, duration, tones, spoken))
         # Interleave the tracks in time order, as a real recording is, so a reader that
         # demuxes both from one container never buffers a whole track.
         bar = tqdm(total=int(duration), desc=f"writing {path.name}", unit="s", disable=not progress)
@@ -183,6 +195,7 @@ def write_clip(
         duration=duration,
         size=size,
         scenes=scenes,
+        speech=[(start, start + len(samples) / audio_rate, text) for start, samples, text in spoken] if audio else [],
     )
 
 
@@ -221,14 +234,30 @@ def _encode_video(stream, frame_times, size, scenes, time_base):
     yield math.inf, stream.encode()
 
 
-def _audio_packets(container, codec, rate, duration, tones):
+def speak(text: str, rate: int, voice: str = "en-us", words_per_minute: int = 150) -> np.ndarray:
+    """``text`` spoken by espeak-ng: ``[n]`` float32 in [-1, 1] at ``rate`` Hz."""
+    program = shutil.which("espeak-ng")
+    if program is None:
+        raise ConfigError("speech needs the espeak-ng program (Debian: apt-get install espeak-ng)")
+    result = subprocess.run(
+        [program, "-v", voice, "-s", str(words_per_minute), "--stdout", text], capture_output=True, timeout=60, check=True
+    )
+    with wave.open(io.BytesIO(result.stdout)) as wav:
+        native_rate = wav.getframerate()
+        # espeak-ng streams its WAV, so the header's frame count is a placeholder: read all.
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+    times = np.arange(int(len(pcm) * rate / native_rate)) / rate
+    return np.interp(times, np.arange(len(pcm)) / native_rate, pcm).astype(np.float32)
+
+
+def _audio_packets(container, codec, rate, duration, tones, spoken):
     """Add a mono audio stream; yield ``(t, packets)`` per encoder frame, then the tail."""
     stream = container.add_stream(codec, rate=rate)
     stream.layout = "mono"
-    return _encode_audio(stream, rate, duration, tones)
+    return _encode_audio(stream, rate, duration, tones, spoken)
 
 
-def _encode_audio(stream, rate, duration, tones):
+def _encode_audio(stream, rate, duration, tones, spoken):
     frame_size = stream.codec_context.frame_size or 1024
     total = int(duration * rate)
     starts = np.array([s for s, _ in tones])
@@ -236,13 +265,21 @@ def _encode_audio(stream, rate, duration, tones):
     phase = 0.0
     for first in range(0, total, frame_size):
         n = min(frame_size, total - first)
-        t = (first + np.arange(n)) / rate
-        freq = freqs[np.clip(np.searchsorted(starts, t, side="right") - 1, 0, None)]
-        # Integrate the frequency so the phase is continuous across tone changes.
-        step = 2 * math.pi * freq / rate
-        phases = phase + np.cumsum(step) - step
-        phase = float(phases[-1] + step[-1]) % (2 * math.pi)
-        samples = (0.5 * np.sin(phases)).astype(np.float32)
+        samples = np.zeros(n, np.float32)
+        if tones:
+            t = (first + np.arange(n)) / rate
+            freq = freqs[np.clip(np.searchsorted(starts, t, side="right") - 1, 0, None)]
+            # Integrate the frequency so the phase is continuous across tone changes.
+            step = 2 * math.pi * freq / rate
+            phases = phase + np.cumsum(step) - step
+            phase = float(phases[-1] + step[-1]) % (2 * math.pi)
+            # Quieter under speech, so the voice stays intelligible.
+            samples += ((0.15 if spoken else 0.5) * np.sin(phases)).astype(np.float32)
+        for start, voice, _ in spoken:
+            offset = int(round(start * rate))
+            lo, hi = max(first, offset), min(first + n, offset + len(voice))
+            if lo < hi:
+                samples[lo - first : hi - first] += voice[lo - offset : hi - offset]
         if n < frame_size:
             samples = np.pad(samples, (0, frame_size - n))
         frame = av.AudioFrame.from_ndarray(samples[None], format="fltp", layout="mono")
