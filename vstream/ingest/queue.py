@@ -10,7 +10,7 @@ from vstream.types import Frame
 
 
 class Closed(Exception):
-    """The queue was closed while a put was waiting for room."""
+    """The queue was closed: a waiting ``put`` or ``get`` gives up."""
 
 
 class ItemQueue:
@@ -52,16 +52,19 @@ class ItemQueue:
             self._cond.notify_all()
 
     def get(self, timeout: float) -> Any:
-        """The oldest item; raises ``TimeoutError`` after ``timeout`` seconds of nothing."""
+        """The oldest item; raises ``TimeoutError`` after ``timeout`` seconds of nothing,
+        ``Closed`` once the queue is closed."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._items, timeout):
+            if not self._cond.wait_for(lambda: self._items or self._closed, timeout):
                 raise TimeoutError
+            if self._closed:
+                raise Closed()
             item = self._items.popleft()
             self._cond.notify_all()
             return item
 
     def close(self) -> None:
-        """Wake and refuse any waiting ``put``; drop what is queued."""
+        """Wake and refuse any waiting ``put`` or ``get``; drop what is queued."""
         with self._cond:
             self._closed = True
             self._items.clear()

@@ -113,6 +113,8 @@ class Source:
                     item = queue.get(timeout=0.5)
                 except TimeoutError:
                     continue
+                except Closed:  # close() from another thread
+                    return
                 if isinstance(item, _End):
                     if item.error is not None:
                         raise item.error
