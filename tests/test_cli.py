@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+from PIL import Image
 
 import vstream
 
@@ -50,3 +53,13 @@ def test_errors_are_one_line_and_exit_1(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("vstream: error: source") and "no such file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_contact_sheet_example(make_clip, tmp_path):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    script = Path(__file__).parent.parent / "examples" / "contact_sheet.py"
+    out = tmp_path / "sheet.png"
+    result = subprocess.run([sys.executable, str(script), str(clip.path), str(out), "--fps", "1", "--columns", "3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (3 * 160, 2 * (120 + 14))  # 6 frames of 160x120, labelled
