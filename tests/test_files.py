@@ -15,6 +15,8 @@ from vstream import AudioChunk, Frame, synth
 from vstream.ingest.container import open_container
 from vstream.ingest.video import DecordDecoder, FileIndex, PyAVDecoder, open_video_decoder
 
+from helpers import first_at_or_after
+
 FORMATS = [".mp4", ".mkv", ".mov", ".webm", ".avi", ".ts"]
 
 
@@ -25,21 +27,9 @@ def split(items):
     return frames, chunks
 
 
-def expected_indices(times: np.ndarray, fps: float | None) -> list[int]:
-    """First frame at or after each instant k/fps, independently of FrameSampler."""
-    if fps is None:
-        return list(range(len(times)))
-    picked = []
-    for k in range(int(times[-1] * fps) + 1):
-        later = np.flatnonzero(times >= k / fps - 1e-6)
-        if len(later) and (not picked or later[0] != picked[-1]):
-            picked.append(int(later[0]))
-    return picked
-
-
 def check_frames(frames, clip, fps, offset=0.0):
     """Frames are exactly the expected ones: bar code, index and time agree."""
-    assert [f.index for f in frames] == expected_indices(clip.frame_times, fps)
+    assert [f.index for f in frames] == first_at_or_after(clip.frame_times, fps)
     for f in frames:
         assert synth.read_index(f.image) == f.index
         assert f.t == pytest.approx(clip.frame_times[f.index] + offset, abs=2e-3)

@@ -6,15 +6,7 @@ import pytest
 from vstream.ingest.sampling import AudioChunker, FrameSampler
 from vstream.types import AUDIO_SAMPLE_RATE
 
-
-def first_at_or_after(times, fps):
-    """Brute force: for each instant k/fps, the first frame at or after it, once each."""
-    picked = []
-    for k in range(int(times[-1] * fps) + 1):
-        later = np.flatnonzero(times >= k / fps - 1e-9)
-        if len(later) and (not picked or later[0] != picked[-1]):
-            picked.append(int(later[0]))
-    return picked
+from helpers import first_at_or_after
 
 
 @pytest.mark.parametrize("fps", [0.5, 1.0, 2.0, 7.0])
