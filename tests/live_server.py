@@ -6,12 +6,14 @@ encoded with PyAV as it goes out and paced by the wall clock.
     python tests/live_server.py --udp HOST:PORT [--fps 10] [--size 160x120]
         pushes it as UDP datagrams to HOST:PORT instead.
 
-Prints "ready EPOCH" once a client can connect, EPOCH being the ``time.monotonic()`` at which
-frame 0 was due (the clock is system-wide, so a test can tell when any frame was made),
-and runs until SIGTERM. Frame ``i`` is shown at
-``i / fps`` seconds after the server started and carries ``i`` as a bar code
-(``vstream.synth.draw_frame``); an HTTP client joins the broadcast where it is when it
+Frame ``i`` is due ``i / fps`` seconds after the broadcast began and carries ``i`` as a bar
+code (``vstream.synth.draw_frame``). An HTTP client joins the broadcast where it is when it
 connects, as a viewer of a real live stream does, so its first frame is not frame 0.
+
+Prints "ready EPOCH" once a client can connect, EPOCH being the ``time.monotonic()`` at
+which frame 0 is due; that clock is system-wide, so a test can tell when any frame it reads
+was made. SIGUSR1 restarts the broadcast from frame 0 (and prints a new "ready EPOCH");
+SIGTERM ends the server.
 """
 
 from __future__ import annotations
@@ -44,10 +46,27 @@ class _Writer:
         self.write = write
 
 
-def broadcast(target, epoch: float, fps: int, size: tuple[int, int], stop: threading.Event) -> None:
-    """Encode the broadcast into ``target`` (a file-like writer or a URL), from the frame
-    due now on, until ``stop`` is set or the target fails."""
+class Broadcast:
+    """The clock every client shares: frame 0 is due at ``epoch`` (``time.monotonic()``).
+
+    ``restart()`` (on SIGUSR1) starts the broadcast afresh, from frame 0 and timestamp 0,
+    and ends the streams of the old one, as an encoder restarting upstream does.
+    """
+
+    def __init__(self):
+        self.stopped = threading.Event()
+        self.restart()
+
+    def restart(self) -> None:
+        self.epoch = time.monotonic()
+        print(f"ready {self.epoch}", flush=True)
+
+
+def stream(target, broadcast: Broadcast, fps: int, size: tuple[int, int]) -> None:
+    """Encode the broadcast into ``target`` (a file-like writer or a URL) from the frame
+    due now on, until the server stops, the broadcast restarts or the target fails."""
     width, height = size
+    epoch = broadcast.epoch
     first = int((time.monotonic() - epoch) * fps)
     # flush_packets: hand every packet over at once rather than when PyAV's buffer fills.
     with av.open(target, "w", format="mpegts", container_options={"flush_packets": "1"}) as out:
@@ -59,7 +78,7 @@ def broadcast(target, epoch: float, fps: int, size: tuple[int, int], stop: threa
         audio.layout = "mono"
         sample = first * AUDIO_RATE // fps  # next audio sample to encode, counted from the epoch
         for index in itertools.count(first):
-            if stop.wait(max(0.0, epoch + index / fps - time.monotonic())):
+            if broadcast.stopped.wait(max(0.0, epoch + index / fps - time.monotonic())) or broadcast.epoch != epoch:
                 break
             frame = av.VideoFrame.from_ndarray(draw_frame(index, index / fps, width, height, GREY), format="rgb24")
             frame.pts, frame.time_base = index, Fraction(1, fps)
@@ -74,14 +93,14 @@ def broadcast(target, epoch: float, fps: int, size: tuple[int, int], stop: threa
                 sample += AUDIO_FRAME
 
 
-def serve_http(port: int, epoch: float, fps: int, size: tuple[int, int], stop: threading.Event) -> None:
+def serve_http(port: int, fps: int, size: tuple[int, int]) -> None:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
             self.send_header("Content-Type", "video/mp2t")
             self.end_headers()
             try:
-                broadcast(_Writer(self.wfile.write), epoch, fps, size, stop)
+                stream(_Writer(self.wfile.write), broadcast, fps, size)
             except (OSError, av.error.FFmpegError):
                 pass  # the client went away (BrokenPipe, ConnectionReset): its loss, not ours
 
@@ -90,29 +109,35 @@ def serve_http(port: int, epoch: float, fps: int, size: tuple[int, int], stop: t
 
     http.server.ThreadingHTTPServer.allow_reuse_address = True
     with http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler) as server:
-        print(f"ready {epoch}", flush=True)
+        broadcast = Broadcast()
+        signal.signal(signal.SIGUSR1, lambda *_: broadcast.restart())
         try:
             server.serve_forever(poll_interval=0.1)
         finally:
-            stop.set()
+            broadcast.stopped.set()
+
+
+def push_udp(address: str, fps: int, size: tuple[int, int]) -> None:
+    broadcast = Broadcast()
+    signal.signal(signal.SIGUSR1, lambda *_: broadcast.restart())
+    while True:
+        stream(f"udp://{address}?pkt_size=1316", broadcast, fps, size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--port", type=int, help="serve HTTP on 127.0.0.1:PORT")
-    where.add_argument("--udp", help="push UDP datagrams to HOST:PORT")
+    where.add_argument("--udp", metavar="HOST:PORT", help="push UDP datagrams to HOST:PORT")
     parser.add_argument("--fps", type=int, default=10)
     parser.add_argument("--size", default="160x120", help="WIDTHxHEIGHT")
     args = parser.parse_args()
     size = tuple(int(s) for s in args.size.split("x"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    epoch, stop = time.monotonic(), threading.Event()
     if args.port is not None:
-        serve_http(args.port, epoch, args.fps, size, stop)
+        serve_http(args.port, args.fps, size)
     else:
-        print(f"ready {epoch}", flush=True)
-        broadcast(f"udp://{args.udp}?pkt_size=1316", epoch, args.fps, size, stop)
+        push_udp(args.udp, args.fps, size)
 
 
 if __name__ == "__main__":

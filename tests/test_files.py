@@ -13,7 +13,7 @@ import pytest
 import vstream
 from vstream import AudioChunk, Frame, synth
 from vstream.ingest.container import open_container
-from vstream.ingest.video import DecordDecoder, FileIndex, PyAVDecoder, open_video_decoder
+from vstream.ingest.video import DecordDecoder, FileIndex, PyAVDecoder, as_array, open_video_decoder
 
 from helpers import first_at_or_after
 
@@ -212,7 +212,7 @@ def test_decord_and_pyav_decode_the_same_frames(make_clip):
             if not use_decord:
                 decoder = decoder.fallback
             assert isinstance(decoder, DecordDecoder if use_decord else PyAVDecoder)
-            results.append([(i, synth.read_index(image)) for i, image in decoder.frames(wanted)])
+            results.append([(i, synth.read_index(as_array(pixels))) for i, pixels in decoder.frames(wanted)])
     assert results[0] == results[1] == [(i, i) for i in wanted]
 
 

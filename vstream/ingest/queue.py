@@ -6,7 +6,7 @@ import threading
 from collections import deque
 from typing import Any
 
-from vstream.types import Frame
+from vstream.types import AudioChunk
 
 
 class Closed(Exception):
@@ -75,7 +75,7 @@ class ItemQueue:
 
     def _evict(self) -> Any:
         for i, item in enumerate(self._items):
-            if isinstance(item, Frame):
+            if not isinstance(item, AudioChunk):  # a frame, decoded or still in the decoder's buffer
                 del self._items[i]
                 return item
         return self._items.popleft()

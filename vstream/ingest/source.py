@@ -32,7 +32,7 @@ from vstream.ingest.container import (
 )
 from vstream.ingest.queue import Closed, ItemQueue
 from vstream.ingest.sampling import FrameSampler
-from vstream.ingest.video import FileIndex, open_video_decoder
+from vstream.ingest.video import FileIndex, as_array, open_video_decoder
 from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,22 @@ class _End:
     error: BaseException | None = None
 
 
-def release_time(item: Item) -> float:
+@dataclass
+class _PendingFrame:
+    """A decoded frame still in its decoder's buffer; ``frame()`` copies it out on the
+    consumer's thread (see ``vstream.ingest.video``)."""
+
+    pixels: object
+    t: float
+    index: int
+
+    def frame(self) -> Frame:
+        return Frame(as_array(self.pixels), self.t, self.index)
+
+
+def release_time(item: Item | _PendingFrame) -> float:
     """When an item exists on the source clock: a frame at its time, a chunk at its end."""
-    return item.t if isinstance(item, Frame) else item.end
+    return item.end if isinstance(item, AudioChunk) else item.t
 
 
 class Source:
@@ -119,7 +132,7 @@ class Source:
                     if item.error is not None:
                         raise item.error
                     return
-                yield item
+                yield item.frame() if isinstance(item, _PendingFrame) else item
         finally:
             self.close()
 
@@ -165,11 +178,11 @@ class Source:
         finally:
             items.close()
 
-    def _count_dropped(self, evicted: Item | None) -> None:
-        if isinstance(evicted, Frame):
-            self._stats.dropped += 1
-        elif isinstance(evicted, AudioChunk):
+    def _count_dropped(self, evicted: Item | _PendingFrame | None) -> None:
+        if isinstance(evicted, AudioChunk):
             self._stats.dropped_audio_seconds += evicted.duration
+        elif evicted is not None:
+            self._stats.dropped += 1
 
     def _produce(self) -> Iterator[Item]:
         raise NotImplementedError
@@ -271,7 +284,7 @@ class FileSource(Source):
         with self._lock:
             if self._decoder is None:
                 self._decoder = open_video_decoder(self.uri, open_container(self.uri), self.index, self.size, self.config.decoder_threads)
-            return [Frame(image, float(self.index.times[i]), int(i)) for i, image in self._decoder.frames(indices)]
+            return [Frame(as_array(pixels), float(self.index.times[i]), int(i)) for i, pixels in self._decoder.frames(indices)]
 
     def _produce(self) -> Iterator[Item]:
         with ExitStack() as stack:
@@ -290,11 +303,11 @@ class FileSource(Source):
         if self.has_video:
             self.index.check_complete(self.uri)
 
-    def _frames(self, decoder) -> Iterator[Frame]:
-        for i, image in decoder.frames(self.sampled_indices):
+    def _frames(self, decoder) -> Iterator[_PendingFrame]:
+        for i, pixels in decoder.frames(self.sampled_indices):
             self._stats.decoded = decoder.decoded
             self._stats.sampled += 1
-            yield Frame(image, float(self.index.times[i]), int(i))
+            yield _PendingFrame(pixels, float(self.index.times[i]), int(i))
 
     def _file_audio(self, container, converter: AudioConverter) -> Iterator[AudioChunk]:
         try:
