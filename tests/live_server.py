@@ -78,7 +78,8 @@ def stream(target, broadcast: Broadcast, fps: int, size: tuple[int, int]) -> Non
         audio.layout = "mono"
         sample = first * AUDIO_RATE // fps  # next audio sample to encode, counted from the epoch
         for index in itertools.count(first):
-            if broadcast.stopped.wait(max(0.0, epoch + index / fps - time.monotonic())) or broadcast.epoch != epoch:
+            due = epoch + index / fps
+            if broadcast.stopped.wait(max(0.0, due - time.monotonic())) or broadcast.epoch != epoch:
                 break
             frame = av.VideoFrame.from_ndarray(draw_frame(index, index / fps, width, height, GREY), format="rgb24")
             frame.pts, frame.time_base = index, Fraction(1, fps)
@@ -93,28 +94,41 @@ def stream(target, broadcast: Broadcast, fps: int, size: tuple[int, int]) -> Non
                 sample += AUDIO_FRAME
 
 
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with the broadcast, from now on, for as long as it runs."""
+
+    server: "_Server"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp2t")
+        self.end_headers()
+        try:
+            stream(_Writer(self.wfile.write), self.server.broadcast, self.server.fps, self.server.size)
+        except (OSError, av.error.FFmpegError):
+            pass  # the client went away (BrokenPipe, ConnectionReset): its loss, not ours
+
+    def log_message(self, *args):
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    # allow_reuse_address (inherited, on): a server restarted on the port binds it at once.
+    # daemon_threads (inherited, on): streams still running do not hold the process up.
+    broadcast: Broadcast
+    fps: int
+    size: tuple[int, int]
+
+
 def serve_http(port: int, fps: int, size: tuple[int, int]) -> None:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "video/mp2t")
-            self.end_headers()
-            try:
-                stream(_Writer(self.wfile.write), broadcast, fps, size)
-            except (OSError, av.error.FFmpegError):
-                pass  # the client went away (BrokenPipe, ConnectionReset): its loss, not ours
-
-        def log_message(self, *args):
-            pass
-
-    http.server.ThreadingHTTPServer.allow_reuse_address = True
-    with http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler) as server:
-        broadcast = Broadcast()
-        signal.signal(signal.SIGUSR1, lambda *_: broadcast.restart())
+    with _Server(("127.0.0.1", port), _Handler) as server:
+        server.fps, server.size = fps, size
+        server.broadcast = Broadcast()  # listening already: announce it
+        signal.signal(signal.SIGUSR1, lambda *_: server.broadcast.restart())
         try:
             server.serve_forever(poll_interval=0.1)
         finally:
-            broadcast.stopped.set()
+            server.broadcast.stopped.set()
 
 
 def push_udp(address: str, fps: int, size: tuple[int, int]) -> None:

@@ -28,7 +28,8 @@ SERVER_FPS = 20  # FFmpeg probes about 20 frames when it opens a stream: 1 s at 
 SIZE = (160, 120)
 TONE_HZ = 440.0  # live_server.TONE_HZ
 
-pytestmark = pytest.mark.slow
+# no_leaked_threads (conftest.py): no decoder thread may outlive a test.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_threads")]
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -85,19 +86,6 @@ def serve():
         server.stop()
 
 
-def decoder_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("vstream-decode")]
-
-
-@pytest.fixture(autouse=True)
-def no_decoder_thread_left():
-    yield
-    deadline = time.monotonic() + 5.0
-    while decoder_threads() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert decoder_threads() == []
-
-
 def http_source(port: int, **settings) -> vstream.LiveSource:
     settings = {"fps": 2, "read_timeout": 2, "open_timeout": 5, **settings}
     return vstream.open_source(f"http://127.0.0.1:{port}/live.ts", **settings)
@@ -139,7 +127,7 @@ def check_broadcast(frames: list[Frame], chunks: list[AudioChunk], fps: float) -
 def check_clock_across(before: Frame, after: Frame, made_before: float, made_after: float) -> None:
     """The source clock ran on across a lost connection by as much as the wall clock did."""
     assert after.t > before.t
-    assert after.t - before.t == pytest.approx(made_after - made_before, abs=0.5)
+    assert after.t - before.t == pytest.approx(made_after - made_before, abs=0.3)
 
 
 def split_at_restart(frames: list[Frame]) -> tuple[list[Frame], list[Frame]]:
@@ -166,14 +154,15 @@ def test_read_live_http(serve):
 def test_reconnects_after_outage_and_clock_runs_on(serve):
     port = free_port()
     first = serve("--port", str(port))
-    with http_source(port, read_timeout=1.5, reconnect_backoff=0.2, reconnect_backoff_max=0.5) as source:
+    settings = {"read_timeout": 1.5, "reconnect_tries": 20, "reconnect_backoff": 0.2, "reconnect_backoff_max": 0.5}
+    with http_source(port, **settings) as source:
         items = iter(source)
         frames, chunks = read_for(items, seconds=10, frames=4)
         first.stop()
         # Down for longer than FFmpeg's own HTTP retry (about 1 s), so the source sees the loss.
         time.sleep(1.5)
         second = serve("--port", str(port))
-        more, more_chunks = read_for(items, seconds=15, frames=4 + 3)
+        more, more_chunks = read_for(items, seconds=15, frames=6)
     old, new = split_at_restart(frames + more)
     assert len(new) >= 3, "no frames from the restarted server"
     assert source.stats.reconnects >= 1
@@ -185,14 +174,8 @@ def test_reconnects_after_outage_and_clock_runs_on(serve):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="vstream bug: open_container() passes reconnect_streamed=1 for HTTP, so FFmpeg reopens "
-    "a dropped live stream itself and splices the restarted broadcast into the same demuxer; "
-    "LiveSource never sees a reconnect, its clock is not moved on, audio times jump back and "
-    "the sampler skips every frame until t catches up",
-)
 def test_broadcast_restart_is_a_reconnect(serve):
+    """A restart of the broadcast is seen as a loss and a reconnect, not spliced in."""
     port = free_port()
     server = serve("--port", str(port))
     with http_source(port, read_timeout=1.5, reconnect_backoff=0.2) as source:
@@ -220,11 +203,13 @@ def test_gives_up_when_server_stays_down(serve):
         lost = time.monotonic()
         with pytest.raises(vstream.SourceError, match=f"127.0.0.1:{port}") as error:
             read_for(items, seconds=15)
-    # Loss seen within read_timeout plus FFmpeg's own retry; then 3 quick refused reopens.
+    # The loss shows within FFmpeg's own HTTP retry (about 1 s) or read_timeout; then come
+    # a few refused reopens, 0.1 s and 0.2 s apart.
     assert time.monotonic() - lost < 6.0
     assert "reconnect" in str(error.value)
     assert source.stats.reconnects == 0
-    assert decoder_threads() == []
+    # Given up means stopped: the decoder thread is gone already, not merely told to go.
+    assert not [t for t in threading.enumerate() if t.name.startswith("vstream-decode")]
 
 
 @pytest.mark.timeout(30)
@@ -256,8 +241,9 @@ def test_slow_consumer_drops_oldest_frames(serve):
     # when close() discards them.
     assert len(got) + stats.dropped <= stats.sampled <= len(got) + stats.dropped + source.config.queue_size + 1
     assert got == sorted(got) and len(set(got)) == len(got)
-    # Dropping the oldest keeps what the consumer sees fresh, once the backlog of the open is gone.
-    assert max(lag[-3:]) < 1.0
+    # Dropping the oldest keeps what the consumer sees fresh (the first frame may be from
+    # the backlog FFmpeg read while it probed the stream).
+    assert max(lag[1:]) < 0.7
 
 
 @pytest.mark.timeout(60)
@@ -292,11 +278,6 @@ def test_read_stdin(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    reason="vstream bug: when close() stops a LiveSource waiting for data, _read returns as if "
-    "the stream ended and _produce logs 'lost ... (the stream ended); reconnecting' before "
-    "leaving its loop (not strict: a close landing while a frame is being decoded logs nothing)",
-)
 def test_close_is_not_reported_as_a_loss(serve, caplog):
     port = free_port()
     serve("--port", str(port))

@@ -31,11 +31,11 @@ class SourceConfig:
         queue_size: frames and audio chunks held between decoder and consumer (default 32).
         open_timeout: seconds to wait for a live source to open (default 10.0).
         read_timeout: seconds without data before a live source counts as lost (default 5.0).
-        reconnect_tries: failed reopen attempts in a row before a lost live source is
-            given up (default 5; 0 never reconnects). The source's clock keeps running
-            across a reconnect.
-        reconnect_backoff: seconds before the first reopen attempt, doubled after each
-            failure (default 0.5).
+        reconnect_tries: reopen attempts in a row before a lost live source is given up
+            with a ``SourceError`` (default 10: about a minute with the default back-off;
+            0 never reconnects). The source's clock keeps running across a reconnect.
+        reconnect_backoff: seconds between the first failed reopen attempt and the next,
+            doubled after each failure (default 0.5; the first attempt is immediate).
         reconnect_backoff_max: longest wait between reopen attempts, seconds (default 8.0).
         decoder_threads: threads per decoder; 0 lets FFmpeg choose (default 0).
     """
@@ -50,7 +50,7 @@ class SourceConfig:
     queue_size: int = 32
     open_timeout: float = 10.0
     read_timeout: float = 5.0
-    reconnect_tries: int = 5
+    reconnect_tries: int = 10
     reconnect_backoff: float = 0.5
     reconnect_backoff_max: float = 8.0
     decoder_threads: int = 0

@@ -63,9 +63,11 @@ def open_container(uri: str, open_timeout: float = 10.0, read_timeout: float = 5
     elif kind is SourceKind.STDIN:
         target = sys.stdin.buffer
     else:
-        # Network protocols: let FFmpeg reconnect HTTP itself on short drops.
+        # Network protocols: let FFmpeg resume a finite HTTP resource itself (a Range
+        # request gets the same bytes back); a live stream is reopened by LiveSource,
+        # which knows its timestamps start afresh.
         if uri.lower().startswith(("http://", "https://")):
-            options = {"reconnect": "1", "reconnect_streamed": "1", "reconnect_delay_max": "2"}
+            options = {"reconnect": "1", "reconnect_delay_max": "2"}
     timeout = None if kind is SourceKind.FILE else (open_timeout, read_timeout)
     try:
         return av.open(target, "r", format=fmt, options=options, timeout=timeout)

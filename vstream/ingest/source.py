@@ -342,39 +342,49 @@ class LiveSource(Source):
         sampler = FrameSampler(config.fps)
         converter = AudioConverter(config.chunk_seconds, offset=0.0)
         clock = _LiveClock()
-        failures, ever_opened, backoff = 0, False, config.reconnect_backoff
-        while not self._stop.is_set():
-            try:
-                container, self._opened = self._opened, None
-                container = container or open_container(self.uri, config.open_timeout, config.read_timeout)
-            except VStreamError as e:
-                if not ever_opened or not can_reopen or failures >= config.reconnect_tries:
-                    if ever_opened:
-                        raise SourceError(f"source {self.uri!r}: lost, and {failures} reconnect attempts failed: {e}") from e
-                    raise
-                failures += 1
-                log.info("reopening %s in %.1f s (attempt %d): %s", self.uri, backoff, failures, e)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, config.reconnect_backoff_max)
-                continue
-            if ever_opened:
-                self._stats.reconnects += 1
-                log.warning("reconnected to %s", self.uri)
-            ever_opened, failures, backoff = True, 0, config.reconnect_backoff
-            offset = clock.offset_for(start_time(container))
+        opened_at = time.monotonic()
+        container, self._opened = self._opened or open_container(self.uri, config.open_timeout, config.read_timeout), None
+        while container is not None:
+            offset = clock.offset_for(start_time(container), opened_at)
             yield from converter.restart(offset)
             with container:
                 try:
                     yield from self._read(container, sampler, converter, clock, offset)
-                    if container.duration:  # a finite resource (a file over HTTP, VOD HLS) has ended
+                    if container.duration:  # a finite resource (a file over HTTP, VOD HLS) is done
                         break
-                    cause = "the stream ended"
+                    lost = None  # a live stream that ended: it may come back
                 except SourceError as e:
-                    cause = str(e)
-            if not can_reopen:
+                    lost = e
+            if self._stop.is_set():
                 break
-            log.warning("lost %s (%s); reconnecting", self.uri, cause)
+            if not can_reopen:
+                if lost is None:  # stdin closed, or reconnecting is off: the end is the end
+                    break
+                raise lost
+            log.warning("lost %s (%s); reconnecting", self.uri, lost or "the stream ended")
+            container, opened_at = self._reopen()
+            if container is not None:
+                self._stats.reconnects += 1
+                log.warning("reconnected to %s", self.uri)
         yield from converter.flush()
+
+    def _reopen(self) -> tuple[av.container.InputContainer | None, float]:
+        """Open the source again with back-off: ``(container, wall clock when the open
+        began)``, or ``(None, 0)`` if closed meanwhile; ``SourceError`` after
+        ``reconnect_tries`` failures."""
+        config, backoff = self.config, self.config.reconnect_backoff
+        for attempt in range(1, config.reconnect_tries + 1):
+            opened_at = time.monotonic()  # a live stream's first packet is about when we connect
+            try:
+                return open_container(self.uri, config.open_timeout, config.read_timeout), opened_at
+            except VStreamError as e:
+                if attempt == config.reconnect_tries:
+                    raise SourceError(f"source {self.uri!r}: lost, and {attempt} reconnect attempts failed: {e}") from e
+                log.info("reopening %s in %.1f s (attempt %d of %d failed): %s", self.uri, backoff, attempt, config.reconnect_tries, e)
+            if self._stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, config.reconnect_backoff_max)
+        return None, 0.0
 
     def _read(self, container, sampler: FrameSampler, converter: AudioConverter, clock: "_LiveClock", offset: float) -> Iterator[Item]:
         config = self.config
@@ -393,6 +403,8 @@ class LiveSource(Source):
                 return
             except av.error.FFmpegError as e:
                 raise SourceError(f"source {self.uri!r}: read failed ({e.strerror})") from e
+            if packet.pts is not None:  # when data arrives, not when a delaying decoder lets it out
+                clock.saw(float(packet.pts * packet.time_base) + offset)
             try:
                 frames = packet.decode()
             except av.error.InvalidDataError:
@@ -402,7 +414,6 @@ class LiveSource(Source):
                 if frame.time is None:
                     continue
                 t = frame.time + offset
-                clock.saw(t)
                 if isinstance(frame, av.VideoFrame):
                     index = self._stats.decoded
                     self._stats.decoded += 1
@@ -424,11 +435,13 @@ class _LiveClock:
     def saw(self, t: float) -> None:
         self._last = (t, time.monotonic())
 
-    def offset_for(self, connection_start: float) -> float:
+    def offset_for(self, connection_start: float, opened_at: float) -> float:
+        """The offset of a connection whose first timestamp is ``connection_start`` and
+        that was opened at wall clock ``opened_at`` (before probing read into it)."""
         if self._last is None:
             return -connection_start
         t, wall = self._last
-        return t + (time.monotonic() - wall) - connection_start
+        return t + (opened_at - wall) - connection_start
 
 
 def open_source(uri: str | os.PathLike, config: SourceConfig | None = None, **settings) -> Source:
