@@ -194,9 +194,10 @@ def test_sparse_sampling_seeks_instead_of_decoding_everything(make_clip):
     clip = make_clip("sparse.mp4", duration=60.0, fps=30, size=(80, 60), audio=False, keyframe_interval=1.0)
     with open_container(str(clip.path)) as container:
         index = FileIndex.build(container)
-        decoder = PyAVDecoder(str(clip.path), container, index, (80, 60), threads=1)
-        wanted = list(range(0, len(index), 300))  # one frame every 10 s
-        got = [i for i, image in decoder.frames(wanted) if synth.read_index(image) == i]
+    decoder = PyAVDecoder(str(clip.path), index, (80, 60), threads=1)
+    wanted = list(range(0, len(index), 300))  # one frame every 10 s
+    got = [i for i, image in decoder.frames(wanted) if synth.read_index(image) == i]
+    decoder.close()
     assert got == wanted
     assert decoder.decoded < len(index) / 5
 
@@ -205,14 +206,13 @@ def test_decord_and_pyav_decode_the_same_frames(make_clip):
     clip = make_clip("cfr.mkv", duration=6.0, fps=30)
     wanted = [0, 1, 29, 30, 31, 100, 179]
     results = []
-    for use_decord in (True, False):
-        with open_container(str(clip.path)) as container:
-            index = FileIndex.build(container)
-            decoder = open_video_decoder(str(clip.path), container, index, (160, 120), threads=1)
-            if not use_decord:
-                decoder = decoder.fallback
-            assert isinstance(decoder, DecordDecoder if use_decord else PyAVDecoder)
-            results.append([(i, synth.read_index(as_array(pixels))) for i, pixels in decoder.frames(wanted)])
+    with open_container(str(clip.path)) as container:
+        index = FileIndex.build(container)
+    decoder = open_video_decoder(str(clip.path), index, (160, 120), threads=1)
+    assert isinstance(decoder, DecordDecoder)
+    for each in (decoder, decoder.fallback):
+        results.append([(i, synth.read_index(as_array(pixels))) for i, pixels in each.frames(wanted)])
+    decoder.close()
     assert results[0] == results[1] == [(i, i) for i in wanted]
 
 
@@ -260,3 +260,15 @@ def test_close_from_another_thread_ends_the_loop(make_clip, no_leaked_threads):
     for item in source:
         got.append(item)
     assert time.monotonic() - start < 3.0 and 0 < len(got) < 180
+
+
+def test_decord_video_decodes_on_the_callers_thread_and_stops_on_close(make_clip, no_leaked_threads):
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    source = vstream.open_source(clip.path, fps=None, audio=False)
+    threading.Timer(0.05, source.close).start()
+    got = []
+    for frame in source:
+        assert not [t for t in threading.enumerate() if t.name.startswith("vstream-decode")]
+        got.append(frame.index)
+        time.sleep(0.005)
+    assert 0 < len(got) < 180 and got == list(range(len(got)))

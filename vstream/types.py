@@ -6,6 +6,7 @@ source's clock keeps running across reconnects.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,7 @@ class Frame:
                 f"Frame.image must be a uint8 array of shape [H, W, 3], got "
                 f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}"
             )
-        if not np.isfinite(self.t):
+        if not math.isfinite(self.t):
             raise ValueError(f"Frame.t must be a finite number of seconds, got {self.t!r}")
         if self.index < 0:
             raise ValueError(f"Frame.index must be >= 0, got {self.index}")
@@ -71,7 +72,7 @@ class AudioChunk:
                 f"AudioChunk.samples must be a float32 array of shape [n], got "
                 f"{getattr(samples, 'dtype', type(samples).__name__)} {getattr(samples, 'shape', '')}"
             )
-        if not (np.isfinite(self.start) and np.isfinite(self.end)) or self.end < self.start:
+        if not (math.isfinite(self.start) and math.isfinite(self.end)) or self.end < self.start:
             raise ValueError(f"AudioChunk needs finite start <= end, got {self.start!r}..{self.end!r}")
         expected = len(samples) / AUDIO_SAMPLE_RATE
         if abs((self.end - self.start) - expected) > 1e-3:

@@ -76,7 +76,8 @@ class _PendingFrame:
     index: int
 
     def frame(self) -> Frame:
-        return Frame(as_array(self.pixels), self.t, self.index)
+        pixels, self.pixels = self.pixels, None  # the decoder's buffer is freed once copied
+        return Frame(as_array(pixels), self.t, self.index)
 
 
 def release_time(item: Item | _PendingFrame) -> float:
@@ -113,12 +114,28 @@ class Source:
         return self.live or self.config.realtime
 
     def __iter__(self) -> Iterator[Item]:
+        return self._iterate_threaded(self._produce())
+
+    def close(self) -> None:
+        """Stop decoding and wait for the decoder thread (bounded by the read timeout)."""
+        self._stop.set()
+        thread, queue = self._thread, self._queue
+        if thread is None:
+            return
+        queue.close()
+        thread.join(timeout=self.config.read_timeout + 5.0)
+        if thread.is_alive():
+            log.warning("decoder thread of %s did not stop in time", self.uri)
+        self._thread = self._queue = None
+
+    def _iterate_threaded(self, items: Iterator[Item | _PendingFrame]) -> Iterator[Item]:
+        """``items`` produced on a decoder thread, handed over through the bounded queue."""
         if self._thread is not None:
             raise SourceError(f"source {self.uri!r}: is already being iterated")
         queue = ItemQueue(self.config.queue_size, drop=self.drops)
         self._stop.clear()
         self._queue = queue
-        self._thread = threading.Thread(target=self._run, args=(queue,), name=f"vstream-decode:{self.uri}", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(queue, items), name=f"vstream-decode:{self.uri}", daemon=True)
         self._thread.start()
         try:
             while True:
@@ -136,17 +153,24 @@ class Source:
         finally:
             self.close()
 
-    def close(self) -> None:
-        """Stop the decoder thread and wait for it (bounded by the read timeout)."""
-        thread, queue = self._thread, self._queue
-        if thread is None:
-            return
-        self._stop.set()
-        queue.close()
-        thread.join(timeout=self.config.read_timeout + 5.0)
-        if thread.is_alive():
-            log.warning("decoder thread of %s did not stop in time", self.uri)
-        self._thread = self._queue = None
+    def _iterate_here(self, items: Iterator[Item | _PendingFrame]) -> Iterator[Item]:
+        """``items`` produced on the caller's thread, for decoders that run ahead on
+        threads of their own."""
+        self._stop.clear()
+        try:
+            for item in self._checked(items):
+                if self._stop.is_set():  # close() from another thread
+                    return
+                yield item.frame() if isinstance(item, _PendingFrame) else item
+        finally:
+            items.close()
+
+    def _checked(self, items: Iterator[Item | _PendingFrame]) -> Iterator[Item | _PendingFrame]:
+        """``items``, with FFmpeg errors that escaped the decoders as ``DecodeError``."""
+        try:
+            yield from items
+        except av.error.FFmpegError as e:
+            raise DecodeError(f"source {self.uri!r}: {e.strerror}") from e
 
     def __enter__(self) -> "Source":
         return self
@@ -154,14 +178,14 @@ class Source:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _run(self, queue: ItemQueue) -> None:
+    def _run(self, queue: ItemQueue, items: Iterator[Item | _PendingFrame]) -> None:
         pace_from = None  # (wall clock, source time) of the first item when pacing
-        items = self._produce()
+        paced = self.config.realtime and not self.live
         try:
-            for item in items:
+            for item in self._checked(items):
                 if self._stop.is_set():
                     break
-                if self.config.realtime and not self.live:
+                if paced:
                     now = time.monotonic()
                     pace_from = pace_from or (now, release_time(item))
                     if self._stop.wait(max(0.0, pace_from[0] + release_time(item) - pace_from[1] - now)):
@@ -171,8 +195,6 @@ class Source:
                 queue.finish(_End())
         except Closed:
             pass
-        except av.error.FFmpegError as e:
-            queue.finish(_End(DecodeError(f"source {self.uri!r}: {e.strerror}")))
         except BaseException as e:  # handed to the consumer, raised there
             queue.finish(_End(e))
         finally:
@@ -275,6 +297,19 @@ class FileSource(Source):
                 self._decoder.close()
                 self._decoder = None
 
+    def __iter__(self) -> Iterator[Item]:
+        decoder = self._open_decoder() if self.has_video else None
+        items = self._produce(decoder)
+        # decord decodes and converts ahead on threads of its own: a second hand-off
+        # through a thread of ours only cost time (README, Design). Audio, PyAV and
+        # paced or dropping reads keep the decoder thread.
+        if decoder is not None and decoder.decodes_ahead and not self.has_audio and not self.drops:
+            return self._iterate_here(items)
+        return self._iterate_threaded(items)
+
+    def _open_decoder(self):
+        return open_video_decoder(self.uri, self.index, self.size, self.config.decoder_threads)
+
     def _require_video(self) -> None:
         if not self.has_video:
             raise DecodeError(f"source {self.uri!r}: has no video stream")
@@ -283,23 +318,20 @@ class FileSource(Source):
         self._require_video()
         with self._lock:
             if self._decoder is None:
-                self._decoder = open_video_decoder(self.uri, open_container(self.uri), self.index, self.size, self.config.decoder_threads)
+                self._decoder = self._open_decoder()
             return [Frame(as_array(pixels), float(self.index.times[i]), int(i)) for i, pixels in self._decoder.frames(indices)]
 
-    def _produce(self) -> Iterator[Item]:
+    def _produce(self, decoder) -> Iterator[Item | _PendingFrame]:
         with ExitStack() as stack:
             tracks = []
-            if self.has_video:
-                decoder = open_video_decoder(
-                    self.uri, stack.enter_context(open_container(self.uri)), self.index, self.size, self.config.decoder_threads
-                )
+            if decoder is not None:
                 stack.callback(decoder.close)
                 tracks.append(self._frames(decoder))
             if self.has_audio:
                 container = stack.enter_context(open_container(self.uri))
                 converter = AudioConverter(self.config.chunk_seconds, offset=-start_time(container))
                 tracks.append(self._file_audio(container, converter))
-            yield from heapq.merge(*tracks, key=release_time)
+            yield from heapq.merge(*tracks, key=release_time) if len(tracks) > 1 else tracks[0]
         if self.has_video:
             self.index.check_complete(self.uri)
 
@@ -308,6 +340,7 @@ class FileSource(Source):
             self._stats.decoded = decoder.decoded
             self._stats.sampled += 1
             yield _PendingFrame(pixels, float(self.index.times[i]), int(i))
+            del pixels  # see DecordDecoder.frames
 
     def _file_audio(self, container, converter: AudioConverter) -> Iterator[AudioChunk]:
         try:

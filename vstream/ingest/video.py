@@ -23,7 +23,7 @@ import av
 import numpy as np
 
 from vstream.errors import DecodeError
-from vstream.ingest.container import start_time
+from vstream.ingest.container import open_container, start_time
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class FileIndex:
         end: seconds from the start of the source at which the last packet of any
             stream ends.
         declared_duration: what the container says its duration is, seconds, or None.
+        video_start: where the video stream's own clock starts, seconds from the start
+            of the source (decord counts frame times from there).
     """
 
     pts: np.ndarray
@@ -53,6 +55,7 @@ class FileIndex:
     keyframes: np.ndarray
     end: float
     declared_duration: float | None
+    video_start: float
 
     @classmethod
     def build(cls, container: av.container.InputContainer) -> "FileIndex":
@@ -81,7 +84,8 @@ class FileIndex:
             keyframes = np.concatenate([[0], keyframes]).astype(np.int64)
         times = sorted_pts * float(stream.time_base) - base
         declared = container.duration / av.time_base if container.duration else None
-        return cls(pts=sorted_pts, times=times, keyframes=keyframes, end=end, declared_duration=declared)
+        video_start = (stream.start_time or 0) * float(stream.time_base) - base
+        return cls(sorted_pts, times, keyframes, end, declared, video_start)
 
     def __len__(self) -> int:
         return len(self.pts)
@@ -103,13 +107,14 @@ class PyAVDecoder:
     """Decodes chosen frames with PyAV, seeking over gaps longer than a key-frame interval."""
 
     name = "pyav"
+    decodes_ahead = False  # colour conversion runs on the caller's thread
 
-    def __init__(self, uri: str, container: av.container.InputContainer, index: FileIndex, size: tuple[int, int], threads: int):
+    def __init__(self, uri: str, index: FileIndex, size: tuple[int, int], threads: int):
         self.uri = uri
-        self.container = container
+        self.container = open_container(uri)
         self.index = index
         self.size = size
-        self.stream = container.streams.video[0]
+        self.stream = self.container.streams.video[0]
         self.stream.thread_type = "AUTO"
         if threads:
             self.stream.thread_count = threads
@@ -171,16 +176,25 @@ class DecordDecoder:
     """
 
     name = "decord"
+    decodes_ahead = True  # decord decodes and converts on threads of its own
 
-    def __init__(self, reader, fallback: PyAVDecoder):
+    def __init__(self, reader, uri: str, index: FileIndex, size: tuple[int, int], threads: int):
         self.reader = reader
-        self.fallback = fallback
+        self.uri = uri
+        self._pyav_settings = (index, size, threads)
+        self._fallback: PyAVDecoder | None = None  # opened only when decord fails
         self._decoded = 0
         self._next = 0  # the frame ``reader.next()`` returns
 
     @property
     def decoded(self) -> int:
-        return self._decoded + self.fallback.decoded
+        return self._decoded + (self._fallback.decoded if self._fallback else 0)
+
+    @property
+    def fallback(self) -> PyAVDecoder:
+        if self._fallback is None:
+            self._fallback = PyAVDecoder(self.uri, *self._pyav_settings)
+        return self._fallback
 
     def frames(self, indices: Sequence[int]) -> Iterator[tuple[int, object]]:
         indices = np.asarray(indices, dtype=np.int64).tolist()
@@ -190,23 +204,24 @@ class DecordDecoder:
                     self.reader.seek_accurate(i)
                 pixels = self.reader.next()
             except Exception as e:  # decord raises its own error types, RuntimeError, StopIteration
-                log.warning("decord failed at frame %d of %s (%s); continuing with PyAV", i, self.fallback.uri, e)
+                log.warning("decord failed at frame %d of %s (%s); continuing with PyAV", i, self.uri, e)
                 self._next = -1  # unknown: seek before the next read
                 yield from self.fallback.frames(indices[n:])
                 return
             self._next = i + 1
             self._decoded += 1
             yield i, pixels
+            del pixels  # free this buffer before decoding the next, so the allocator reuses it
 
     def close(self) -> None:
         self.reader = None
-        self.fallback.close()
+        if self._fallback is not None:
+            self._fallback.close()
 
 
-def open_video_decoder(uri: str, container: av.container.InputContainer, index: FileIndex, size: tuple[int, int], threads: int):
+def open_video_decoder(uri: str, index: FileIndex, size: tuple[int, int], threads: int) -> DecordDecoder | PyAVDecoder:
     """A decord decoder when decord reads ``uri`` with the same frames and times as
     ``index``, a PyAV decoder otherwise."""
-    pyav = PyAVDecoder(uri, container, index, size, threads)
     try:
         import decord
 
@@ -214,10 +229,8 @@ def open_video_decoder(uri: str, container: av.container.InputContainer, index: 
         theirs = reader.get_frame_timestamp(range(len(reader)))[:, 0] if len(reader) else np.zeros(0)
     except Exception as e:  # decord refuses many containers with a bare RuntimeError
         log.debug("decord cannot read %s (%s); using PyAV", uri, e)
-        return pyav
-    stream = container.streams.video[0]
-    offset = (stream.start_time or 0) * float(stream.time_base) - start_time(container)
-    if len(theirs) != len(index) or not np.allclose(theirs + offset, index.times, atol=2e-3):
+        return PyAVDecoder(uri, index, size, threads)
+    if len(theirs) != len(index) or not np.allclose(theirs + index.video_start, index.times, atol=2e-3):
         log.debug("decord disagrees with the demuxer on the frames of %s; using PyAV", uri)
-        return pyav
-    return DecordDecoder(reader, pyav)
+        return PyAVDecoder(uri, index, size, threads)
+    return DecordDecoder(reader, uri, index, size, threads)
