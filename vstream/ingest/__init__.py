@@ -2,7 +2,10 @@
 
 from vstream.ingest.config import SourceConfig
 from vstream.ingest.container import AudioInfo, MediaInfo, VideoInfo, probe
-from vstream.ingest.source import FileSource, LiveSource, Source, SourceStats, open_source
+from vstream.ingest.file import FileSource
+from vstream.ingest.live import LiveSource
+from vstream.ingest.open import open_source
+from vstream.ingest.source import Source, SourceStats
 
 __all__ = [
     "AudioInfo",
