@@ -8,6 +8,8 @@ it got and when that frame was made.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import logging
 import signal
 import socket
@@ -17,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -285,3 +288,42 @@ def test_close_is_not_reported_as_a_loss(serve, caplog):
         with http_source(port) as source:
             read_for(source, seconds=10, frames=2)
     assert [r.getMessage() for r in caplog.records if "lost" in r.getMessage()] == []
+
+
+@pytest.fixture
+def hls_playlist(make_clip, tmp_path):
+    """A VOD HLS playlist of a bar-coded clip, served over loopback HTTP by a thread."""
+    clip = make_clip("cfr.ts", duration=6.0, fps=30)
+    with av.open(str(clip.path)) as source, av.open(
+        str(tmp_path / "index.m3u8"), "w", format="hls",
+        options={"hls_time": "2", "hls_playlist_type": "vod", "hls_segment_filename": str(tmp_path / "seg%03d.ts")},
+    ) as playlist:
+        streams = {s.index: playlist.add_stream_from_template(s) for s in source.streams}
+        for packet in source.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream_index]
+                playlist.mux(packet)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield clip, f"http://127.0.0.1:{server.server_address[1]}/index.m3u8"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.timeout(60)
+def test_read_hls_playlist(hls_playlist):
+    """A VOD playlist has a length: it is read to its end like a file, without drops."""
+    clip, url = hls_playlist
+    assert vstream.probe(url).format == "hls"
+    with vstream.open_source(url, fps=None, queue_size=2) as source:
+        items = []
+        for item in source:
+            items.append(item)
+            time.sleep(0.002)  # slower than the decoder: a file-like source waits
+    frames = [i for i in items if isinstance(i, Frame)]
+    assert not source.live and source.stats.dropped == 0
+    assert [synth.read_index(f.image) for f in frames] == [f.index for f in frames] == list(range(180))
+    assert sum(c.duration for c in items if isinstance(c, AudioChunk)) == pytest.approx(6.0, abs=0.1)

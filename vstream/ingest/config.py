@@ -26,8 +26,9 @@ class SourceConfig:
         realtime: pace a file as if it were live: each item is released when the wall
             clock reaches its time (default False). Live sources are paced by nature.
         drop: when the consumer falls behind, drop the oldest queued frames instead of
-            stalling the decoder. ``None`` (default) drops for live sources and paced
-            files, and makes a file's decoder wait otherwise.
+            stalling the decoder. ``None`` (default) drops for live sources (streams of
+            unknown length, cameras, pipes) and paced files, and makes the decoder of a
+            file, or of a URL of known length, wait otherwise.
         queue_size: frames and audio chunks held between decoder and consumer (default 32).
         open_timeout: seconds to wait for a live source to open (default 10.0).
         read_timeout: seconds without data before a live source counts as lost (default 5.0).

@@ -22,13 +22,14 @@ log = logging.getLogger(__name__)
 class LiveSource(Source):
     """A URL, camera or pipe: read as it comes, reopened with back-off when lost."""
 
-    live = True
-
     def __init__(self, uri: str, config: SourceConfig):
         super().__init__(uri, config)
         # Open now, so an unreachable URL or a missing camera fails here, not later.
         self._opened: av.container.InputContainer | None = open_container(uri, config.open_timeout, config.read_timeout)
         self.info: MediaInfo = describe_container(uri, self._opened)
+        # A resource of known length (a file over HTTP, a VOD playlist) is read like a
+        # file: the decoder waits for a slow consumer instead of dropping frames.
+        self.live = self.info.duration is None
 
     def close(self) -> None:
         super().close()

@@ -77,7 +77,7 @@ class Source:
     or ``close()`` stops it and joins its thread. Use it as a context manager to be sure.
     """
 
-    live = False
+    live = False  # True for a source of unknown length that will not wait for its reader
 
     def __init__(self, uri: str, config: SourceConfig):
         self.uri = uri
