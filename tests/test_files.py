@@ -134,7 +134,7 @@ def test_audio_only_and_video_only_files(make_clip):
     with vstream.open_source(audio_only.path) as source:
         frames, chunks = split(source)
     assert frames == [] and sum(c.duration for c in chunks) == pytest.approx(3.0, abs=0.1)
-    assert len(source) == 0
+    assert len(source) == 0 and source[:] == [] and len(source.times) == 0
     video_only = make_clip("video_only.mp4", duration=3.0, audio=False)
     with vstream.open_source(video_only.path) as source:
         frames, chunks = split(source)

@@ -32,6 +32,9 @@ class FileSource(Source):
         super().__init__(uri, config)
         self._lock = threading.Lock()  # guards the random-access decoder
         self._decoder = None
+        self.index: FileIndex | None = None
+        self.size: tuple[int, int] | None = None
+        self.sampled_indices = np.zeros(0, dtype=np.int64)  # [len(self)] indices of the sampled frames
         with open_container(uri) as container:
             self.info: MediaInfo = describe_container(uri, container)
             self.has_video = bool(config.video and container.streams.video)
@@ -53,7 +56,7 @@ class FileSource(Source):
         return self.index.times[self.sampled_indices] if self.has_video else np.zeros(0)
 
     def __len__(self) -> int:
-        return len(self.sampled_indices) if self.has_video else 0
+        return len(self.sampled_indices)
 
     def __getitem__(self, i: int | slice) -> Frame | list[Frame]:
         if isinstance(i, slice):
@@ -119,6 +122,8 @@ class FileSource(Source):
             raise DecodeError(f"source {self.uri!r}: has no video stream")
 
     def _decode_indices(self, indices) -> list[Frame]:
+        if len(indices) == 0:
+            return []
         self._require_video()
         with self._lock:
             if self._decoder is None:
