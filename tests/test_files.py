@@ -254,10 +254,10 @@ def test_close_from_another_thread_ends_the_loop(make_clip, no_leaked_threads):
     clip = make_clip("cfr.mp4", duration=6.0, fps=30)
     source = vstream.open_source(clip.path, fps=None, realtime=True)
     got = []
-    closer = threading.Timer(0.5, source.close)
-    closer.start()
     start = time.monotonic()
     for item in source:
+        if not got:
+            threading.Timer(0.5, source.close).start()
         got.append(item)
     assert time.monotonic() - start < 3.0 and 0 < len(got) < 180
 
