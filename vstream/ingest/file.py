@@ -147,15 +147,13 @@ class FileSource(Source):
     def _frames(self, decoder) -> Iterator[_PendingFrame]:
         for i, pixels in decoder.frames(self.sampled_indices):
             self._stats.decoded = decoder.decoded
-            self._stats.sampled += 1
             yield _PendingFrame(pixels, float(self.index.times[i]), int(i))
             del pixels  # see DecordDecoder.frames
 
     def _file_audio(self, container, converter: AudioConverter) -> Iterator[AudioChunk]:
         try:
-            yield from self._audio_chunks(converter, container.decode(container.streams.audio[0]))
+            for frame in container.decode(container.streams.audio[0]):
+                yield from converter.convert(frame)
         except av.error.FFmpegError as e:
             raise DecodeError(f"source {self.uri!r}: corrupt audio data ({e.strerror})") from e
-        for chunk in converter.flush():
-            self._stats.audio_seconds = converter.seconds
-            yield chunk
+        yield from converter.flush()

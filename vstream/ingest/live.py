@@ -119,10 +119,9 @@ class LiveSource(Source):
                     index = self._stats.decoded
                     self._stats.decoded += 1
                     if sampler.keep(t):
-                        self._stats.sampled += 1
                         yield Frame(frame.to_ndarray(width=size[0], height=size[1], format="rgb24"), t, index)
                 else:
-                    yield from self._audio_chunks(converter, [frame])
+                    yield from converter.convert(frame)
 
 
 class _LiveClock:

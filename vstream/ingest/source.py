@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 import av
 
 from vstream.errors import DecodeError, SourceError
-from vstream.ingest.audio import AudioConverter
 from vstream.ingest.config import SourceConfig
 from vstream.ingest.queue import Closed, ItemQueue
 from vstream.ingest.video import as_array
@@ -33,7 +32,7 @@ class SourceStats:
         decoded: video frames the decoder produced.
         sampled: frames kept by the sampler.
         dropped: kept frames dropped because the consumer fell behind.
-        audio_seconds: audio decoded, seconds.
+        audio_seconds: audio delivered in chunks, seconds.
         dropped_audio_seconds: audio dropped because the consumer fell behind, seconds.
         reconnects: times a live source was reopened after it was lost.
     """
@@ -143,17 +142,24 @@ class Source:
         threads of their own."""
         self._stop.clear()
         try:
-            for item in self._checked(items):
+            for item in self._produced(items):
                 if self._stop.is_set():  # close() from another thread
                     return
                 yield item.frame() if isinstance(item, _PendingFrame) else item
         finally:
             items.close()
 
-    def _checked(self, items: Iterator[Item | _PendingFrame]) -> Iterator[Item | _PendingFrame]:
-        """``items``, with FFmpeg errors that escaped the decoders as ``DecodeError``."""
+    def _produced(self, items: Iterator[Item | _PendingFrame]) -> Iterator[Item | _PendingFrame]:
+        """``items`` as the producer makes them, counted into ``stats`` (every frame it
+        yields was kept by its sampler), with FFmpeg errors that escaped the decoders
+        raised as ``DecodeError``."""
         try:
-            yield from items
+            for item in items:
+                if isinstance(item, AudioChunk):
+                    self._stats.audio_seconds += item.duration
+                else:
+                    self._stats.sampled += 1
+                yield item
         except av.error.FFmpegError as e:
             raise DecodeError(f"source {self.uri!r}: {e.strerror}") from e
 
@@ -167,7 +173,7 @@ class Source:
         pace_from = None  # (wall clock, source time) of the first item when pacing
         paced = self.config.realtime and not self.live
         try:
-            for item in self._checked(items):
+            for item in self._produced(items):
                 if self._stop.is_set():
                     break
                 if paced:
@@ -192,10 +198,6 @@ class Source:
             self._stats.dropped += 1
 
     def _produce(self) -> Iterator[Item]:
+        """Frames (or pending frames) and audio chunks in time order; counts
+        ``stats.decoded`` itself, the rest is counted by ``_produced``."""
         raise NotImplementedError
-
-    def _audio_chunks(self, converter: AudioConverter, frames) -> Iterator[AudioChunk]:
-        for frame in frames:
-            for chunk in converter.convert(frame):
-                self._stats.audio_seconds = converter.seconds
-                yield chunk

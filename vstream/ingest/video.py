@@ -106,7 +106,6 @@ class FileIndex:
 class PyAVDecoder:
     """Decodes chosen frames with PyAV, seeking over gaps longer than a key-frame interval."""
 
-    name = "pyav"
     decodes_ahead = False  # colour conversion runs on the caller's thread
 
     def __init__(self, uri: str, index: FileIndex, size: tuple[int, int], threads: int):
@@ -175,7 +174,6 @@ class DecordDecoder:
     allocator reuses: 1.2-1.8x faster at full rate, and no slower when sampling sparsely.
     """
 
-    name = "decord"
     decodes_ahead = True  # decord decodes and converts on threads of its own
 
     def __init__(self, reader, uri: str, index: FileIndex, size: tuple[int, int], threads: int):
