@@ -1,3 +1,36 @@
-"""Memory stage (``vstream.memory``): the STAR memory, the feature bank and the
-transcript index. Filled in by the memory issue; the package exists so the install
-layout (``vstream.memory`` from ``memory/``) is fixed from the start."""
+"""Memory stage (``vstream.memory``): bounded memories of a stream of frame features.
+
+- ``StarMemory`` / ``StarConfig``: the STAR memory of Flash-VStream (spatial,
+  temporal, abstract, retrieved), O(1) per frame.
+- ``FlashMemory`` / ``FlashConfig``: the 2025 Flash-VStream memory (context synopsis
+  and detail), behind the same interface.
+- ``FeatureBank`` / ``BankConfig``: every frame's pooled features and time, a FAISS
+  index over them, RAM-capped with a spill file on disk.
+- ``create_memory(name, ...)``, ``list_memories()``, ``load_memory(path)``: policies by
+  name; any saved memory back from disk.
+"""
+
+from vstream.memory.abstract import SemanticAttention
+from vstream.memory.bank import FeatureBank
+from vstream.memory.base import StreamMemory, create_memory, list_memories, load_memory, register_memory
+from vstream.memory.config import BankConfig, FlashConfig, StarConfig
+from vstream.memory.flash import FlashMemory
+from vstream.memory.star import StarMemory
+from vstream.memory.tokens import KINDS, MemoryTokens
+
+__all__ = [
+    "KINDS",
+    "BankConfig",
+    "FeatureBank",
+    "FlashConfig",
+    "FlashMemory",
+    "MemoryTokens",
+    "SemanticAttention",
+    "StarConfig",
+    "StarMemory",
+    "StreamMemory",
+    "create_memory",
+    "list_memories",
+    "load_memory",
+    "register_memory",
+]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 
 from vstream import synth
+
+# Triton kernels run on CPU through the interpreter; it must be chosen before triton
+# loads (nothing above imports it).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

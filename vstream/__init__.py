@@ -1,6 +1,6 @@
 """vstream: ask questions about long video streams, live or recorded, with their audio."""
 
-from vstream.errors import ConfigError, DecodeError, SourceError, VStreamError
+from vstream.errors import ConfigError, DecodeError, KernelError, MemoryStateError, SourceError, VStreamError
 from vstream.ingest import FileSource, LiveSource, MediaInfo, Source, SourceConfig, SourceStats, open_source, probe
 from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame
 
@@ -12,9 +12,11 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "FileSource",
+    "KernelError",
     "Frame",
     "LiveSource",
     "MediaInfo",
+    "MemoryStateError",
     "Source",
     "SourceConfig",
     "SourceError",

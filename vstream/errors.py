@@ -22,3 +22,13 @@ class SourceError(VStreamError, OSError):
 class DecodeError(VStreamError, ValueError):
     """A source opened but its bytes are not media vstream can decode: not a media
     file, a truncated or corrupt file, no video and no audio stream."""
+
+
+class KernelError(VStreamError, ValueError):
+    """A kernel was given tensors it cannot handle: wrong rank, mismatched shapes, an
+    unsupported dtype or device. Raised by the wrapper before anything launches."""
+
+
+class MemoryStateError(VStreamError, ValueError):
+    """A memory cannot take the input it was given, or a saved memory cannot be loaded:
+    missing, damaged, truncated, or written by an incompatible format version."""

@@ -1,0 +1,133 @@
+"""Kernels benchmark: each Triton kernel against its PyTorch reference, at the shapes the
+STAR memory runs them at.
+
+| case | shapes |
+|---|---|
+| pool (CLIP) | 64 frames of 16x16 patches x 1024 -> 8x8 |
+| pool (SigLIP) | 64 frames of 27x27 patches x 1152 -> 8x8 |
+| nearest (bank) | 25 centroids x 1024 against 36000 bank keys (x = centroids, y = keys) |
+| nearest (wide) | 26 x 16384 against 25 x 16384 (25 temporal centroids + 1 frame at 4x4) |
+| kmeans_step | 128 points x 16384, K = 120 |
+| attention | S = 25 slots, T = 25 entries, h = 32, D = 1024 |
+
+Each public function is timed under ``use_backend("reference")`` and, on CUDA,
+``use_backend("triton")`` (the wrapper's checks included, as a caller pays them): one
+warm-up call (it compiles the kernel), then the best of ``--repeat`` calls (default 20
+on CUDA, with ``torch.cuda.synchronize()`` around each; 5 on CPU, one thread). GB/s is
+the bytes a kernel must move at least (inputs read once, outputs written once) over the
+time. On CUDA the Triton result is also checked against the reference (max abs error).
+
+On CPU there is no Triton run (Triton needs CUDA); the table says so and the last line
+reports the reference times instead:
+
+    RESULT device=cpu pool_ref_ms=... pool_siglip_ref_ms=... nearest_ref_ms=... ...
+    RESULT device=<cuda name> pool_speedup=<ref/triton> ... attention_speedup=...
+
+Run: ``python benchmarks/kernels.py [--repeat N] [--dtype float32|float16|bfloat16]``.
+Under 2 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # time compiled kernels, never the interpreter
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # measure the vstream of this checkout
+
+import torch
+
+from vstream.kernels import kmeans_step, nearest, pool_grid, semantic_attention, use_backend
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cases(device: str, dtype: torch.dtype) -> list[tuple[str, str, Callable, int]]:
+    """(key, shape text, call, bytes moved) for each case, inputs made up front."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    clip, siglip = randn(64, 256, 1024), randn(64, 729, 1152)
+    centroids, bank = randn(25, 1024), randn(36000, 1024)
+    wide_x, wide_y = randn(26, 16384), randn(25, 16384)
+    points, weights, start = randn(128, 16384), torch.rand(128, generator=g, device=device), randn(120, 16384)
+    memory, queries, keys, values = randn(25, 1024), randn(25, 32), randn(25, 32), randn(25, 1024)
+    return [
+        ("pool", "64x16x16x1024 -> 8x8", lambda: pool_grid(clip, 8),
+         (clip.numel() + 64 * 64 * 1024) * size),
+        ("pool_siglip", "64x27x27x1152 -> 8x8", lambda: pool_grid(siglip, 8),
+         (siglip.numel() + 64 * 64 * 1152) * size),
+        ("nearest", "25x1024 vs 36000x1024", lambda: nearest(centroids, bank),
+         (centroids.numel() + bank.numel()) * size + 25 * 12),
+        ("nearest_wide", "26x16384 vs 25x16384", lambda: nearest(wide_x, wide_y),
+         (wide_x.numel() + wide_y.numel()) * size + 26 * 12),
+        ("kmeans", "128x16384, K=120", lambda: kmeans_step(points, weights, start),
+         (points.numel() + 2 * start.numel()) * size + 128 * (4 + 8) + 120 * 4),
+        ("attention", "S=25 T=25 h=32 D=1024", lambda: semantic_attention(memory, queries, keys, values, 0.2),
+         (2 * memory.numel() + queries.numel() + keys.numel() + values.numel()) * size),
+    ]
+
+
+def best_ms(call: Callable, backend: str, repeat: int, cuda: bool):
+    """The call's result and its best time in ms over ``repeat`` runs, after a warm-up."""
+    with use_backend(backend):
+        result = call()
+        best = float("inf")
+        for _ in range(repeat):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            if cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    return result, best * 1e3
+
+
+def max_error(a, b) -> float:
+    a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=None, help="timed runs per case (20 on CUDA, 5 on CPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    repeat = args.repeat or (20 if cuda else 5)
+    if not cuda:
+        torch.set_num_threads(1)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"device: {name}, dtype: {args.dtype}, best of {repeat}")
+    print(f"{'case':<13} {'shape':<24} {'ref ms':>9} {'ref GB/s':>9} {'triton ms':>10} {'triton GB/s':>11} "
+          f"{'speedup':>8} {'max err':>9}")
+    result = [f"device={name.replace(' ', '_')}"]
+    for key, shape, call, nbytes in cases(device, DTYPES[args.dtype]):
+        ref, ref_ms = best_ms(call, "reference", repeat, cuda)
+        line = f"{key:<13} {shape:<24} {ref_ms:9.3f} {nbytes / ref_ms / 1e6:9.1f} "
+        if cuda:
+            out, tri_ms = best_ms(call, "triton", repeat, cuda)
+            line += (f"{tri_ms:10.3f} {nbytes / tri_ms / 1e6:11.1f} {ref_ms / tri_ms:8.2f} "
+                     f"{max_error(out, ref):9.2e}")
+            result.append(f"{key}_speedup={ref_ms / tri_ms:.2f}")
+        else:
+            line += f"{'(Triton needs CUDA)':>31}"
+            result.append(f"{key}_ref_ms={ref_ms:.3f}")
+        print(line, flush=True)
+    print("RESULT " + " ".join(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,477 @@
+"""The feature bank: every frame's pooled features with its time, and a FAISS index over them.
+
+The bank serves the STAR memory (the bank frame nearest to each temporal centroid) and
+query-time retrieval (a vector to the top-k frames with their times). It holds a
+10-hour stream at 1 fps in a fixed RAM budget, at a per-frame cost that does not grow.
+
+* **Write-through spill.** Every frame's features ``[G*G, D]`` (stored as
+  ``config.dtype``) are written with ``os.pwrite`` to an append-only spill file at
+  ``id * bytes_per_frame`` as they arrive, and never rewritten: the file is the whole
+  history, and saving a bank is a byte copy of its first ``n`` rows.
+* **RAM ring.** The newest ``ram_frames`` frames (as many as fit in ``config.ram_mb``
+  MiB) are also kept in a ring buffer allocated once, at full size, by the constructor:
+  frame ``i`` sits in slot ``i % ram_frames``. Older frames are read back from the file.
+* **pread, not memmap.** Touched pages of a mapped file count toward the process's RSS,
+  and a map over a growing file has to be remade. ``os.pread`` copies the few frames
+  asked for into a fresh array; the file stays in the kernel's page cache, outside RSS,
+  where the kernel can drop it under pressure.
+* **Index.** One key per frame (by default the mean of its tokens, float32 ``[D]``) goes
+  into a FAISS index built from ``config.index``; FAISS ids are frame ids. An index that
+  needs training keeps the keys in a ``[train_size, D]`` buffer and answers by exact
+  search over it until ``train_size`` frames have arrived, then trains on them.
+
+Per frame, ``add`` costs one pwrite, one ring-slot copy and one index add; the times
+array doubles when full (amortised O(1), like FAISS's own storage). A lock makes
+``add``, ``search``, ``features`` and ``save`` safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from vstream.errors import ConfigError, MemoryStateError
+
+from .config import BankConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT, VERSION = "vstream.feature_bank", 1
+_CHUNK_BYTES = 8 << 20  # bytes per read and write when features.bin is streamed in or out
+_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
+_META_FIELDS = {"format": str, "version": int, "n": int, "dim": int, "grid": int, "dtype": str,
+                "trained": bool, "pending": int, "config": dict}
+
+
+def _faiss_message(exc: Exception) -> str:
+    """FAISS's message without its ``Error in <signature> at <file>:<line>:`` prefix."""
+    return re.sub(r"^Error in .*? at \S+:\d+: ", "", str(exc)).strip()
+
+
+def _remove_spill(fd: int, path: str, temp_dir: str | None) -> None:
+    """Close and delete the spill file, and the temporary folder made for it."""
+    os.close(fd)
+    if temp_dir is not None:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+def _write_synced(path: Path, write) -> None:
+    """Create ``path``, let ``write(file)`` fill it, and fsync it."""
+    with open(path, "xb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class FeatureBank:
+    """Every frame's features ``[G*G, D]`` with its time in seconds, and a FAISS index
+    over one key ``[D]`` per frame. Frame ids are 0, 1, 2, ... in order of arrival.
+
+    The newest ``ram_frames`` frames are held in a RAM ring sized by ``config.ram_mb``;
+    every frame is also written to an append-only spill file (in ``config.spill_dir``,
+    or in a temporary folder that ``close`` removes), from which older frames are read
+    back. The index is outside the ``ram_mb`` budget (see ``BankConfig.ram_mb``).
+    """
+
+    def __init__(self, dim: int, config: BankConfig | None = None):
+        if not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1):
+            raise ConfigError(f"FeatureBank dim must be an int >= 1 (the feature width D), got {dim!r}")
+        config = BankConfig() if config is None else config
+        if not isinstance(config, BankConfig):
+            raise ConfigError(f"FeatureBank config must be a BankConfig or None, got {type(config).__name__}")
+        self.config, self.dim, self.tokens = config, dim, config.grid**2
+        self._dtype = np.dtype(config.dtype)
+        self.bytes_per_frame = self.tokens * dim * self._dtype.itemsize
+        self._capacity = max(1, int(config.ram_mb * 2**20 // self.bytes_per_frame))
+        try:
+            index = faiss.index_factory(dim, config.index, _METRICS[config.metric])
+        except RuntimeError as exc:
+            raise ConfigError(f"BankConfig.index {config.index!r} is not a FAISS factory string: "
+                              f"{_faiss_message(exc)}") from None
+        self._gpu, self._gpu_res = self._choose_gpu(config.device), None
+        self._set_index(index, np.empty((0, dim), np.float32))
+        self._ring = np.empty((self._capacity, self.tokens, dim), self._dtype)
+        self._times = np.empty(1024, np.float64)
+        self._n, self._closed, self._lock = 0, False, threading.Lock()
+        temp_dir = tempfile.mkdtemp(prefix="vstream-bank-") if config.spill_dir is None else None
+        try:
+            os.makedirs(temp_dir or config.spill_dir, exist_ok=True)
+            self._fd, path = tempfile.mkstemp(prefix="bank-", suffix=".spill", dir=temp_dir or config.spill_dir)
+        except OSError as exc:
+            raise ConfigError(f"BankConfig.spill_dir {config.spill_dir!r} cannot hold the spill file: {exc}") from None
+        self.spill_path = Path(path)
+        self._finalizer = weakref.finalize(self, _remove_spill, self._fd, path, temp_dir)
+
+    @staticmethod
+    def _choose_gpu(device: str) -> bool:
+        gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        if device == "cuda" and not gpu_faiss:
+            raise ConfigError("BankConfig.device is 'cuda' but this faiss build has no GPU support or sees no "
+                              "GPU; install faiss-gpu or use device 'cpu'")
+        use = device == "cuda" or (device == "auto" and gpu_faiss and torch.cuda.is_available())
+        logger.debug("feature bank index on %s (device=%r, faiss GPU support: %s)",
+                     "cuda" if use else "cpu", device, gpu_faiss)
+        return use
+
+    def _set_index(self, index, pending: np.ndarray) -> None:
+        """Install a CPU ``index`` (moved to the GPU when chosen, ``index_params`` applied)
+        and, while it is untrained, the keys ``pending`` [n, D] of the frames so far."""
+        if self._gpu:
+            self._gpu_res = self._gpu_res or faiss.StandardGpuResources()
+            try:
+                index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+            except RuntimeError as exc:
+                if self.config.device == "cuda":
+                    raise ConfigError(f"BankConfig.index {self.config.index!r} cannot run on the GPU: "
+                                      f"{_faiss_message(exc)}") from None
+                logger.warning("feature bank index %r stays on the CPU: %s", self.config.index, _faiss_message(exc))
+                self._gpu = False
+        if self.config.index_params:
+            space = faiss.GpuParameterSpace() if self._gpu else faiss.ParameterSpace()
+            try:
+                space.set_index_parameters(index, self.config.index_params)
+            except RuntimeError as exc:
+                raise ConfigError(f"BankConfig.index_params {self.config.index_params!r} do not apply to index "
+                                  f"{self.config.index!r}: {_faiss_message(exc)}") from None
+        self._index, self._trained, self._pending = index, bool(index.is_trained), None
+        if not self._trained:
+            self._pending = np.empty((max(self.config.train_size, len(pending)), self.dim), np.float32)
+            self._pending[: len(pending)] = pending
+
+    def _index_add(self, keys: np.ndarray) -> None:
+        """Add the keys [B, D] of frames n..n+B-1, training the index once enough have arrived."""
+        if self._trained:
+            self._index.add(keys)
+            return
+        n = self._n  # until the index is trained, every frame's key is pending
+        if n + len(keys) < self.config.train_size:
+            self._pending[n : n + len(keys)] = keys
+            return
+        sample = np.concatenate([self._pending[:n], keys])
+        try:
+            self._index.train(sample)
+        except RuntimeError as exc:
+            raise ConfigError(f"training index {self.config.index!r} on {len(sample)} keys failed (raise "
+                              f"BankConfig.train_size, now {self.config.train_size}): {_faiss_message(exc)}") from None
+        self._index.add(sample)
+        self._trained, self._pending = True, None
+
+    def _batch(self, value, name: str, item: tuple[int, ...], count: int | None, dtype) -> torch.Tensor:
+        """``value`` [count, *item] or [*item] (count 1) as a finite CPU tensor of ``dtype``."""
+        dims = ", ".join(map(str, item))
+        want = f"[{'n' if count is None else count}, {dims}] or [{dims}]"
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            got = f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise MemoryStateError(f"{name} must be a float torch.Tensor {want}, got a {got}")
+        x = value.unsqueeze(0) if value.dim() == len(item) else value
+        if x.dim() != len(item) + 1 or tuple(x.shape[1:]) != item or count not in (None, x.shape[0]):
+            raise MemoryStateError(f"{name} must have shape {want}, got {list(value.shape)}")
+        x = x.detach().to(device="cpu", dtype=dtype).contiguous()
+        if not torch.isfinite(x).all():
+            raise MemoryStateError(f"{name} must be finite (and in the range of {dtype}), got non-finite values")
+        return x
+
+    def _check_times(self, times, count: int) -> np.ndarray:
+        try:
+            t = np.asarray(times.detach().cpu().double() if isinstance(times, torch.Tensor) else times, np.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise MemoryStateError(f"times must be seconds, a float or [{count}], got {type(times).__name__}") from None
+        t = t.reshape(1) if t.ndim == 0 else t
+        if t.shape != (count,) or not np.isfinite(t).all():
+            raise MemoryStateError(f"times must be [{count}] finite seconds, one per frame, got {t.tolist()}")
+        back = np.flatnonzero(np.diff(t) < 0)
+        if len(back):
+            raise MemoryStateError(f"times must not decrease: {t[back[0] + 1]} s comes after {t[back[0]]} s")
+        return t
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MemoryStateError("the feature bank is closed")
+
+    def add(self, features, times, keys=None) -> range:
+        """Append frames; returns the ids given to them.
+
+        Args:
+            features: ``[B, G*G, D]`` or ``[G*G, D]``, any float dtype, stored as ``config.dtype``.
+            times: seconds, a float or ``[B]``; finite, and never earlier than the bank's last time.
+            keys: ``[B, D]`` index keys, or None for the mean over each frame's tokens (float32).
+        """
+        x = self._batch(features, "features", (self.tokens, self.dim), None, getattr(torch, self.config.dtype))
+        b = x.shape[0]
+        t = self._check_times(times, b)
+        k = x.float().mean(dim=1) if keys is None else self._batch(keys, "keys", (self.dim,), b, torch.float32)
+        rows = x.numpy()
+        with self._lock:
+            self._check_open()
+            n = self._n
+            if b and n and t[0] < self._times[n - 1]:
+                raise MemoryStateError(f"times must not decrease: {t[0]} s comes after the bank's last time "
+                                       f"{self._times[n - 1]} s")
+            if b == 0:
+                return range(n, n)
+            self._write_spill(rows, n)  # past the frames held: if a later step fails, nothing refers to it
+            self._index_add(k.numpy())
+            keep = max(0, b - self._capacity)  # a batch larger than the ring keeps its newest rows
+            self._ring[np.arange(n + keep, n + b) % self._capacity] = rows[keep:]
+            if n + b > len(self._times):
+                grown = np.empty(max(2 * len(self._times), n + b), np.float64)
+                grown[:n] = self._times[:n]
+                self._times = grown
+            self._times[n : n + b] = t
+            self._n = n + b
+        return range(n, n + b)
+
+    def _write_spill(self, rows: np.ndarray, first: int) -> None:
+        data = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+        offset, done = first * self.bytes_per_frame, 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
+
+    def _read_frame(self, i: int) -> np.ndarray:
+        data = os.pread(self._fd, self.bytes_per_frame, i * self.bytes_per_frame)
+        if len(data) != self.bytes_per_frame:
+            raise MemoryStateError(f"spill file {self.spill_path} ends before frame {i}: was it truncated?")
+        return np.frombuffer(data, self._dtype).reshape(self.tokens, self.dim)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def times(self) -> np.ndarray:
+        """``[n]`` float64 seconds of every frame, a read-only view."""
+        with self._lock:
+            view = self._times[: self._n]
+        view.flags.writeable = False
+        return view
+
+    @property
+    def ram_frames(self) -> int:
+        """Capacity of the RAM ring, in frames."""
+        return self._capacity
+
+    def ram_bytes(self) -> int:
+        """Bytes of the RAM ring, the pending keys of an untrained index and the index's codes
+        (estimated as ``ntotal * code_size``); 0 once closed."""
+        if self._closed:
+            return 0
+        code_size = getattr(self._index, "code_size", 0) or 4 * self.dim
+        pending = 0 if self._pending is None else self._pending.nbytes
+        return self._ring.nbytes + pending + self._index.ntotal * code_size
+
+    def features(self, ids) -> torch.Tensor:
+        """``[len(ids), G*G, D]`` float32 features of the frames ``ids`` (a 1-D int sequence or tensor)."""
+        try:
+            idx = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+        except (TypeError, ValueError):
+            idx = np.empty((0, 0))
+        if idx.ndim != 1 or not (idx.dtype.kind in "iu" or idx.size == 0):
+            raise MemoryStateError(f"ids must be a 1-D sequence of int frame ids, got {type(ids).__name__} "
+                                   f"of {idx.dtype} {list(idx.shape)}")
+        with self._lock:
+            self._check_open()
+            bad = idx[(idx < 0) | (idx >= self._n)]
+            if len(bad):
+                raise MemoryStateError(f"frame id {bad[0]} is out of range: the bank holds ids 0..{self._n - 1}")
+            out = np.empty((len(idx), self.tokens, self.dim), np.float32)
+            first_in_ram = self._n - min(self._n, self._capacity)
+            for row, i in enumerate(idx.tolist()):
+                out[row] = self._ring[i % self._capacity] if i >= first_in_ram else self._read_frame(i)
+        return torch.from_numpy(out)
+
+    def search(self, keys, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` frames nearest to each of ``keys`` (``[n, D]`` or ``[D]``).
+
+        Returns ``ids`` int64 and ``scores`` float32, both ``[n, min(k, len(self))]``, best first:
+        squared L2 distances (metric ``"l2"``, ascending) or inner products (``"ip"``,
+        descending). Where an approximate index finds fewer, the id is -1 and the score
+        inf (l2) or -inf (ip).
+        """
+        q = self._batch(keys, "keys", (self.dim,), None, torch.float32).numpy()
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
+            raise MemoryStateError(f"k must be an int >= 0, got {k!r}")
+        with self._lock:
+            self._check_open()
+            kk = min(k, self._n)
+            if kk == 0 or len(q) == 0:
+                return torch.empty((len(q), kk), dtype=torch.int64), torch.empty((len(q), kk))
+            if self._trained:
+                scores, ids = self._index.search(q, kk)
+            else:
+                scores, ids = faiss.knn(q, self._pending[: self._n], kk, metric=_METRICS[self.config.metric])
+        scores[ids < 0] = np.inf if self.config.metric == "l2" else -np.inf
+        return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(scores)
+
+    def save(self, directory) -> None:
+        """Write features.bin, times.npy, pending.npy, index.faiss and bank.json into the
+        existing empty ``directory``, each fsynced. Adds wait only while the small files are
+        written: features.bin is copied afterwards (its first ``n`` rows never change)."""
+        folder = Path(directory)
+        if not folder.is_dir() or any(folder.iterdir()):
+            raise MemoryStateError(f"save: {folder} must be an existing empty directory")
+        with self._lock:
+            self._check_open()
+            n, trained = self._n, self._trained
+            pending = np.empty((0, self.dim), np.float32) if trained else self._pending[:n]
+            index = faiss.index_gpu_to_cpu(self._index) if self._gpu else self._index
+            _write_synced(folder / "times.npy", lambda f: np.save(f, self._times[:n], allow_pickle=False))
+            _write_synced(folder / "pending.npy", lambda f: np.save(f, pending, allow_pickle=False))
+            _write_synced(folder / "index.faiss",
+                          lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
+            fd = os.dup(self._fd)  # close() may run meanwhile
+        try:
+            _write_synced(folder / "features.bin", lambda f: self._copy_out(fd, f, n * self.bytes_per_frame))
+        finally:
+            os.close(fd)
+        meta = {"format": FORMAT, "version": VERSION, "n": n, "dim": self.dim, "grid": self.config.grid,
+                "dtype": self.config.dtype, "trained": trained, "pending": len(pending),
+                "config": self.config.to_dict()}
+        _write_synced(folder / "bank.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+    def _copy_out(self, fd: int, f, size: int) -> None:
+        done = 0
+        while done < size:
+            chunk = os.pread(fd, min(_CHUNK_BYTES, size - done), done)
+            if not chunk:
+                raise MemoryStateError(f"spill file {self.spill_path} ends at byte {done}, expected {size}")
+            f.write(chunk)
+            done += len(chunk)
+
+    @classmethod
+    def load(cls, directory, config: BankConfig | None = None) -> FeatureBank:
+        """Load a bank written by ``save``; ``config`` None takes the saved one. A given config
+        must agree with the saved grid, dtype, index and metric; the rest (RAM, spill folder,
+        device, index_params, train_size) may differ. Ids continue at the saved ``n``."""
+        folder = Path(directory)
+        meta, saved = _read_meta(folder / "bank.json")
+        config = saved if config is None else config
+        for name in ("grid", "dtype", "index", "metric"):
+            if getattr(config, name, None) != getattr(saved, name):
+                raise MemoryStateError(f"{folder / 'bank.json'}: saved with {name} {getattr(saved, name)!r}, "
+                                       f"the given config has {getattr(config, name, None)!r}")
+        n, dim = meta["n"], meta["dim"]
+        times = _read_array(folder / "times.npy", np.float64, (n,))
+        if np.any(np.diff(times) < 0):
+            raise MemoryStateError(f"{folder / 'times.npy'}: times decrease")
+        pending = _read_array(folder / "pending.npy", np.float32, (meta["pending"], dim))
+        index = _read_index(folder / "index.faiss", meta, _METRICS[saved.metric])
+        bank = cls(dim, config)
+        try:
+            bank._set_index(index, pending)
+            bank._restore(folder / "features.bin", times)
+        except BaseException:
+            bank.close()
+            raise
+        return bank
+
+    def _restore(self, path: Path, times: np.ndarray) -> None:
+        """Stream ``path`` (raw rows, checked) into this bank's spill file and ring; take ``times``."""
+        n, per_chunk = len(times), max(1, _CHUNK_BYTES // self.bytes_per_frame)
+        first_in_ram = n - min(n, self._capacity)
+        try:
+            size = os.stat(path).st_size
+            if size != n * self.bytes_per_frame:
+                raise MemoryStateError(f"{path}: {size} bytes, expected {n * self.bytes_per_frame} "
+                                       f"({n} frames of {self.bytes_per_frame} bytes)")
+            with open(path, "rb") as f:
+                for start in range(0, n, per_chunk):
+                    count = min(per_chunk, n - start)
+                    data = f.read(count * self.bytes_per_frame)
+                    if len(data) != count * self.bytes_per_frame:
+                        raise MemoryStateError(f"{path}: ends inside frames {start}..{start + count - 1}")
+                    rows = np.frombuffer(data, self._dtype).reshape(count, self.tokens, self.dim)
+                    if not np.isfinite(rows).all():
+                        raise MemoryStateError(f"{path}: non-finite values in frames {start}..{start + count - 1}")
+                    self._write_spill(rows, start)
+                    lo = max(start, first_in_ram)
+                    self._ring[np.arange(lo, start + count) % self._capacity] = rows[lo - start :]
+        except OSError as exc:
+            raise MemoryStateError(f"{path}: cannot be read ({exc})") from None
+        self._times, self._n = times, n
+
+    def close(self) -> None:
+        """Delete the spill file (and the temporary folder made for it) and free the RAM ring
+        and the index. Idempotent; also done when the bank is garbage-collected."""
+        with self._lock:
+            self._closed = True
+            self._finalizer()
+            self._ring, self._index, self._pending = self._ring[:0], None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"FeatureBank(n={self._n}, dim={self.dim}, grid={self.config.grid}, dtype={self.config.dtype}, "
+                f"ram_frames={self._capacity}, index={self.config.index!r}, closed={self._closed})")
+
+
+def _read_meta(path: Path) -> tuple[dict, BankConfig]:
+    """bank.json, checked field by field, and the config saved in it."""
+    try:
+        meta = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise MemoryStateError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(meta, dict):
+        raise MemoryStateError(f"{path}: must hold a JSON object, got {type(meta).__name__}")
+    for key, kind in _META_FIELDS.items():
+        if key not in meta:
+            raise MemoryStateError(f"{path}: missing field {key!r}")
+        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
+            raise MemoryStateError(f"{path}: field {key!r} must be {kind.__name__}, got {meta[key]!r}")
+    if (meta["format"], meta["version"]) != (FORMAT, VERSION):
+        raise MemoryStateError(f"{path}: format {meta['format']!r} version {meta['version']}; "
+                               f"this vstream reads {FORMAT!r} version {VERSION}")
+    if meta["n"] < 0 or meta["dim"] < 1 or meta["pending"] != (0 if meta["trained"] else meta["n"]):
+        raise MemoryStateError(f"{path}: inconsistent n={meta['n']}, dim={meta['dim']}, "
+                               f"trained={meta['trained']}, pending={meta['pending']}")
+    try:
+        saved = BankConfig.from_dict(meta["config"])
+    except (ConfigError, TypeError) as exc:
+        raise MemoryStateError(f"{path}: bad config ({exc})") from None
+    if (saved.grid, saved.dtype) != (meta["grid"], meta["dtype"]):
+        raise MemoryStateError(f"{path}: grid/dtype {meta['grid']}/{meta['dtype']} disagree with its "
+                               f"config's {saved.grid}/{saved.dtype}")
+    return meta, saved
+
+
+def _read_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    """A finite ``dtype`` array of exactly ``shape`` from a .npy file, never unpickled."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise MemoryStateError(f"{path}: not a readable .npy array ({exc})") from None
+    if not isinstance(array, np.ndarray) or array.dtype != dtype or array.shape != shape:
+        raise MemoryStateError(f"{path}: expected {np.dtype(dtype).name} {list(shape)}, got "
+                               f"{getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', '')}")
+    if not np.isfinite(array).all():
+        raise MemoryStateError(f"{path}: holds non-finite values")
+    return array
+
+
+def _read_index(path: Path, meta: dict, metric: int):
+    """The CPU index in ``path``, checked against bank.json."""
+    try:
+        index = faiss.read_index(str(path))
+    except (RuntimeError, MemoryError, ValueError) as exc:
+        raise MemoryStateError(f"{path}: not a readable FAISS index ({_faiss_message(exc)})") from None
+    expected = (meta["dim"], metric, meta["trained"], meta["n"] if meta["trained"] else 0)
+    found = (index.d, index.metric_type, bool(index.is_trained), index.ntotal)
+    if found != expected:
+        raise MemoryStateError(f"{path}: index has (d, metric, trained, ntotal) = {found}, bank.json "
+                               f"says {expected}")
+    return index

@@ -1,0 +1,256 @@
+"""Configs of the memory stage: ``BankConfig``, ``StarConfig``, ``FlashConfig``.
+
+Plain dataclasses, importable without torch, checked in ``__post_init__`` and
+round-tripped through JSON (``to_json`` / ``from_json``). Grid sizes are sides of a
+square token grid: ``8`` means 8×8 = 64 tokens per frame.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from vstream.errors import ConfigError
+
+
+def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_number(owner: str, name: str, value: object, low: float, high: float | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = f"in ({low}, {high}]" if high is not None else f"> {low}"
+        raise ConfigError(f"{owner}.{name} must be a number {bound}, got {value!r}")
+
+
+def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _from_dict(cls, data: object, owner: str):
+    """Build ``cls`` from a JSON object, refusing unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{owner} must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{owner}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
+class _JsonConfig:
+    """``to_dict`` / ``to_json`` / ``from_dict`` / ``from_json`` for the configs below."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return _from_dict(cls, data, cls.__name__)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cls.__name__}: not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+@dataclass
+class BankConfig(_JsonConfig):
+    """The feature bank: every frame's pooled features with its time, and a FAISS index.
+
+    Attributes:
+        grid: side of the grid each frame is stored at (default 8: 64 tokens per frame).
+        dtype: storage dtype of the features, ``"float16"`` (default) or ``"float32"``.
+        ram_mb: MiB of RAM for the newest frames' features (default 256). Older frames
+            are read back from the spill file on disk. The index is not part of this
+            budget: a ``"Flat"`` index holds 4 bytes per key dimension per frame
+            (147 MB for 10 hours at 1 fps with 1024-dim keys); a compressed factory
+            string (``"SQ8"``: 1 byte per dimension) shrinks it.
+        spill_dir: folder of the spill file; ``None`` (default) makes a temporary folder
+            that is removed when the bank closes.
+        index: FAISS index factory string (default ``"Flat"``: exact search). Trained
+            indexes (``"IVF256,Flat"``, ``"PQ32"``, ...) train once ``train_size`` frames
+            have arrived; until then search is exact over the frames held.
+        index_params: FAISS parameter string applied after building or loading the index,
+            e.g. ``"nprobe=8"`` (default empty).
+        metric: ``"l2"`` (default; squared Euclidean distance) or ``"ip"`` (inner product,
+            larger is nearer).
+        device: ``"auto"`` (default: faiss-gpu on CUDA when both are present, CPU
+            otherwise), ``"cpu"`` or ``"cuda"``.
+        train_size: frames collected before a trained index is trained (default 4096).
+    """
+
+    grid: int = 8
+    dtype: str = "float16"
+    ram_mb: float = 256.0
+    spill_dir: str | None = None
+    index: str = "Flat"
+    index_params: str = ""
+    metric: str = "l2"
+    device: str = "auto"
+    train_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_int("BankConfig", "grid", self.grid, 1)
+        _check_choice("BankConfig", "dtype", self.dtype, ("float16", "float32"))
+        _check_number("BankConfig", "ram_mb", self.ram_mb, 0.0)
+        if self.spill_dir is not None and not isinstance(self.spill_dir, str):
+            raise ConfigError(f"BankConfig.spill_dir must be a folder path or None, got {self.spill_dir!r}")
+        if not (isinstance(self.index, str) and self.index.strip()):
+            raise ConfigError(f"BankConfig.index must be a FAISS factory string such as 'Flat', got {self.index!r}")
+        if not isinstance(self.index_params, str):
+            raise ConfigError(f"BankConfig.index_params must be a string such as 'nprobe=8', got {self.index_params!r}")
+        _check_choice("BankConfig", "metric", self.metric, ("l2", "ip"))
+        _check_choice("BankConfig", "device", self.device, ("auto", "cpu", "cuda"))
+        _check_int("BankConfig", "train_size", self.train_size, 1)
+
+
+def _bank_from(value: object, owner: str) -> BankConfig:
+    if isinstance(value, BankConfig):
+        return value
+    return _from_dict(BankConfig, value, f"{owner}.bank")
+
+
+@dataclass
+class StarConfig(_JsonConfig):
+    """The STAR memory (spatial, temporal, abstract, retrieved). The defaults are the
+    released Flash-VStream-7b layout: 25 + 25×16 + 3×64 + 64 = 681 tokens.
+
+    Every frame is first average-pooled to ``base_grid``; each memory pools further.
+
+    Attributes:
+        base_grid: side of the grid every frame is pooled to first (default 8).
+        spatial_length: newest frames kept whole (default 1).
+        spatial_grid: their grid side (default 8: 64 tokens per frame).
+        temporal_length: weighted k-means centroids over all frames (default 25).
+        temporal_grid: grid side of a centroid (default 4: 16 tokens).
+        abstract_length: semantic-attention slots (default 25).
+        abstract_grid: grid side of a slot (default 1: one token).
+        abstract_chunk: frames buffered per abstract update (default 25); the update
+            attends over the whole chunk at once, so a frame-at-a-time stream and an
+            offline pass give the same memory.
+        abstract_alpha: update rate α of ``M ← (1−α)M + α·softmax(q(M)k(E)ᵀ/√h)E``
+            (default 0.2).
+        abstract_hidden: width h of the q/k projections (default 32).
+        retrieved_length: heaviest temporal clusters whose nearest bank frame is
+            retrieved (default 3).
+        retrieved_grid: grid side of a retrieved frame (default 8); at most ``bank.grid``.
+        retrieval_candidates: frames the index proposes per centroid, re-ranked by exact
+            distance at the temporal grid (default 16).
+        seed: seed of the default q/k projection (default 0). The streaming update has
+            no randomness.
+        bank: the feature bank's ``BankConfig``.
+    """
+
+    base_grid: int = 8
+    spatial_length: int = 1
+    spatial_grid: int = 8
+    temporal_length: int = 25
+    temporal_grid: int = 4
+    abstract_length: int = 25
+    abstract_grid: int = 1
+    abstract_chunk: int = 25
+    abstract_alpha: float = 0.2
+    abstract_hidden: int = 32
+    retrieved_length: int = 3
+    retrieved_grid: int = 8
+    retrieval_candidates: int = 16
+    seed: int = 0
+    bank: BankConfig = field(default_factory=BankConfig)
+
+    def __post_init__(self) -> None:
+        self.bank = _bank_from(self.bank, "StarConfig")
+        for name in ("base_grid", "spatial_grid", "temporal_grid", "abstract_grid", "retrieved_grid",
+                     "abstract_chunk", "abstract_hidden", "retrieval_candidates"):
+            _check_int("StarConfig", name, getattr(self, name), 1)
+        for name in ("spatial_length", "temporal_length", "abstract_length", "retrieved_length"):
+            _check_int("StarConfig", name, getattr(self, name), 0)
+        _check_int("StarConfig", "seed", self.seed, 0)
+        _check_number("StarConfig", "abstract_alpha", self.abstract_alpha, 0.0, 1.0)
+        for name in ("spatial_grid", "temporal_grid", "abstract_grid"):
+            if getattr(self, name) > self.base_grid:
+                raise ConfigError(f"StarConfig.{name} ({getattr(self, name)}) must be <= base_grid ({self.base_grid})")
+        if self.retrieved_length > self.temporal_length:
+            raise ConfigError(f"StarConfig.retrieved_length ({self.retrieved_length}) must be <= "
+                              f"temporal_length ({self.temporal_length}): it picks among the temporal clusters")
+        if self.retrieved_length and self.retrieved_grid > self.bank.grid:
+            raise ConfigError(f"StarConfig.retrieved_grid ({self.retrieved_grid}) must be <= bank.grid ({self.bank.grid})")
+        if self.bank.grid > self.base_grid:
+            raise ConfigError(f"StarConfig.bank.grid ({self.bank.grid}) must be <= base_grid ({self.base_grid})")
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in a full memory (once ``max(temporal_length, abstract_length)`` frames arrived)."""
+        return (self.abstract_length * self.abstract_grid**2
+                + self.temporal_length * self.temporal_grid**2
+                + self.retrieved_length * self.retrieved_grid**2
+                + self.spatial_length * self.spatial_grid**2)
+
+
+@dataclass
+class FlashConfig(_JsonConfig):
+    """The 2025 Flash-VStream memory: a context synopsis memory and a detail memory.
+
+    Attributes:
+        base_grid: side of the grid every frame is pooled to first (default 8).
+        synopsis_length: weighted k-means centroids over all frames (default 120),
+            ordered by the mean time of their members.
+        synopsis_grid: grid side of a centroid (default 4: half the base resolution).
+        synopsis_chunk: frames buffered before the centroids and the buffered frames are
+            re-clustered together (default 8).
+        kmeans_iters: Lloyd iterations per re-clustering (default 10).
+        cluster_dim: width of the seeded random projection the clustering runs in
+            (default 64); the centroids are means of the full features.
+        detail_length: heaviest clusters whose nearest bank frame is kept at full
+            resolution (default 60).
+        detail_grid: grid side of a detail frame (default 8); at most ``bank.grid``.
+        retrieval_candidates: frames the index proposes per centroid, re-ranked by exact
+            distance at the synopsis grid (default 16).
+        seed: seed of the k-means++ initialisation (default 0).
+        bank: the feature bank's ``BankConfig``.
+    """
+
+    base_grid: int = 8
+    synopsis_length: int = 120
+    synopsis_grid: int = 4
+    synopsis_chunk: int = 8
+    kmeans_iters: int = 10
+    cluster_dim: int = 64
+    detail_length: int = 60
+    detail_grid: int = 8
+    retrieval_candidates: int = 16
+    seed: int = 0
+    bank: BankConfig = field(default_factory=BankConfig)
+
+    def __post_init__(self) -> None:
+        self.bank = _bank_from(self.bank, "FlashConfig")
+        for name in ("base_grid", "synopsis_length", "synopsis_grid", "synopsis_chunk", "kmeans_iters",
+                     "cluster_dim", "detail_grid", "retrieval_candidates"):
+            _check_int("FlashConfig", name, getattr(self, name), 1)
+        _check_int("FlashConfig", "detail_length", self.detail_length, 0)
+        _check_int("FlashConfig", "seed", self.seed, 0)
+        if self.synopsis_grid > self.base_grid:
+            raise ConfigError(f"FlashConfig.synopsis_grid ({self.synopsis_grid}) must be <= base_grid ({self.base_grid})")
+        if self.detail_length > self.synopsis_length:
+            raise ConfigError(f"FlashConfig.detail_length ({self.detail_length}) must be <= "
+                              f"synopsis_length ({self.synopsis_length}): it picks among the synopsis clusters")
+        if self.detail_length and self.detail_grid > self.bank.grid:
+            raise ConfigError(f"FlashConfig.detail_grid ({self.detail_grid}) must be <= bank.grid ({self.bank.grid})")
+        if self.bank.grid > self.base_grid:
+            raise ConfigError(f"FlashConfig.bank.grid ({self.bank.grid}) must be <= base_grid ({self.base_grid})")
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in a full memory (once ``synopsis_length`` frames arrived)."""
+        return self.synopsis_length * self.synopsis_grid**2 + self.detail_length * self.detail_grid**2

@@ -1,0 +1,198 @@
+"""``StarMemory``: the STAR memory of Flash-VStream (spatial, temporal, abstract,
+retrieved), bounded and O(1) per frame.
+
+Per frame (``[P, D]`` patch features pooled to ``base_grid`` first):
+
+- spatial: the newest ``spatial_length`` frames at ``spatial_grid``;
+- temporal: ``temporal_length`` weighted centroids of all frames at ``temporal_grid``.
+  Once full, each new frame makes 26 weighted points for 25 clusters. The optimal
+  weighted k-means of N points into N−1 clusters joins the one pair whose join costs
+  least, and joining clusters a and b raises the within-cluster sum of squares by
+  Ward's cost ``w_a·w_b/(w_a+w_b)·‖c_a−c_b‖²``. So the update joins the cheapest pair
+  (the new frame with a centroid, or two centroids, the frame then taking the freed
+  slot): exact, deterministic, and O(K·d) with a kept matrix of pair costs. Weights
+  (frames per centroid) carry over, and every centroid knows its time span;
+- abstract: ``abstract_length`` slots at ``abstract_grid``, filled by the first frames,
+  then updated by ``SemanticAttention`` once per ``abstract_chunk`` buffered frames;
+- retrieved: at read time, for the ``retrieved_length`` heaviest centroids, the bank
+  frame nearest to each (``StreamMemory.nearest_frames``), at ``retrieved_grid``.
+
+``tokens()`` reads out abstract, temporal (by mean member time), retrieved (by time),
+spatial (oldest first): 681 tokens with the defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vstream.errors import MemoryStateError
+from vstream.memory.abstract import SemanticAttention
+from vstream.memory.base import StreamMemory, register_memory
+from vstream.memory.config import StarConfig
+from vstream.memory.tokens import TokenList
+
+
+@register_memory("star")
+class StarMemory(StreamMemory):
+    """The STAR memory. ``StarMemory(StarConfig())`` is the Flash-VStream-7b layout.
+
+    Args:
+        config: sizes and settings (``StarConfig``).
+        attention: the abstract memory's q/k projections, e.g. loaded from a
+            checkpoint; ``None`` makes the seeded similarity projection once the
+            feature width is known.
+    """
+
+    config_class = StarConfig
+
+    def __init__(self, config: StarConfig | None = None, attention: SemanticAttention | None = None):
+        super().__init__(config)
+        self.attention = attention
+
+    def _grids(self) -> dict[str, int]:
+        c = self.config
+        return {"spatial": c.spatial_grid, "temporal": c.temporal_grid, "abstract": c.abstract_grid}
+
+    def _start(self, dim: int) -> None:
+        c, device = self.config, self.device
+        f32 = {"dtype": torch.float32, "device": device}
+        f64 = {"dtype": torch.float64, "device": device}
+        self.spatial = torch.zeros(c.spatial_length, c.spatial_grid**2, dim, **f32)
+        self.spatial_times = torch.zeros(c.spatial_length, **f64)
+        self.spatial_count = 0
+        k = c.temporal_length
+        self.centroids = torch.zeros(k, c.temporal_grid**2 * dim, **f32)  # flattened [K, g*g*D]
+        self.weights = torch.zeros(k, **f64)        # frames per centroid
+        self.time_start = torch.zeros(k, **f64)     # seconds
+        self.time_end = torch.zeros(k, **f64)
+        self.time_sum = torch.zeros(k, **f64)       # sum of member times, for the mean
+        self.pair_costs = torch.full((k, k), torch.inf, **f64)  # Ward cost of joining i and j
+        self.centroid_count = 0
+        self.slots = torch.zeros(c.abstract_length, c.abstract_grid**2, dim, **f32)
+        self.slot_start = torch.zeros(c.abstract_length, **f64)
+        self.slot_end = torch.zeros(c.abstract_length, **f64)
+        self.slot_count = 0
+        self.pending = torch.zeros(c.abstract_chunk, c.abstract_grid**2, dim, **f32)
+        self.pending_times = torch.zeros(c.abstract_chunk, **f64)
+        self.pending_count = 0
+        if self.attention is None:
+            self.attention = SemanticAttention(dim, c.abstract_hidden, c.seed)
+        elif (self.attention.dim, self.attention.hidden) != (dim, c.abstract_hidden):
+            raise MemoryStateError(f"the attention module maps {self.attention.dim} -> {self.attention.hidden}; "
+                                   f"this memory needs {dim} -> {c.abstract_hidden}")
+        self.attention.to(device)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        names = ("spatial", "spatial_times", "centroids", "weights", "time_start", "time_end", "time_sum",
+                 "pair_costs", "slots", "slot_start", "slot_end", "pending", "pending_times")
+        tensors = {name: getattr(self, name) for name in names}
+        tensors.update({f"attention.{k}": v for k, v in self.attention.state_dict().items()})
+        return tensors
+
+    def _counters(self) -> dict[str, int]:
+        c = self.config
+        return {"spatial_count": c.spatial_length, "centroid_count": c.temporal_length,
+                "slot_count": c.abstract_length, "pending_count": c.abstract_chunk - 1}
+
+    # -- update ---------------------------------------------------------------------------
+
+    def _add_frame(self, parts: dict[str, torch.Tensor], t: float) -> None:
+        if self.config.spatial_length:
+            self._add_spatial(parts["spatial"], t)
+        if self.config.temporal_length:
+            self._add_temporal(parts["temporal"].reshape(-1), t)
+        if self.config.abstract_length:
+            self._add_abstract(parts["abstract"], t)
+
+    def _add_spatial(self, frame: torch.Tensor, t: float) -> None:
+        if self.spatial_count == self.config.spatial_length:  # shift out the oldest
+            self.spatial[:-1] = self.spatial[1:].clone()
+            self.spatial_times[:-1] = self.spatial_times[1:].clone()
+            self.spatial_count -= 1
+        self.spatial[self.spatial_count] = frame
+        self.spatial_times[self.spatial_count] = t
+        self.spatial_count += 1
+
+    def _add_temporal(self, x: torch.Tensor, t: float) -> None:
+        n = self.centroid_count
+        if n < self.config.temporal_length:
+            self._place(n, x, t)
+            self.centroid_count += 1
+            return
+        join_costs = self._ward(self.centroids, self.weights, x, 1.0)
+        j = int(torch.argmin(join_costs))
+        flat = int(torch.argmin(self.pair_costs))
+        a, b = divmod(flat, n)
+        if join_costs[j] <= self.pair_costs[a, b]:
+            w = self.weights[j]
+            self.centroids[j] = (self.centroids[j] * w.float() + x) / (w.float() + 1)
+            self.weights[j] += 1
+            self.time_start[j] = min(float(self.time_start[j]), t)
+            self.time_end[j] = max(float(self.time_end[j]), t)
+            self.time_sum[j] += t
+            self._update_costs(j)
+        else:
+            wa, wb = self.weights[a], self.weights[b]
+            self.centroids[a] = (self.centroids[a] * wa.float() + self.centroids[b] * wb.float()) / (wa + wb).float()
+            self.weights[a] = wa + wb
+            self.time_start[a] = torch.minimum(self.time_start[a], self.time_start[b])
+            self.time_end[a] = torch.maximum(self.time_end[a], self.time_end[b])
+            self.time_sum[a] += self.time_sum[b]
+            self._place(b, x, t)
+            self._update_costs(a)
+
+    def _place(self, slot: int, x: torch.Tensor, t: float) -> None:
+        """Put frame ``x`` alone in centroid ``slot`` and refresh that slot's pair costs."""
+        self.centroids[slot] = x
+        self.weights[slot] = 1.0
+        self.time_start[slot] = self.time_end[slot] = self.time_sum[slot] = t
+        self._update_costs(slot)
+
+    @staticmethod
+    def _ward(centroids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, w: float) -> torch.Tensor:
+        """Ward cost ``[K]`` of joining a cluster ``x`` of weight ``w`` with each centroid."""
+        squared = (centroids - x).square().sum(dim=1).double()
+        return weights * w / (weights + w) * squared
+
+    def _update_costs(self, slot: int) -> None:
+        n = max(self.centroid_count, slot + 1)
+        used = slice(0, n)
+        costs = self._ward(self.centroids[used], self.weights[used], self.centroids[slot], float(self.weights[slot]))
+        costs[slot] = torch.inf
+        self.pair_costs[slot, used] = costs
+        self.pair_costs[used, slot] = costs
+
+    def _add_abstract(self, tokens: torch.Tensor, t: float) -> None:
+        if self.slot_count < self.config.abstract_length:
+            self.slots[self.slot_count] = tokens
+            self.slot_start[self.slot_count] = self.slot_end[self.slot_count] = t
+            self.slot_count += 1
+            return
+        self.pending[self.pending_count] = tokens
+        self.pending_times[self.pending_count] = t
+        self.pending_count += 1
+        if self.pending_count == self.config.abstract_chunk:
+            dim = self.dim
+            updated = self.attention(self.slots.reshape(-1, dim), self.pending.reshape(-1, dim),
+                                     self.config.abstract_alpha)
+            self.slots.copy_(updated.reshape(self.slots.shape))
+            self.slot_end.fill_(t)
+            self.pending_count = 0
+
+    # -- read -----------------------------------------------------------------------------
+
+    def _tokens(self, out: TokenList) -> None:
+        c = self.config
+        n = self.slot_count
+        out.add("abstract", self.slots[:n], _spans(self.slot_start[:n], self.slot_end[:n]))
+        n = self.centroid_count
+        clusters = (self.centroids[:n], self.weights[:n], self.time_start[:n], self.time_end[:n], self.time_sum[:n])
+        self._read_clusters(out, ("temporal", "retrieved"), clusters, c.temporal_grid, c.retrieved_length,
+                            c.retrieved_grid)
+        n = self.spatial_count
+        out.add("spatial", self.spatial[:n], _spans(self.spatial_times[:n], self.spatial_times[:n]))
+
+
+def _spans(start, end) -> list[tuple[float, float]]:
+    """``[(start[i], end[i])]`` from two sequences (tensors or arrays) of seconds."""
+    return list(zip(start.tolist(), end.tolist()))

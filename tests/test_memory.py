@@ -1,0 +1,287 @@
+"""The STAR memory: behaviour on streams of known structure, bounds, determinism,
+streaming vs offline, the abstract update's formula, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vstream.errors import ConfigError, MemoryStateError
+from vstream.kernels import pool_grid, semantic_attention_reference
+from vstream.memory import BankConfig, SemanticAttention, StarConfig, StarMemory, create_memory, list_memories
+
+torch.set_num_threads(1)
+
+DIM = 24
+GRID = 8  # input patch grid side: 64 patches per frame
+
+
+def small_config(**fields) -> StarConfig:
+    """A small STAR layout: 4×4 base grid, so tests stay fast."""
+    sizes = dict(base_grid=4, spatial_grid=4, temporal_grid=2, abstract_grid=1, retrieved_grid=4,
+                 temporal_length=8, abstract_length=6, abstract_chunk=5, retrieved_length=3,
+                 bank=BankConfig(grid=4, ram_mb=0.05))
+    sizes.update(fields)
+    return StarConfig(**sizes)
+
+
+def scene_stream(lengths: list[int], seed: int = 0, noise: float = 0.05, dim: int = DIM):
+    """Frames ``[T, GRID*GRID, dim]`` made of scenes of the given lengths: each scene a
+    random patch pattern plus small per-frame noise. Returns (frames, times, scene of
+    each frame)."""
+    generator = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(len(lengths), GRID * GRID, dim, generator=generator) * 3
+    scene = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    frames = patterns[scene] + noise * torch.randn(len(scene), GRID * GRID, dim, generator=generator)
+    times = [0.5 * i for i in range(len(scene))]
+    return frames, times, scene
+
+
+def scene_of(t: float, scene: torch.Tensor) -> int:
+    return int(scene[round(t / 0.5)])
+
+
+def temporal_state(memory: StarMemory):
+    """(weight, set of scenes in its span) per centroid."""
+    n = memory.centroid_count
+    return memory.weights[:n].tolist(), list(zip(memory.time_start[:n].tolist(), memory.time_end[:n].tolist()))
+
+
+# -- behaviour --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lengths", [[40, 5, 12, 70, 8, 25, 3, 60], [3, 8, 5, 12, 25, 40, 60, 70],
+                                     [70, 60, 40, 25, 12, 8, 5, 3]])
+def test_temporal_weights_are_scene_lengths_and_retrieval_finds_heaviest_scenes(lengths):
+    frames, times, scene = scene_stream(lengths)
+    with StarMemory(small_config()) as memory:
+        for frame, t in zip(frames, times):
+            memory.add(frame, t)
+        weights, spans = temporal_state(memory)
+        assert sorted(weights) == sorted(lengths)
+        for weight, (start, end) in zip(weights, spans):  # each centroid is one whole scene
+            first, last = scene_of(start, scene), scene_of(end, scene)
+            assert first == last and lengths[first] == weight
+        out = memory.tokens()
+        retrieved = sorted({scene_of(start, scene) for kind, (start, _) in zip(out.kinds, out.spans)
+                            if kind == "retrieved"})
+        heaviest = sorted(sorted(range(len(lengths)), key=lambda i: -lengths[i])[:3])
+        assert retrieved == heaviest
+
+
+def test_retrieved_frame_is_the_bank_frame_nearest_its_centroid():
+    """Exact when the index proposes every frame; by default it proposes the frames
+    nearest by mean token, and the exact distance picks among those."""
+    frames, times, _ = scene_stream([30, 50, 20], noise=0.3)
+    config = small_config(temporal_length=3, retrieved_length=1, retrieval_candidates=100)
+    with StarMemory(config) as memory:
+        memory.extend(frames, times)
+        out = memory.tokens()
+        heaviest = int(torch.argmax(memory.weights))
+        centroid = memory.centroids[heaviest]
+        bank_frames = pool_grid(memory.bank.features(range(len(memory.bank))), config.temporal_grid)
+        distances = (bank_frames.reshape(len(bank_frames), -1) - centroid).square().sum(dim=1)
+        expected = int(torch.argmin(distances))
+        got = [span for kind, span in zip(out.kinds, out.spans) if kind == "retrieved"][0]
+        assert got == (times[expected], times[expected])
+
+
+def test_many_scenes_merge_into_fewer_centroids_keeping_every_frame():
+    frames, times, _ = scene_stream([7, 3, 9, 4, 11, 2, 6, 8, 5, 10, 3, 12], seed=3)
+    with StarMemory(small_config()) as memory:
+        memory.extend(frames, times)
+        assert memory.centroid_count == 8
+        assert float(memory.weights.sum()) == len(times)  # weights carry over through every merge
+
+
+def test_token_layout_default_config():
+    frames, times, _ = scene_stream([30, 20], dim=16)
+    with StarMemory() as memory:
+        memory.add(frames[0], times[0])
+        assert memory.tokens().counts() == {"abstract": 1, "temporal": 16, "retrieved": 64, "spatial": 64}
+        memory.extend(frames[1:], times[1:])
+        out = memory.tokens()
+        assert len(out) == StarConfig().num_tokens == 681
+        assert out.counts() == {"abstract": 25, "temporal": 400, "retrieved": 192, "spatial": 64}
+        assert out.kinds == ["abstract"] * 25 + ["temporal"] * 400 + ["retrieved"] * 192 + ["spatial"] * 64
+        assert out.tokens.shape == (681, 16) and out.tokens.dtype == torch.float32
+        assert out.spans[-1] == (times[-1], times[-1])  # spatial: the newest frame
+        temporal = [span for kind, span in zip(out.kinds, out.spans) if kind == "temporal"]
+        assert min(s for s, _ in temporal) == 0.0 and max(e for _, e in temporal) == times[-1]
+
+
+def test_size_is_fixed_from_a_full_memory_on():
+    config = small_config()
+    generator = torch.Generator().manual_seed(1)
+    with StarMemory(config) as memory:
+        state_bytes, cache_bytes, counts = [], [], []
+        for block in range(12):  # 12 × 250 frames of drifting content
+            frames = torch.randn(250, GRID * GRID, DIM, generator=generator) + block
+            memory.extend(frames, [block * 250 + i for i in range(250)])
+            out = memory.tokens()
+            counts.append(len(out))
+            state_bytes.append(sum(t.numel() * t.element_size() for t in memory._tensors().values()))
+            cache_bytes.append(memory.bank.ram_frames)
+        assert set(counts) == {config.num_tokens}
+        assert len(set(state_bytes)) == 1 and len(set(cache_bytes)) == 1
+        assert len(memory.bank) == memory.frames_seen == 3000
+
+
+def test_same_stream_gives_the_same_memory_and_seed_only_moves_the_abstract_slots():
+    frames, times, _ = scene_stream([20, 30, 15, 25], noise=0.5)
+
+    def build(seed):
+        with StarMemory(small_config(seed=seed)) as memory:
+            memory.extend(frames, times)
+            return memory.tokens()
+
+    first, again, other = build(0), build(0), build(1)
+    assert torch.equal(first.tokens, again.tokens) and first.spans == again.spans
+    abstract = [k == "abstract" for k in first.kinds]
+    assert not torch.equal(first.tokens[abstract], other.tokens[abstract])
+    rest = [not a for a in abstract]
+    assert torch.equal(first.tokens[rest], other.tokens[rest])
+
+
+def test_streaming_and_offline_agree():
+    frames, times, _ = scene_stream([13, 22, 9, 31, 17], noise=0.4)
+    with StarMemory(small_config()) as streamed, StarMemory(small_config()) as offline, \
+            StarMemory(small_config()) as chunked:
+        for frame, t in zip(frames, times):
+            streamed.add(frame, t)
+        offline.extend(frames, times)
+        for start in range(0, len(times), 7):
+            chunked.extend(frames[start:start + 7], times[start:start + 7])
+        a, b, c = streamed.tokens(), offline.tokens(), chunked.tokens()
+        assert a.kinds == b.kinds == c.kinds and a.spans == b.spans == c.spans
+        torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.tokens, c.tokens, rtol=0, atol=1e-5)
+
+
+def test_abstract_update_is_chunked_semantic_attention():
+    config = small_config(abstract_length=4, abstract_chunk=3, abstract_alpha=0.2, abstract_hidden=8)
+    frames, times, _ = scene_stream([5, 6], noise=1.0)
+    frames = frames[:10]
+    with StarMemory(config) as memory:
+        memory.extend(frames[:9], times[:9])  # 4 fill the slots, 3 update, 2 wait
+        pooled = frames.mean(dim=1)  # 1×1 grid: the mean patch
+        attention = memory.attention
+        slots = pooled[:4]
+        q, k = attention.q_proj(slots), attention.k_proj(pooled[4:7])
+        expected = semantic_attention_reference(slots, q, k, pooled[4:7], 0.2)
+        got = memory.slots.reshape(4, DIM)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert memory.pending_count == 2
+        out = memory.tokens()
+        spans = [s for kind, s in zip(out.kinds, out.spans) if kind == "abstract"]
+        assert spans == [(times[i], times[6]) for i in range(4)]
+
+
+def test_attention_loads_flash_vstream_weight_names():
+    checkpoint = {"q_proj.weight": torch.randn(32, DIM), "q_proj.bias": torch.randn(32),
+                  "k_proj.weight": torch.randn(32, DIM), "k_proj.bias": torch.randn(32),
+                  "v_proj.weight": torch.randn(DIM, DIM), "out_ln.weight": torch.ones(DIM)}
+    attention = SemanticAttention(DIM, 32)
+    result = attention.load_state_dict(checkpoint, strict=False)
+    assert sorted(result.unexpected_keys) == ["out_ln.weight", "v_proj.weight"] and not result.missing_keys
+    assert torch.equal(attention.q_proj.weight, checkpoint["q_proj.weight"])
+    frames, times, _ = scene_stream([40])
+    with StarMemory(small_config(abstract_hidden=32), attention=attention) as memory:
+        memory.extend(frames, times)
+        assert memory.attention is attention
+
+
+def test_default_attention_estimates_the_dot_product():
+    attention = SemanticAttention(512, 32, seed=0)
+    assert torch.equal(attention.q_proj.weight, attention.k_proj.weight)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 512, generator=generator), torch.randn(200, 512, generator=generator)
+    y = 0.7 * x + 0.3 * y  # correlated pairs: dot products well away from 0
+    estimate = (attention.q_proj(x) * attention.k_proj(y)).sum(dim=1)
+    exact = (x * y).sum(dim=1)
+    relative = ((estimate - exact).abs() / exact.abs()).median()
+    assert relative < 0.35  # a 32-dim random projection: a rough but unbiased estimate
+
+
+def test_registry():
+    assert list_memories() == ["flash", "star"]
+    memory = create_memory("star", temporal_length=5, retrieved_length=2)
+    assert isinstance(memory, StarMemory) and memory.config.temporal_length == 5
+    with pytest.raises(ConfigError, match="unknown memory policy 'nope'; known: flash, star"):
+        create_memory("nope")
+
+
+# -- config -----------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_json():
+    config = small_config(seed=7, retrieved_grid=2, bank=BankConfig(grid=2, index="HNSW16", metric="ip", ram_mb=3.5))
+    again = StarConfig.from_json(config.to_json())
+    assert again == config and isinstance(again.bank, BankConfig)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"temporal_length": -1}, "temporal_length must be an int >= 0"),
+    ({"base_grid": 0}, "base_grid must be an int >= 1"),
+    ({"abstract_alpha": 0.0}, "abstract_alpha must be a number in"),
+    ({"abstract_alpha": 1.5}, "abstract_alpha must be a number in"),
+    ({"spatial_grid": 9}, "spatial_grid .9. must be <= base_grid"),
+    ({"retrieved_length": 30}, "retrieved_length .30. must be <= temporal_length"),
+    ({"bank": {"grid": 4, "metric": "cosine"}}, "metric must be one of l2, ip"),
+    ({"bank": {"gird": 4}}, "unknown field.s. gird"),
+])
+def test_config_errors(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        StarConfig(**fields)
+
+
+def test_config_from_json_errors():
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        StarConfig.from_json("{")
+    with pytest.raises(ConfigError, match="unknown field.s. temporal_len"):
+        StarConfig.from_json('{"temporal_len": 3}')
+
+
+# -- bad input --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("features, message", [
+    (torch.zeros(GRID * GRID), r"add: features must be a Tensor \[P, D\]"),
+    (torch.zeros(60, DIM), "60 patches per frame; expected a square grid"),
+    (torch.zeros(9, DIM), "9 patches per frame; expected a square grid of at least 4×4"),
+    (torch.zeros(GRID * GRID, DIM, dtype=torch.int64), "must be a float Tensor"),
+    (torch.full((GRID * GRID, DIM), math.nan), "NaN or infinite"),
+    ([[0.0] * DIM] * 4, r"add: features must be a Tensor \[P, D\], got list"),
+])
+def test_bad_features_are_refused_and_leave_the_memory_unchanged(features, message):
+    frames, times, _ = scene_stream([12])
+    with StarMemory(small_config()) as memory:
+        memory.extend(frames, times)
+        before = memory.tokens()
+        with pytest.raises(MemoryStateError, match=message):
+            memory.add(features, 100.0)
+        assert memory.frames_seen == 12 and len(memory.bank) == 12
+        assert torch.equal(memory.tokens().tokens, before.tokens)
+
+
+def test_bad_times_and_widths_are_refused():
+    frames, times, _ = scene_stream([5])
+    with StarMemory(small_config()) as memory:
+        memory.extend(frames, times)
+        with pytest.raises(MemoryStateError, match=r"frame time 1.0 s: .* previous frame's \(2.0 s\)"):
+            memory.add(frames[0], 1.0)
+        with pytest.raises(MemoryStateError, match="frame time nan"):
+            memory.add(frames[0], math.nan)
+        with pytest.raises(MemoryStateError, match="width 8; this memory holds width 24"):
+            memory.add(torch.zeros(GRID * GRID, 8), 10.0)
+        with pytest.raises(MemoryStateError, match="3 frames but 2 times"):
+            memory.extend(frames[:3], [10.0, 11.0])
+        assert memory.frames_seen == 5
+
+
+def test_empty_memory_reads_as_no_tokens():
+    with StarMemory(small_config()) as memory:
+        out = memory.tokens()
+        assert len(out) == 0 and out.kinds == [] and out.counts() == {}
