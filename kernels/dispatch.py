@@ -102,7 +102,8 @@ def backend_for(*tensors: torch.Tensor) -> str:
 
 
 def check_tensor(name: str, t: object, ranks: tuple[int, ...], floating: bool = True) -> None:
-    """Refuse ``t`` unless it is a tensor of one of ``ranks`` (and floating when asked)."""
+    """Refuse ``t`` unless it is a tensor of one of ``ranks`` and, when ``floating``, of
+    a dtype the kernels take (float32, float16, bfloat16)."""
     if not isinstance(t, torch.Tensor):
         raise KernelError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() not in ranks:

@@ -56,7 +56,7 @@ def _finish(sums: torch.Tensor, mass: torch.Tensor, centroids: torch.Tensor) -> 
 def _kmeans_sums_kernel(
     points_ptr, weights_ptr, assign_ptr, sums_ptr, mass_ptr,
     N, K, DIM,
-    stride_pn, stride_pd, stride_sk, stride_sd,
+    stride_pn, stride_pd, stride_wn, stride_sk, stride_sd,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -70,7 +70,7 @@ def _kmeans_sums_kernel(
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + offs_n
         assign = tl.load(assign_ptr + rows, mask=rows < N, other=-1)
-        w = tl.load(weights_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        w = tl.load(weights_ptr + rows * stride_wn, mask=rows < N, other=0.0).to(tl.float32)
         # member[k, n] = w[n] where point n belongs to cluster k, else 0
         member = tl.where(offs_k[:, None] == assign[None, :], w[None, :], 0.0)
         mask_p = (rows[:, None] < N) & (offs_d[None, :] < DIM)
@@ -99,7 +99,7 @@ def _kmeans_step_triton(
     _kmeans_sums_kernel[(triton.cdiv(k, block_k), triton.cdiv(max(dim, 1), block_d))](
         points, weights, assign32, sums, mass,
         n, k, dim,
-        points.stride(0), points.stride(1), sums.stride(0), sums.stride(1),
+        points.stride(0), points.stride(1), weights.stride(0), sums.stride(0), sums.stride(1),
         BLOCK_K=block_k, BLOCK_N=32, BLOCK_D=block_d,
     )
     return _finish(sums, mass, centroids), mass, assign

@@ -4,6 +4,11 @@ The k-means step uses it to assign points to centroids, and the retrieved memory
 find the bank frame nearest to each heavy centroid (``x`` = centroids, ``y`` = the
 bank's keys). Distances are squared Euclidean, computed as ``|x|^2 - 2 x.y + |y|^2``
 in float32 and clamped at 0; ties go to the lowest index of ``y``.
+
+Two kernels, for the two shapes the memory has: ``_nearest_kernel`` keeps a running
+argmin per row of ``x`` while it walks ``y`` (many rows of ``y``: the bank), and
+``_sq_dist_slice_kernel`` splits ``d`` across programs when both sides have few rows
+and ``d`` is wide (the temporal merge, the k-means assignment).
 """
 
 from __future__ import annotations

@@ -1,28 +1,26 @@
 """The feature bank: every frame's pooled features with its time, and a FAISS index over them.
 
-The bank serves the STAR memory (the bank frame nearest to each temporal centroid) and
-query-time retrieval (a vector to the top-k frames with their times). It holds a
-10-hour stream at 1 fps in a fixed RAM budget, at a per-frame cost that does not grow.
+It serves the STAR memory (the bank frame nearest to each temporal centroid) and
+query-time retrieval (a vector to the top-k frames with their times), for a 10-hour
+stream at 1 fps in a fixed RAM budget and at a per-frame cost that does not grow.
 
-* **Write-through spill.** Every frame's features ``[G*G, D]`` (stored as
-  ``config.dtype``) are written with ``os.pwrite`` to an append-only spill file at
-  ``id * bytes_per_frame`` as they arrive, and never rewritten: the file is the whole
-  history, and saving a bank is a byte copy of its first ``n`` rows.
-* **RAM ring.** The newest ``ram_frames`` frames (as many as fit in ``config.ram_mb``
-  MiB) are also kept in a ring buffer allocated once, at full size, by the constructor:
-  frame ``i`` sits in slot ``i % ram_frames``. Older frames are read back from the file.
+* **Write-through spill.** Every frame's features ``[G*G, D]`` (as ``config.dtype``) are
+  written with ``os.pwrite`` at ``id * bytes_per_frame`` in an append-only spill file,
+  never rewritten: the file is the whole history, and saving is a copy of its first rows.
+* **RAM ring.** The newest ``ram_frames`` frames (as many as fit in ``config.ram_mb`` MiB)
+  also sit in a ring buffer allocated once, at full size: frame ``i`` in slot
+  ``i % ram_frames``. Older frames are read back from the file.
 * **pread, not memmap.** Touched pages of a mapped file count toward the process's RSS,
-  and a map over a growing file has to be remade. ``os.pread`` copies the few frames
-  asked for into a fresh array; the file stays in the kernel's page cache, outside RSS,
-  where the kernel can drop it under pressure.
-* **Index.** One key per frame (by default the mean of its tokens, float32 ``[D]``) goes
-  into a FAISS index built from ``config.index``; FAISS ids are frame ids. An index that
-  needs training keeps the keys in a ``[train_size, D]`` buffer and answers by exact
-  search over it until ``train_size`` frames have arrived, then trains on them.
+  and a map over a growing file must be remade. ``os.pread`` copies just the frames asked
+  for; the file stays in the kernel's page cache, outside RSS, which the kernel can drop.
+* **Index.** One key per frame (by default the mean of its tokens, float32 ``[D]``) in a
+  FAISS index from ``config.index``; FAISS ids are frame ids. An index that needs training
+  keeps the keys in a ``[train_size, D]`` buffer, searched exactly, until ``train_size``
+  frames have arrived, then trains on them.
 
-Per frame, ``add`` costs one pwrite, one ring-slot copy and one index add; the times
-array doubles when full (amortised O(1), like FAISS's own storage). A lock makes
-``add``, ``search``, ``features`` and ``save`` safe to call from several threads.
+Per frame, ``add`` costs a pwrite, a ring-slot copy and an index add; the times array
+doubles when full (amortised O(1), as FAISS's own storage). A lock makes ``add``,
+``search``, ``features`` and ``save`` safe to call from several threads.
 """
 
 from __future__ import annotations
@@ -77,13 +75,9 @@ def _write_synced(path: Path, write) -> None:
 
 
 class FeatureBank:
-    """Every frame's features ``[G*G, D]`` with its time in seconds, and a FAISS index
-    over one key ``[D]`` per frame. Frame ids are 0, 1, 2, ... in order of arrival.
-
-    The newest ``ram_frames`` frames are held in a RAM ring sized by ``config.ram_mb``;
-    every frame is also written to an append-only spill file (in ``config.spill_dir``,
-    or in a temporary folder that ``close`` removes), from which older frames are read
-    back. The index is outside the ``ram_mb`` budget (see ``BankConfig.ram_mb``).
+    """Every frame's features ``[G*G, D]`` with its time in seconds, and a FAISS index over
+    one key ``[D]`` per frame; ids 0, 1, 2, ... in order of arrival. The newest frames are in
+    RAM, all of them in a spill file (``config.spill_dir``, or a temporary folder).
     """
 
     def __init__(self, dim: int, config: BankConfig | None = None):
@@ -101,7 +95,14 @@ class FeatureBank:
         except RuntimeError as exc:
             raise ConfigError(f"BankConfig.index {config.index!r} is not a FAISS factory string: "
                               f"{_faiss_message(exc)}") from None
-        self._gpu, self._gpu_res = self._choose_gpu(config.device), None
+        gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        if config.device == "cuda" and not gpu_faiss:
+            raise ConfigError("BankConfig.device is 'cuda' but this faiss build has no GPU support or sees no "
+                              "GPU; install faiss-gpu or use device 'cpu'")
+        self._gpu = config.device == "cuda" or (config.device == "auto" and gpu_faiss and torch.cuda.is_available())
+        self._gpu_res = None
+        logger.debug("feature bank index on %s (device=%r, faiss GPU support: %s)",
+                     "cuda" if self._gpu else "cpu", config.device, gpu_faiss)
         self._set_index(index, np.empty((0, dim), np.float32))
         self._ring = np.empty((self._capacity, self.tokens, dim), self._dtype)
         self._times = np.empty(1024, np.float64)
@@ -114,17 +115,6 @@ class FeatureBank:
             raise ConfigError(f"BankConfig.spill_dir {config.spill_dir!r} cannot hold the spill file: {exc}") from None
         self.spill_path = Path(path)
         self._finalizer = weakref.finalize(self, _remove_spill, self._fd, path, temp_dir)
-
-    @staticmethod
-    def _choose_gpu(device: str) -> bool:
-        gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-        if device == "cuda" and not gpu_faiss:
-            raise ConfigError("BankConfig.device is 'cuda' but this faiss build has no GPU support or sees no "
-                              "GPU; install faiss-gpu or use device 'cpu'")
-        use = device == "cuda" or (device == "auto" and gpu_faiss and torch.cuda.is_available())
-        logger.debug("feature bank index on %s (device=%r, faiss GPU support: %s)",
-                     "cuda" if use else "cpu", device, gpu_faiss)
-        return use
 
     def _set_index(self, index, pending: np.ndarray) -> None:
         """Install a CPU ``index`` (moved to the GPU when chosen, ``index_params`` applied)
@@ -169,15 +159,16 @@ class FeatureBank:
         self._index.add(sample)
         self._trained, self._pending = True, None
 
-    def _batch(self, value, name: str, item: tuple[int, ...], count: int | None, dtype) -> torch.Tensor:
-        """``value`` [count, *item] or [*item] (count 1) as a finite CPU tensor of ``dtype``."""
+    def _batch(self, value, name: str, item: tuple[int, ...], rows: int | str, dtype) -> torch.Tensor:
+        """``value`` [rows, *item] or [*item] (one row) as a finite CPU tensor of ``dtype``;
+        ``rows`` is a count, or a letter when any count will do."""
         dims = ", ".join(map(str, item))
-        want = f"[{'n' if count is None else count}, {dims}] or [{dims}]"
+        want = f"[{rows}, {dims}]" + (f" or [{dims}]" if rows in ("B", "n", 1) else "")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             got = f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
             raise MemoryStateError(f"{name} must be a float torch.Tensor {want}, got a {got}")
         x = value.unsqueeze(0) if value.dim() == len(item) else value
-        if x.dim() != len(item) + 1 or tuple(x.shape[1:]) != item or count not in (None, x.shape[0]):
+        if x.dim() != len(item) + 1 or tuple(x.shape[1:]) != item or rows not in ("B", "n", x.shape[0]):
             raise MemoryStateError(f"{name} must have shape {want}, got {list(value.shape)}")
         x = x.detach().to(device="cpu", dtype=dtype).contiguous()
         if not torch.isfinite(x).all():
@@ -209,7 +200,7 @@ class FeatureBank:
             times: seconds, a float or ``[B]``; finite, and never earlier than the bank's last time.
             keys: ``[B, D]`` index keys, or None for the mean over each frame's tokens (float32).
         """
-        x = self._batch(features, "features", (self.tokens, self.dim), None, getattr(torch, self.config.dtype))
+        x = self._batch(features, "features", (self.tokens, self.dim), "B", getattr(torch, self.config.dtype))
         b = x.shape[0]
         t = self._check_times(times, b)
         k = x.float().mean(dim=1) if keys is None else self._batch(keys, "keys", (self.dim,), b, torch.float32)
@@ -275,11 +266,11 @@ class FeatureBank:
         """``[len(ids), G*G, D]`` float32 features of the frames ``ids`` (a 1-D int sequence or tensor)."""
         try:
             idx = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+            ok = idx.ndim == 1 and (idx.dtype.kind in "iu" or idx.size == 0)
         except (TypeError, ValueError):
-            idx = np.empty((0, 0))
-        if idx.ndim != 1 or not (idx.dtype.kind in "iu" or idx.size == 0):
-            raise MemoryStateError(f"ids must be a 1-D sequence of int frame ids, got {type(ids).__name__} "
-                                   f"of {idx.dtype} {list(idx.shape)}")
+            ok = False
+        if not ok:
+            raise MemoryStateError(f"ids must be a 1-D sequence of int frame ids, got {ids!r:.100}")
         with self._lock:
             self._check_open()
             bad = idx[(idx < 0) | (idx >= self._n)]
@@ -299,7 +290,7 @@ class FeatureBank:
         descending). Where an approximate index finds fewer, the id is -1 and the score
         inf (l2) or -inf (ip).
         """
-        q = self._batch(keys, "keys", (self.dim,), None, torch.float32).numpy()
+        q = self._batch(keys, "keys", (self.dim,), "n", torch.float32).numpy()
         if not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
             raise MemoryStateError(f"k must be an int >= 0, got {k!r}")
         with self._lock:

@@ -9,6 +9,8 @@ import threading
 
 import pytest
 import torch
+
+from vstream.errors import KernelError
 from vstream.kernels import (
     backend_for,
     dispatch,
@@ -22,8 +24,6 @@ from vstream.kernels import (
     semantic_attention_reference,
     use_backend,
 )
-
-from vstream.errors import KernelError
 
 torch.set_num_threads(1)
 
@@ -110,7 +110,10 @@ def test_pool_refuses(x, size, needle):
 # -- nearest --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, m, dim", [(37, 19, 130), (1, 1, 7), (1, 150, 20), (37, 150, 20)])
+@pytest.mark.parametrize(
+    "n, m, dim",
+    [(37, 19, 130), (1, 1, 7), (1, 150, 20), (37, 150, 20), (1, 1, 700), (37, 19, 600)],
+)
 def test_nearest_matches_reference(triton, n, m, dim):
     x = torch.randn(n, dim, generator=gen(n + m))
     y = torch.randn(m, dim, generator=gen(dim))
@@ -128,12 +131,14 @@ def test_nearest_bf16(triton):
     torch.testing.assert_close(nearest(x, y)[1], nearest_reference(x, y)[1], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("width", [2, 600])  # 600: the kernel that splits d
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_nearest_ties_go_to_lowest_index(backend):
+def test_nearest_ties_go_to_lowest_index(backend, width):
     if backend == "triton":
         pytest.importorskip("triton")
     y = torch.tensor([[5.0, 5.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]).repeat(40, 1)  # 160 rows
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 0.5]])
+    x, y = (torch.nn.functional.pad(t, (0, width - 2)) for t in (x, y))
     with use_backend(backend):
         index, dist = nearest(x, y)
     assert index.tolist() == [1, 1, 1]  # [0.5, 0.5] is as near to rows 1 and 2
@@ -175,8 +180,9 @@ def kmeans_case(name, dtype):
     g = gen(5)
     if name == "single point":
         return torch.randn(1, 20, generator=g).to(dtype), torch.tensor([3.0]), torch.randn(4, 20, generator=g).to(dtype)
-    points = torch.randn(40, 130, generator=g)
-    centroids = torch.randn(7, 130, generator=g)
+    dim = 700 if name == "wide" else 130  # 700: the assignment splits d
+    points = torch.randn(40, dim, generator=g)
+    centroids = torch.randn(7, dim, generator=g)
     weights = torch.rand(40, generator=g) + 0.5
     centroids[6] += 100.0  # far from every point: an empty cluster
     if name == "zero-weight cluster":
@@ -186,7 +192,7 @@ def kmeans_case(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["empty cluster", "zero-weight cluster", "single point"])
+@pytest.mark.parametrize("name", ["empty cluster", "zero-weight cluster", "single point", "wide"])
 def test_kmeans_step_matches_reference(triton, name, dtype):
     points, weights, centroids = kmeans_case(name, dtype)
     new, mass, assign = kmeans_step(points, weights, centroids)
@@ -267,6 +273,20 @@ def test_semantic_attention_refuses_mixed_dtypes():
     args = [torch.zeros(4, 8), torch.zeros(4, 2), torch.zeros(3, 2).half(), torch.zeros(3, 8)]
     with pytest.raises(KernelError, match="keys: expected the dtype of memory"):
         semantic_attention(*args, 0.5)
+
+
+def test_kernels_take_strided_inputs(triton):
+    g = gen(8)
+    x, y = torch.randn(130, 37, generator=g).T, torch.randn(600, 19, generator=g).T[:, :130]
+    assert torch.equal(nearest(x, y)[0], nearest_reference(x, y)[0])
+    weights = torch.rand(74, generator=g)[::2]
+    args = (x, weights, y[:5])
+    for actual, expected in zip(kmeans_step(*args), kmeans_step_reference(*args), strict=True):
+        close(actual, expected, torch.float32)
+    memory, values = torch.randn(130, 25, generator=g).T, torch.randn(130, 7, generator=g).T
+    queries, keys = torch.randn(25, 32, generator=g), torch.randn(7, 32, generator=g)
+    close(semantic_attention(memory, queries, keys, values, 1.0),
+          semantic_attention_reference(memory, queries, keys, values, 1.0), torch.float32)
 
 
 # -- dispatch -------------------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""The Flash policy (context synopsis + detail memory) behind the StreamMemory interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vstream.memory import BankConfig, FlashConfig, FlashMemory, create_memory
+from vstream.memory.clustering import kmeans_plus_plus, weighted_kmeans
+
+from test_memory import scene_stream, scene_of
+
+torch.set_num_threads(1)
+
+
+def flash_config(**fields) -> FlashConfig:
+    sizes = dict(base_grid=4, synopsis_grid=2, synopsis_length=12, synopsis_chunk=5, detail_length=3,
+                 detail_grid=4, bank=BankConfig(grid=4, ram_mb=0.05))
+    sizes.update(fields)
+    return FlashConfig(**sizes)
+
+
+LENGTHS = [40, 5, 12, 70, 8, 25, 3, 60]
+
+
+def test_clusters_never_mix_scenes_and_weights_add_up_to_scene_lengths():
+    frames, times, scene = scene_stream(LENGTHS)
+    with FlashMemory(flash_config()) as memory:
+        for frame, t in zip(frames, times):
+            memory.add(frame, t)
+        out = memory.tokens()
+        assert out.counts() == {"synopsis": 12 * 4, "detail": 3 * 16}
+        n = memory.centroid_count
+        per_scene = [0.0] * len(LENGTHS)
+        for weight, start, end in zip(memory.weights[:n].tolist(), memory.time_start[:n].tolist(),
+                                      memory.time_end[:n].tolist()):
+            assert scene_of(start, scene) == scene_of(end, scene)
+            per_scene[scene_of(start, scene)] += weight
+        assert memory.pending_count == len(times) % 5
+        pending = [scene_of(float(t), scene) for t in memory.pending_times[: memory.pending_count]]
+        for s in pending:
+            per_scene[s] += 1
+        assert per_scene == [float(n) for n in LENGTHS]
+
+
+def test_synopsis_is_in_time_order_and_details_come_from_the_heaviest_clusters():
+    frames, times, scene = scene_stream(LENGTHS)
+    config = flash_config(synopsis_length=8, detail_length=3, synopsis_chunk=8)
+    with FlashMemory(config) as memory:
+        memory.extend(frames[:216], times[:216])  # 27 whole chunks: nothing pending
+        assert memory.pending_count == 0
+        out = memory.tokens()
+        mean_time = memory.time_sum[:8] / memory.weights[:8]
+        expected = memory.centroids[:8][torch.argsort(mean_time)].reshape(8 * 4, -1)
+        assert torch.equal(out.tokens[[kind == "synopsis" for kind in out.kinds]], expected)
+        detail = {scene_of(s, scene) for kind, (s, _) in zip(out.kinds, out.spans) if kind == "detail"}
+        heaviest = set(sorted(range(len(LENGTHS)), key=lambda i: -LENGTHS[i])[:3])
+        assert detail == heaviest
+
+
+def test_a_read_between_reclusterings_does_not_change_the_state():
+    frames, times, _ = scene_stream([30, 20, 25], noise=0.5)
+    with FlashMemory(flash_config()) as read_often, FlashMemory(flash_config()) as read_once:
+        for frame, t in zip(frames, times):
+            read_often.add(frame, t)
+            read_often.tokens()
+        read_once.extend(frames, times)
+        a, b = read_often.tokens(), read_once.tokens()
+        assert a.spans == b.spans
+        torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=1e-5)
+        assert float(read_once.weights.sum()) + read_once.pending_count == len(times)
+
+
+def test_same_stream_same_memory():
+    frames, times, _ = scene_stream([30, 20, 25, 14], noise=1.0)
+
+    def build():
+        with create_memory("flash", flash_config()) as memory:
+            memory.extend(frames, times)
+            return memory.tokens()
+
+    first, second = build(), build()
+    assert torch.equal(first.tokens, second.tokens) and first.spans == second.spans
+
+
+def test_weighted_kmeans_respects_weights_and_is_seeded():
+    generator = torch.Generator().manual_seed(0)
+    blobs = torch.cat([torch.randn(20, 6, generator=generator) * 0.1 + 5 * i for i in range(4)])
+    weights = torch.ones(80)
+    assign = weighted_kmeans(blobs, weights, 4, iters=20, seed=0)
+    for i in range(4):
+        assert len(set(assign[20 * i: 20 * (i + 1)].tolist())) == 1
+    assert torch.equal(kmeans_plus_plus(blobs, weights, 4, seed=3), kmeans_plus_plus(blobs, weights, 4, seed=3))
+    heavy = torch.zeros(80)
+    heavy[5] = 1.0  # all the mass on one point: it must be the first start
+    assert int(kmeans_plus_plus(blobs, heavy, 1, seed=0)[0]) == 5
+    assert torch.equal(weighted_kmeans(blobs[:3], weights[:3], 4, iters=5, seed=0), torch.arange(3))
+
+
+def test_identical_points_do_not_break_the_start():
+    points = torch.zeros(10, 4)
+    chosen = kmeans_plus_plus(points, torch.ones(10), 3, seed=0)
+    assert len(set(chosen.tolist())) == 3
+    assign = weighted_kmeans(points, torch.ones(10), 3, iters=5, seed=0)
+    assert assign.shape == (10,)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"detail_length": 200}, "detail_length .200. must be <= synopsis_length"),
+    ({"cluster_dim": 0}, "cluster_dim must be an int >= 1"),
+])
+def test_flash_config_errors(fields, message):
+    from vstream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        FlashConfig(**fields)
+
+
+def test_flash_config_round_trips():
+    config = flash_config(seed=4)
+    assert FlashConfig.from_json(config.to_json()) == config
+    assert FlashConfig().num_tokens == 120 * 16 + 60 * 64
