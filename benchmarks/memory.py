@@ -38,9 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # measure the vstream of this checkout
 
-import torch  # noqa: E402
+import torch
 
-from vstream.memory import StarConfig, StarMemory  # noqa: E402
+from vstream.memory import StarConfig, StarMemory
 
 PATCHES, WIDTH, SCENES, BATCH = 256, 1024, 60, 100
 

@@ -40,8 +40,7 @@ import numpy as np
 import torch
 
 from vstream.errors import ConfigError, MemoryStateError
-
-from .config import BankConfig
+from vstream.memory.config import BankConfig
 
 logger = logging.getLogger(__name__)
 

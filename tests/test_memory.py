@@ -20,9 +20,9 @@ GRID = 8  # input patch grid side: 64 patches per frame
 
 def small_config(**fields) -> StarConfig:
     """A small STAR layout: 4×4 base grid, so tests stay fast."""
-    sizes = dict(base_grid=4, spatial_grid=4, temporal_grid=2, abstract_grid=1, retrieved_grid=4,
-                 temporal_length=8, abstract_length=6, abstract_chunk=5, retrieved_length=3,
-                 bank=BankConfig(grid=4, ram_mb=0.05))
+    sizes = {"base_grid": 4, "spatial_grid": 4, "temporal_grid": 2, "abstract_grid": 1, "retrieved_grid": 4,
+             "temporal_length": 8, "abstract_length": 6, "abstract_chunk": 5, "retrieved_length": 3,
+             "bank": BankConfig(grid=4, ram_mb=0.05)}
     sizes.update(fields)
     return StarConfig(**sizes)
 
@@ -84,7 +84,7 @@ def test_retrieved_frame_is_the_bank_frame_nearest_its_centroid():
         bank_frames = pool_grid(memory.bank.features(range(len(memory.bank))), config.temporal_grid)
         distances = (bank_frames.reshape(len(bank_frames), -1) - centroid).square().sum(dim=1)
         expected = int(torch.argmin(distances))
-        got = [span for kind, span in zip(out.kinds, out.spans) if kind == "retrieved"][0]
+        got = next(span for kind, span in zip(out.kinds, out.spans) if kind == "retrieved")
         assert got == (times[expected], times[expected])
 
 
@@ -285,3 +285,24 @@ def test_empty_memory_reads_as_no_tokens():
     with StarMemory(small_config()) as memory:
         out = memory.tokens()
         assert len(out) == 0 and out.kinds == [] and out.counts() == {}
+
+
+@pytest.mark.slow
+def test_token_count_is_fixed_from_frame_26_to_frame_36000():
+    """The default layout over a 10-hour stream at 1 fps (narrow features keep it quick)."""
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.randn(50, 64, 8, generator=generator)
+    counts, state_bytes = {}, set()
+    with StarMemory(StarConfig(bank=BankConfig(ram_mb=1))) as memory:
+        added = 0
+        for stop in (25, 26, 27, 100, *range(1000, 36_001, 1000)):
+            scenes = [(i // 30) % 50 for i in range(added, stop)]
+            frames = patterns[scenes] + 0.1 * torch.randn(stop - added, 64, 8, generator=generator)
+            memory.extend(frames, [float(i) for i in range(added, stop)])
+            added = stop
+            counts[stop] = len(memory.tokens())
+            if stop >= 26:
+                state_bytes.add(sum(t.numel() * t.element_size() for t in memory._tensors().values()))
+        assert counts[25] == 681 and set(counts.values()) == {681}
+        assert len(state_bytes) == 1
+        assert float(memory.weights.sum()) == 36_000 and len(memory.bank) == 36_000

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_memory import scene_of, scene_stream
 
 from vstream.memory import BankConfig, FlashConfig, FlashMemory, create_memory
 from vstream.memory.clustering import kmeans_plus_plus, weighted_kmeans
-
-from test_memory import scene_stream, scene_of
 
 torch.set_num_threads(1)
 
 
 def flash_config(**fields) -> FlashConfig:
-    sizes = dict(base_grid=4, synopsis_grid=2, synopsis_length=12, synopsis_chunk=5, detail_length=3,
-                 detail_grid=4, bank=BankConfig(grid=4, ram_mb=0.05))
+    sizes = {"base_grid": 4, "synopsis_grid": 2, "synopsis_length": 12, "synopsis_chunk": 5, "detail_length": 3,
+             "detail_grid": 4, "bank": BankConfig(grid=4, ram_mb=0.05)}
     sizes.update(fields)
     return FlashConfig(**sizes)
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_memory import scene_stream, small_config
 
 from vstream.errors import MemoryStateError
 from vstream.memory import FlashConfig, FlashMemory, StarMemory, load_memory
-
-from test_memory import scene_stream, small_config
 
 torch.set_num_threads(1)
 
