@@ -16,7 +16,7 @@ from vstream.memory.base import StreamMemory, create_memory, list_memories, load
 from vstream.memory.config import BankConfig, FlashConfig, StarConfig
 from vstream.memory.flash import FlashMemory
 from vstream.memory.star import StarMemory
-from vstream.memory.tokens import KINDS, MemoryTokens
+from vstream.memory.tokens import KINDS, FrameHit, MemoryTokens
 
 __all__ = [
     "KINDS",
@@ -24,6 +24,7 @@ __all__ = [
     "FeatureBank",
     "FlashConfig",
     "FlashMemory",
+    "FrameHit",
     "MemoryTokens",
     "SemanticAttention",
     "StarConfig",

@@ -24,7 +24,7 @@ from vstream.errors import ConfigError, MemoryStateError
 from vstream.kernels import nearest, pool_grid
 from vstream.memory.bank import FeatureBank
 from vstream.memory.persist import open_snapshot, save_snapshot
-from vstream.memory.tokens import MemoryTokens, TokenList
+from vstream.memory.tokens import FrameHit, MemoryTokens, TokenList
 
 _REGISTRY: dict[str, type[StreamMemory]] = {}
 
@@ -179,6 +179,16 @@ class StreamMemory:
 
     def __len__(self) -> int:
         return self.frames_seen
+
+    def search(self, key: torch.Tensor, k: int = 5) -> list[FrameHit]:
+        """The ``k`` bank frames nearest to ``key`` (``[D]``, in the space of the frames'
+        mean token), best first, with their times; empty before the first frame."""
+        with self._lock:
+            if self.bank is None:
+                return []
+            ids, scores = self.bank.search(key.reshape(1, -1).cpu(), k)
+            times = self.bank.times
+        return [FrameHit(i, float(times[i]), s) for i, s in zip(ids[0].tolist(), scores[0].tolist()) if i >= 0]
 
     def nearest_frames(self, centroids: torch.Tensor, candidates: int) -> list[int]:
         """Bank frame ids nearest to each centroid ``[K, g*g, D]``, one distinct frame per

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +40,15 @@ class MemoryTokens:
     def counts(self) -> dict[str, int]:
         """Tokens per kind, in order of first appearance."""
         return dict(Counter(self.kinds))
+
+
+class FrameHit(NamedTuple):
+    """One frame found by ``StreamMemory.search``: its bank id, its time in seconds,
+    and its score (squared distance for an ``"l2"`` bank, inner product for ``"ip"``)."""
+
+    frame: int
+    t: float
+    score: float
 
 
 class TokenList:

@@ -205,6 +205,17 @@ def test_default_attention_estimates_the_dot_product():
     assert relative < 0.35  # a 32-dim random projection: a rough but unbiased estimate
 
 
+def test_search_finds_frames_with_their_times():
+    frames, times, scene = scene_stream([10, 20, 15])
+    with StarMemory(small_config()) as memory:
+        assert memory.search(torch.zeros(DIM)) == []
+        memory.extend(frames, times)
+        hits = memory.search(frames[12].mean(dim=0), k=4)
+        assert len(hits) == 4 and hits[0].frame == 12 and hits[0].t == times[12]
+        assert all(scene_of(hit.t, scene) == 1 for hit in hits)
+        assert [hit.score for hit in hits] == sorted(hit.score for hit in hits)
+
+
 def test_registry():
     assert list_memories() == ["flash", "star"]
     memory = create_memory("star", temporal_length=5, retrieved_length=2)
