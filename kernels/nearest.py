@@ -8,7 +8,7 @@ in float32 and clamped at 0; ties go to the lowest index of ``y``.
 Two kernels, for the two shapes the memory has: ``_nearest_kernel`` keeps a running
 argmin per row of ``x`` while it walks ``y`` (many rows of ``y``: the bank), and
 ``_sq_dist_slice_kernel`` splits ``d`` across programs when both sides have few rows
-and ``d`` is wide (the temporal merge, the k-means assignment).
+and ``d`` is wide (the k-means assignment, re-ranking a few candidate frames).
 """
 
 from __future__ import annotations
