@@ -112,6 +112,19 @@ def test_token_layout_default_config():
         assert min(s for s, _ in temporal) == 0.0 and max(e for _, e in temporal) == times[-1]
 
 
+def test_siglip_grids_in_bfloat16_pool_adaptively():
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randn(30, 27 * 27, 16, generator=generator).to(torch.bfloat16)
+    with StarMemory() as memory:
+        memory.extend(frames[:29], [float(i) for i in range(29)])
+        memory.add(frames[29], 29.0)
+        out = memory.tokens()
+        assert len(out) == 681 and out.tokens.dtype == torch.float32
+        expected = torch.nn.functional.adaptive_avg_pool2d(
+            frames[29].float().reshape(27, 27, 16).permute(2, 0, 1), 8).permute(1, 2, 0).reshape(64, 16)
+        torch.testing.assert_close(out.tokens[-64:], expected, rtol=1e-2, atol=1e-2)
+
+
 def test_size_is_fixed_from_a_full_memory_on():
     config = small_config()
     generator = torch.Generator().manual_seed(1)
