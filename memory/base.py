@@ -180,6 +180,16 @@ class StreamMemory:
     def __len__(self) -> int:
         return self.frames_seen
 
+    def clusters(self) -> list[tuple[float, float, float]]:
+        """``(start, end, frames)`` of each cluster of the policy's clustered memory
+        (STAR: temporal; Flash: synopsis), in seconds and frames, by start."""
+        with self._lock:
+            if self.dim is None:
+                return []
+            n = self.centroid_count
+            rows = zip(self.time_start[:n].tolist(), self.time_end[:n].tolist(), self.weights[:n].tolist())
+            return sorted(rows)
+
     def search(self, key: torch.Tensor, k: int = 5) -> list[FrameHit]:
         """The ``k`` bank frames nearest to ``key`` (``[D]``, in the space of the frames'
         mean token), best first, with their times; empty before the first frame."""

@@ -1,8 +1,17 @@
 """vstream: ask questions about long video streams, live or recorded, with their audio."""
 
-from vstream.errors import ConfigError, DecodeError, KernelError, MemoryStateError, SourceError, VStreamError
+from vstream.errors import (
+    ConfigError,
+    DecodeError,
+    EncoderError,
+    KernelError,
+    MemoryStateError,
+    ModelLoadError,
+    SourceError,
+    VStreamError,
+)
 from vstream.ingest import FileSource, LiveSource, MediaInfo, Source, SourceConfig, SourceStats, open_source, probe
-from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame
+from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame, TranscriptSegment, Word
 
 __version__ = "0.1.0"
 
@@ -11,17 +20,21 @@ __all__ = [
     "AudioChunk",
     "ConfigError",
     "DecodeError",
+    "EncoderError",
     "FileSource",
     "KernelError",
     "Frame",
     "LiveSource",
     "MediaInfo",
     "MemoryStateError",
+    "ModelLoadError",
     "Source",
     "SourceConfig",
     "SourceError",
     "SourceStats",
+    "TranscriptSegment",
     "VStreamError",
+    "Word",
     "open_source",
     "probe",
 ]

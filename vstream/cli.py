@@ -54,6 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     frames.add_argument("--json", action="store_true", help="print one JSON object per item")
     frames.set_defaults(run=_frames)
 
+    ask = commands.add_parser("ask", help="answer questions about a video, with the times of the evidence")
+    ask.add_argument("inputs", nargs="+", metavar="VIDEO QUESTION",
+                     help="the video, then one or more questions (with --load-memory: questions only)")
+    ask.add_argument("--model", default=None,
+                     help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
+    ask.add_argument("--encoder", default="pixels",
+                     help="frame encoder when the model has no vision tower: pixels (default) or a vision model")
+    ask.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe the audio")
+    ask.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
+    ask.add_argument("--max-new-tokens", type=int, default=160, help="longest answer in tokens (default 160)")
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    ask.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ask.add_argument("--save-memory", metavar="DIR", help="save the memories after ingesting")
+    ask.add_argument("--load-memory", metavar="DIR", help="answer from memories saved by --save-memory")
+    ask.add_argument("--json", action="store_true", help="print one JSON object per question")
+    ask.add_argument("--quiet", action="store_true", help="no progress bar")
+    ask.set_defaults(run=_ask)
+
     synth = commands.add_parser("synth", help="write a synthetic test clip (frame index bar code, moving square, tones)")
     synth.add_argument("output", help="output file: .mp4 .mkv .mov .ts .webm or .avi")
     synth.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
@@ -64,6 +82,38 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--no-audio", action="store_true", help="video only")
     synth.set_defaults(run=_synth)
     return parser
+
+
+def _ask(args) -> None:
+    from vstream.models import GenerationConfig
+    from vstream.models.prompt import clock
+    from vstream.qa import AskConfig, VideoQA, answer_json
+
+    video, questions = (None, args.inputs) if args.load_memory else (args.inputs[0], args.inputs[1:])
+    if not questions or not all(q.strip() for q in questions):
+        raise vstream.ConfigError("vstream ask needs a video and at least one non-empty question")
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    config = AskConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, generation=generation)
+    with VideoQA(args.model, config) as qa:
+        if args.load_memory:
+            qa.load(args.load_memory)
+        else:
+            qa.ingest(video, progress=not (args.quiet or args.json))
+        if args.save_memory:
+            qa.save(args.save_memory)
+        for question in questions:
+            if args.json:
+                print(answer_json(qa.ask(question)), flush=True)
+                continue
+            if len(questions) > 1:
+                print(f"Q: {question}")
+            stream = qa.stream(question)
+            for text in stream:
+                print(text, end="", flush=True)
+            answer = stream.result()
+            print()
+            for evidence in answer.evidence[:5]:
+                print(f"  {clock(evidence.start)}-{clock(evidence.end)}  {evidence.kind:<10} {evidence.score:.2f}")
 
 
 def _probe(args) -> None:

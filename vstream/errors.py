@@ -32,3 +32,13 @@ class KernelError(VStreamError, ValueError):
 class MemoryStateError(VStreamError, ValueError):
     """A memory cannot take the input it was given, or a saved memory cannot be loaded:
     missing, damaged, truncated, or written by an incompatible format version."""
+
+
+class EncoderError(VStreamError, ValueError):
+    """An encoder cannot be built or cannot encode its input: unknown or unsupported
+    model, missing weights, images or audio of the wrong kind."""
+
+
+class ModelLoadError(VStreamError, OSError):
+    """A model cannot be loaded: no such hub id or folder, no network to fetch it, an
+    architecture vstream has no adapter for, or files that do not match their config."""

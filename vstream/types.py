@@ -84,3 +84,36 @@ class AudioChunk:
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Word:
+    """One transcribed word with its times (seconds on the source clock)."""
+
+    text: str
+    start: float
+    end: float
+    probability: float = 1.0
+
+
+@dataclass(frozen=True)
+class TranscriptSegment:
+    """A stretch of transcribed speech.
+
+    Attributes:
+        start: time the speech starts, seconds on the source clock.
+        end: time it ends, seconds (``>= start``).
+        text: the words, stripped.
+        words: per-word times where the recogniser gives them, else empty.
+    """
+
+    start: float
+    end: float
+    text: str
+    words: tuple[Word, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.start) and math.isfinite(self.end)) or self.end < self.start:
+            raise ValueError(f"TranscriptSegment needs finite start <= end, got {self.start!r}..{self.end!r}")
+        if not isinstance(self.text, str):
+            raise ValueError(f"TranscriptSegment.text must be a str, got {type(self.text).__name__}")

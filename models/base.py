@@ -1,0 +1,170 @@
+"""Models that answer from a stream's memory: the ``VideoLM`` interface, ``ChatModel``
+(everything a Hugging Face causal LM with a chat template needs), the ``Answer``, and
+the registry that picks an adapter for a model.
+
+An adapter for a new VLM family is one file: subclass ``ChatModel``, say how to load
+it (``from_pretrained``), which vision tower feeds the memory (``frame_encoder``) and
+how memory tokens become LLM embeddings (``project``), and register it under the
+transformers ``model_type`` it handles.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from vstream.errors import ModelLoadError
+
+from .generation import GenerationConfig, attention_shares, generate_tokens, stop_ids
+from .prompt import SYSTEM_PROMPT, Context, Evidence, Piece, rank_evidence, user_pieces
+
+_ADAPTERS: dict[str, type] = {}
+_PLACEHOLDER = "\x00vstream-user-turn\x00"
+
+
+def register_model(*model_types: str):
+    """Class decorator: use this adapter for checkpoints of these transformers model types."""
+
+    def register(cls):
+        for model_type in model_types:
+            _ADAPTERS[model_type] = cls
+        return cls
+
+    return register
+
+
+def list_models() -> list[str]:
+    """Model types with an adapter (any other causal LM reads through the text-only path)."""
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(model_type: str):
+    return _ADAPTERS.get(model_type)
+
+
+@dataclass
+class Answer:
+    """An answer with its evidence.
+
+    Attributes:
+        text: the answer.
+        evidence: the parts of the stream placed in the prompt, best first.
+        timings: seconds: ``prompt`` (building the prompt), ``first_token`` (from the
+            call to the first answer token), ``answer`` (the whole generation),
+            ``attribution`` (ranking the evidence).
+    """
+
+    text: str
+    evidence: list[Evidence] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class AnswerStream:
+    """The answer as it is generated: iterate for text pieces; ``result()`` finishes
+    the generation if needed and returns the ``Answer``."""
+
+    def __init__(self, model: ChatModel, pieces: list[Piece], generation: GenerationConfig):
+        self._model, self._pieces, self._generation = model, pieces, generation
+        self._answer: Answer | None = None
+        self._iterator = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._iterator
+
+    def result(self) -> Answer:
+        for _ in self._iterator:
+            pass
+        return self._answer
+
+    def _run(self) -> Iterator[str]:
+        model, started = self._model, time.perf_counter()
+        embeds, ranges = model.embed(self._pieces)
+        timings = {"prompt": time.perf_counter() - started}
+        tokens: list[int] = []
+        text = ""
+        for token in generate_tokens(model.lm, embeds, model.stop, self._generation):
+            if not tokens:
+                timings["first_token"] = time.perf_counter() - started
+            tokens.append(token)
+            decoded = model.tokenizer.decode(tokens, skip_special_tokens=True)
+            if len(decoded) > len(text) and not decoded.endswith("\ufffd"):  # whole characters only
+                yield decoded[len(text):]
+                text = decoded
+        timings["answer"] = time.perf_counter() - started
+        timings.setdefault("first_token", timings["answer"])
+        shares = None
+        if self._generation.attribute:
+            mark = time.perf_counter()
+            shares = attention_shares(model.lm, embeds, tokens, ranges)
+            timings["attribution"] = time.perf_counter() - mark
+        self._answer = Answer(text.strip(), rank_evidence(self._pieces, shares), timings)
+
+
+class ChatModel:
+    """A causal LM with a tokenizer and a chat template, answering from a ``Context``.
+
+    Args:
+        lm: the transformers model (``forward`` takes ``inputs_embeds``).
+        tokenizer: its tokenizer.
+        name: what it was loaded from, for messages.
+    """
+
+    frame_encoder = None  # the vision tower whose features the memory must hold; None: any
+    reads_memory_tokens = False
+
+    def __init__(self, lm, tokenizer, name: str = ""):
+        self.lm, self.tokenizer, self.name = lm.eval(), tokenizer, name
+        self.stop = stop_ids(lm, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    def memory_config(self):
+        """The ``StarConfig`` the checkpoint was trained with, or None for the default."""
+        return None
+
+    def memory_attention(self):
+        """The abstract memory's trained ``SemanticAttention``, or None for the default."""
+        return None
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Memory tokens ``[n, D]`` -> LLM input embeddings ``[n, H]``."""
+        raise ModelLoadError(f"{self.name}: this model reads text only, not memory tokens")
+
+    def render(self, system: str) -> str:
+        """The chat up to the assistant's turn, with a placeholder for the user turn."""
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": _PLACEHOLDER}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{system}\n\nUser: {_PLACEHOLDER}\nAssistant:"
+
+    @torch.inference_mode()
+    def embed(self, pieces: list[Piece]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Input embeddings ``[1, L, H]`` of the whole chat, and the token range of each
+        piece that carries evidence."""
+        before, after = self.render(SYSTEM_PROMPT).split(_PLACEHOLDER)
+        table = self.lm.get_input_embeddings()
+        parts, ranges, length = [], [], 0
+        for piece in [Piece(text=before), *pieces, Piece(text=after)]:
+            if piece.features is not None:
+                part = self.project(piece.features.to(self.device)).to(table.weight.dtype)
+            else:
+                ids = self.tokenizer(piece.text, add_special_tokens=False, return_tensors="pt").input_ids
+                part = table(ids[0].to(self.device))
+            if piece.evidence is not None:
+                ranges.append((length, length + part.shape[0]))
+            parts.append(part)
+            length += part.shape[0]
+        return torch.cat(parts).unsqueeze(0), ranges
+
+    def stream(self, context: Context, question: str, generation: GenerationConfig | None = None) -> AnswerStream:
+        """Answer ``question`` from ``context``, token by token."""
+        pieces = user_pieces(context, question, visual=self.reads_memory_tokens)
+        return AnswerStream(self, pieces, generation or GenerationConfig())
+
+    def answer(self, context: Context, question: str, generation: GenerationConfig | None = None) -> Answer:
+        return self.stream(context, question, generation).result()

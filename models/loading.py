@@ -1,0 +1,36 @@
+"""``load_model``: a model name to the adapter that answers with it.
+
+- ``None``: the embedded default, SmolLM2-135M-Instruct, through the text-only path;
+- a hub id or folder whose transformers ``model_type`` has an adapter
+  (``list_models()``): that adapter;
+- any other causal LM: the text-only path;
+- anything else: ``ModelLoadError`` naming the architecture and the supported ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vstream.errors import ModelLoadError
+
+from .base import ChatModel, adapter_for, list_models
+from .llm import load_pretrained
+from .text_only import TextOnlyModel
+
+
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ChatModel:
+    """Load the model ``name`` (hub id or folder; None = the embedded default)."""
+    if name is None:
+        return TextOnlyModel.from_pretrained(None, dtype, device)
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = load_pretrained(AutoConfig, name, "model config")
+    adapter = adapter_for(config.model_type)
+    if adapter is not None:
+        return adapter.from_pretrained(name, dtype, device)
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return TextOnlyModel.from_pretrained(name, dtype, device)
+    raise ModelLoadError(f"{name!r} is a {config.model_type!r} model, which vstream cannot answer with: "
+                         f"supported are the video-language models {', '.join(list_models()) or '(none)'} "
+                         "and any causal language model (text-only)")
