@@ -1,0 +1,65 @@
+"""The prompt: time markers, grouping of memory tokens, evidence ranking, scene notes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vstream.errors import ConfigError
+from vstream.memory import MemoryTokens
+from vstream.models import GenerationConfig, describe_scenes
+from vstream.models.prompt import Context, Piece, clock, memory_pieces, rank_evidence, user_pieces
+from vstream.types import TranscriptSegment
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0:00"), (5.4, "0:05"), (59.6, "1:00"), (61, "1:01"),
+                                           (3599, "59:59"), (3600, "1:00:00"), (36_061, "10:01:01"), (-3, "0:00")])
+def test_clock(seconds, text):
+    assert clock(seconds) == text
+
+
+def test_memory_tokens_are_grouped_by_kind_and_span_behind_a_time_marker():
+    memory = MemoryTokens(torch.arange(7.0).reshape(7, 1),
+                          ["abstract", "abstract", "temporal", "temporal", "temporal", "spatial", "spatial"],
+                          [(0, 90), (0, 90), (3, 9), (3, 9), (12, 20), (95, 95), (95, 95)])
+    pieces = memory_pieces(memory)
+    assert [p.text for p in pieces[::2]] == [" <abstract 0:00-1:30>", " <temporal 0:03-0:09>",
+                                             " <temporal 0:12-0:20>", " <spatial 1:35-1:35>"]
+    assert [p.features.flatten().tolist() for p in pieces[1::2]] == [[0, 1], [2, 3], [4], [5, 6]]
+    assert [p.evidence for p in pieces[1::2]] == [(0, 90, "frame"), (3, 9, "frame"), (12, 20, "frame"),
+                                                  (95, 95, "frame")]
+
+
+def test_user_turn_layout():
+    transcript = [(TranscriptSegment(9.0, 11.0, "later line"), 0.2), (TranscriptSegment(1.0, 3.5, "first line"), 0.9)]
+    context = Context(scenes=[(0.0, 30.0, "view A (30 frames)")], transcript=transcript, duration=30.0)
+    text = "".join(p.text for p in user_pieces(context, "What?", visual=False))
+    assert text == ('What the video shows:\n[0:00-0:30] view A (30 frames)\nTranscript:\n'
+                    '[0:01-0:04] "first line"\n[0:09-0:11] "later line"\nQuestion: What?')
+    empty = "".join(p.text for p in user_pieces(Context(), "What?", visual=True))
+    assert empty == "Nothing has been seen or heard yet.\nQuestion: What?"
+
+
+def test_evidence_is_ranked_by_attention_or_else_by_retrieval_score():
+    pieces = [Piece(text="a", evidence=(1.0, 2.0, "transcript"), prior=0.2),
+              Piece(text="b"),
+              Piece(text="c", evidence=(5.0, 6.0, "frame"), prior=0.0),
+              Piece(text="d", evidence=(1.0, 2.0, "transcript"), prior=0.5)]
+    by_attention = rank_evidence(pieces, [0.1, 0.6, 0.3])
+    assert [(e.start, e.kind) for e in by_attention] == [(5.0, "frame"), (1.0, "transcript")]
+    assert by_attention[1].score == pytest.approx(0.4)
+    by_prior = rank_evidence(pieces, None)
+    assert [(e.start, e.score) for e in by_prior] == [(1.0, pytest.approx(0.7)), (5.0, 0.0)]
+
+
+def test_scene_notes_say_when_a_view_comes_back():
+    lines = describe_scenes([(40.0, 60.0, 21.0), (0.0, 100.0, 30.0), (61.0, 80.0, 20.0)], fps=1.0)
+    assert lines == [(0.0, 100.0, "view A (30 frames), on screen at several times in this span"),
+                     (40.0, 60.0, "view B (21 frames)"), (61.0, 80.0, "view C (20 frames)")]
+
+
+@pytest.mark.parametrize("fields, message", [({"max_new_tokens": 0}, "max_new_tokens"),
+                                             ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p")])
+def test_generation_config_errors(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        GenerationConfig(**fields)
