@@ -1,2 +1,30 @@
-"""Encoders stage (``vstream.encoders``): vision towers, speech recognition and text
-embeddings that turn frames and audio into features."""
+"""Encoders stage (``vstream.encoders``): frames to patch features, audio to timed
+transcript segments, text to vectors.
+
+- ``create_encoder("pixels" | "vision" | hub id | folder)``, ``list_encoders()``: frame
+  encoders (``FrameEncoder``: ``grid``, ``dim``, ``encode(images) -> [B, grid*grid, D]``):
+  ``PixelEncoder`` (no weights) and ``VisionEncoder`` (CLIP, SigLIP, or a VLM's tower).
+- ``WhisperASR`` / ``ASRWorker``: speech to ``TranscriptSegment``s, beside the frame path.
+- ``TextEmbedder``: sentence embeddings (all-MiniLM-L6-v2 by default).
+
+The classes load on first use, so importing this package does not import torch.
+"""
+
+from importlib import import_module
+
+from vstream.encoders.registry import FrameEncoder, create_encoder, list_encoders, register_encoder
+
+_LAZY = {
+    "PixelConfig": "pixels", "PixelEncoder": "pixels",
+    "VisionConfig": "vision", "VisionEncoder": "vision",
+    "ASRConfig": "asr", "ASRWorker": "asr", "WhisperASR": "asr",
+    "TextConfig": "text", "TextEmbedder": "text",
+}
+
+__all__ = ["FrameEncoder", "create_encoder", "list_encoders", "register_encoder", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"vstream.encoders.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'vstream.encoders' has no attribute {name!r}")

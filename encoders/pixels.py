@@ -1,0 +1,140 @@
+"""``PixelEncoder``: a parameter-free frame encoder, for when no vision model is given.
+
+Each frame is shrunk with PIL's box (area-average) filter to a square thumbnail of
+``image_size`` pixels a side, cut into ``grid × grid`` cells, and described cell by cell:
+
+| features | what | range |
+|---|---|---|
+| 0–2 | mean R, G, B of the cell, as ``2·mean − 1`` | [−1, 1] |
+| 3–5 | standard deviation of R, G, B inside the cell, × 2 (``color_stats``) | [0, 1] |
+| 6 | mean luminance gradient magnitude (forward differences of Rec. 601 luma) (``color_stats``) | [0, 1] |
+| 7 | mean HSV saturation ``(max − min) / max`` (``color_stats``) | [0, 1] |
+
+So ``D`` is 8 with ``color_stats`` and 3 without, whatever the frame size. The colour
+means are centred on mid-grey so that inner products (the abstract memory's attention)
+tell colours apart as well as distances do; every feature is scaled to a range of width
+at most 2, so no statistic outweighs the others by its units.
+
+Why this separates scenes: a scene cut changes the colours and textures of most cells at
+once, so the squared L2 distance between two frames of different scenes sums changes
+over nearly all ``grid²`` cells, while two frames of one scene differ only in the few
+cells that something moved through. The memory's k-means, its nearest-frame retrieval
+and the FAISS bank all work on L2 distances of these features, so they find scenes,
+repeated views (a scene seen again lands near its earlier frames) and scene boundaries
+(a jump in the distance between consecutive frames) with no weights at all. What it
+cannot do is recognise the same object under a different view or light.
+
+Features come back as float32 on the CPU; the memory moves them to its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from vstream.encoders.registry import JsonConfig, check_images, check_int, register_encoder
+from vstream.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # Rec. 601 weights of R, G, B
+
+
+@dataclass
+class PixelConfig(JsonConfig):
+    """The pixel encoder.
+
+    Attributes:
+        grid: cells per side of the output grid (default 16: 256 tokens per frame, which
+            the memory pools to its 8×8 base grid).
+        color_stats: add per-cell colour spread, edge strength and saturation to the mean
+            colour (default True: 8 features per cell; False: 3).
+        image_size: side in pixels of the square thumbnail the frame is shrunk to before
+            the cells are measured; a multiple of ``grid``. ``None`` (default) takes
+            ``4 * grid`` (4×4 pixels per cell).
+    """
+
+    grid: int = 16
+    color_stats: bool = True
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_int("PixelConfig", "grid", self.grid, 1)
+        if not isinstance(self.color_stats, bool):
+            raise ConfigError(f"PixelConfig.color_stats must be True or False, got {self.color_stats!r}")
+        if self.image_size is not None:
+            check_int("PixelConfig", "image_size", self.image_size, self.grid)
+            if self.image_size % self.grid:
+                raise ConfigError(f"PixelConfig.image_size ({self.image_size}) must be a multiple of "
+                                  f"grid ({self.grid})")
+
+    @property
+    def thumbnail_size(self) -> int:
+        """Side of the thumbnail in pixels (``image_size``, or ``4 * grid``)."""
+        return self.image_size if self.image_size is not None else 4 * self.grid
+
+
+@register_encoder("pixels")
+class PixelEncoder:
+    """Pooled colour statistics per cell of a ``grid × grid`` grid; no weights.
+
+    Attributes:
+        grid: the config's grid side.
+        dim: features per cell: 8 with ``color_stats``, 3 without.
+    """
+
+    config_class = PixelConfig
+
+    def __init__(self, config: PixelConfig | None = None):
+        self.config = config if config is not None else PixelConfig()
+        if not isinstance(self.config, PixelConfig):
+            raise ConfigError(f"PixelEncoder: config must be a PixelConfig, got {type(self.config).__name__}")
+        self.grid = self.config.grid
+        self.dim = 8 if self.config.color_stats else 3
+
+    def __repr__(self) -> str:
+        return f"PixelEncoder(grid={self.grid}, dim={self.dim}, thumbnail={self.config.thumbnail_size})"
+
+    def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``images``: ``B`` frames ``[H, W, 3]`` uint8 RGB, any sizes ->
+        ``[B, grid * grid, dim]`` float32 on the CPU, cells in row-major order.
+
+        Raises:
+            EncoderError: an image that is not ``[H, W, 3]`` uint8 (named by its index).
+        """
+        import torch
+
+        batch = check_images(images)
+        size = self.config.thumbnail_size
+        if not batch:
+            return torch.zeros(0, self.grid * self.grid, self.dim)
+        thumbs = np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.BOX)) for image in batch])
+        return torch.from_numpy(self._describe(thumbs.astype(np.float32) / 255.0))
+
+    def _describe(self, rgb: np.ndarray) -> np.ndarray:
+        """``rgb [B, S, S, 3]`` in [0, 1] -> ``[B, grid², dim]`` per-cell features."""
+        batch, size = rgb.shape[0], rgb.shape[1]
+        grid, cell = self.grid, size // self.grid
+
+        def per_cell(values: np.ndarray) -> np.ndarray:  # [B, S, S, C] -> [B, grid, cell, grid, cell, C]
+            return values.reshape(batch, grid, cell, grid, cell, values.shape[-1])
+
+        cells = per_cell(rgb)
+        parts = [2.0 * cells.mean(axis=(2, 4)) - 1.0]
+        if self.config.color_stats:
+            parts.append(2.0 * cells.std(axis=(2, 4)))
+            luma = rgb @ _LUMA  # [B, S, S]
+            dy = np.diff(luma, axis=1, append=luma[:, -1:, :])
+            dx = np.diff(luma, axis=2, append=luma[:, :, -1:])
+            gradient = np.minimum(np.sqrt(dx * dx + dy * dy), 1.0)
+            parts.append(per_cell(gradient[..., None]).mean(axis=(2, 4)))
+            high, low = rgb.max(axis=-1), rgb.min(axis=-1)
+            saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
+            parts.append(per_cell(saturation[..., None]).mean(axis=(2, 4)))
+        features = np.concatenate(parts, axis=-1)  # [B, grid, grid, dim]
+        return np.ascontiguousarray(features.reshape(batch, grid * grid, self.dim), dtype=np.float32)

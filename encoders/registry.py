@@ -1,0 +1,186 @@
+"""What every frame encoder shares: the ``FrameEncoder`` interface, a timm-style registry
+(``register_encoder`` / ``create_encoder`` / ``list_encoders``), the input check for a
+batch of images, and the JSON round trip of the encoders' configs.
+
+A frame encoder turns a batch of RGB frames into a square grid of patch features per
+frame, the input the memory takes (``StreamMemory.add`` wants ``[P, D]``, P a square
+grid). Two are built in:
+
+- ``"pixels"`` (``PixelEncoder``): parameter-free pooled colour statistics, for when no
+  vision model is given;
+- ``"vision"`` (``VisionEncoder``): the vision tower of a transformers model (CLIP,
+  SigLIP, or the tower of a supported VLM), named by hub id or local folder.
+
+``create_encoder`` takes a registered name, or anything else that names a model (a hub
+id ``"org/name"`` or a local folder), which builds a ``VisionEncoder`` for it. Importing
+this module does not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from vstream.errors import ConfigError, EncoderError
+
+if TYPE_CHECKING:
+    import torch
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a hub repository id, ``"org/name"``."""
+    return bool(_HUB_ID.match(name))
+
+
+@runtime_checkable
+class FrameEncoder(Protocol):
+    """A batch of frames in, a square patch grid of features per frame out.
+
+    Attributes:
+        grid: side of the square patch grid each frame becomes (``grid * grid`` tokens).
+        dim: feature width ``D``.
+    """
+
+    grid: int
+    dim: int
+
+    def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``images``: ``B`` arrays ``[H, W, 3]`` uint8 RGB (sizes may differ) ->
+        ``[B, grid * grid, dim]`` float32, patches in row-major grid order."""
+        ...
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_encoder(name: str):
+    """Class decorator: make an encoder creatable by ``create_encoder(name)``. The class
+    takes one config object, and names its config class in ``config_class``."""
+
+    def register(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def _load_builtins() -> None:
+    # The built-in encoders register themselves when their modules load; they import
+    # this module, so they are imported here, on first use, not at the top.
+    from vstream.encoders import pixels, vision  # noqa: F401
+
+
+def list_encoders() -> list[str]:
+    """Names of the registered frame encoders."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def create_encoder(name_or_model: str, config=None, **fields) -> FrameEncoder:
+    """A frame encoder by registered name (``"pixels"``, ``"vision"``), or a
+    ``VisionEncoder`` for a model named by hub id (``"openai/clip-vit-large-patch14"``)
+    or local folder. Configured by a config object or by its fields as keywords:
+    ``create_encoder("pixels", grid=8)``, ``create_encoder("vision", model="...")``,
+    ``create_encoder("google/siglip-base-patch16-224", dtype="bfloat16")``.
+
+    Raises:
+        EncoderError: an unknown name that names no model either (the known names are
+            listed), or a model that cannot be loaded.
+        ConfigError: a bad config value.
+    """
+    _load_builtins()
+    if not isinstance(name_or_model, (str, os.PathLike)):
+        raise EncoderError(f"create_encoder: expected an encoder name or a model id/folder, got {name_or_model!r}")
+    name = os.fspath(name_or_model)
+    if name in _REGISTRY:
+        cls = _REGISTRY[name]
+    elif os.path.exists(name) or is_hub_id(name) or os.sep in name:
+        cls = _REGISTRY["vision"]
+        if config is not None:
+            raise ConfigError(f"create_encoder({name!r}): pass either a model or a config, not both")
+        fields = {**fields, "model": name}
+    else:
+        raise EncoderError(f"unknown encoder {name!r}; known: {', '.join(list_encoders())}, "
+                           f"or a model as a hub id ('org/name') or a local folder")
+    if config is None:
+        return cls(cls.config_class(**fields))
+    if fields:
+        raise ConfigError(f"create_encoder({name!r}): pass either a config or its fields, not both")
+    if not isinstance(config, cls.config_class):
+        raise ConfigError(f"create_encoder({name!r}): config must be a {cls.config_class.__name__}, "
+                          f"got {type(config).__name__}")
+    return cls(config)
+
+
+def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The batch as a list, each image checked: an ``np.ndarray`` ``[H, W, 3]`` uint8 with
+    ``H, W >= 1``. A ``[B, H, W, 3]`` array counts as ``B`` images.
+
+    Raises:
+        EncoderError: naming the index of the first bad image and what it is.
+    """
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            raise EncoderError(f"images: expected a sequence of [H, W, 3] arrays or one [B, H, W, 3] array, "
+                               f"got an array of shape {images.shape}")
+    elif not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+        raise EncoderError(f"images: expected a sequence of [H, W, 3] uint8 arrays, got {type(images).__name__}")
+    batch = list(images)
+    for i, image in enumerate(batch):
+        if not isinstance(image, np.ndarray):
+            raise EncoderError(f"image {i}: expected an np.ndarray [H, W, 3] uint8, got {type(image).__name__}")
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            raise EncoderError(f"image {i}: expected [H, W, 3] uint8 RGB with H, W >= 1, "
+                               f"got {image.dtype} of shape {image.shape}")
+    return batch
+
+
+# -- configs --------------------------------------------------------------------------
+
+
+def check_int(owner: str, name: str, value: object, minimum: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+class JsonConfig:
+    """``to_dict`` / ``to_json`` / ``from_dict`` / ``from_json`` for an encoder's config
+    dataclass; unknown keys are refused by name."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cls.__name__}: not valid JSON ({exc})") from None
+        return cls.from_dict(data)
