@@ -21,7 +21,9 @@ _LAZY = {
     "TextConfig": "text", "TextEmbedder": "text",
 }
 
-__all__ = ["FrameEncoder", "create_encoder", "list_encoders", "register_encoder", *_LAZY]
+__all__ = [  # noqa: PLE0604 - the lazy names are strings too
+    "FrameEncoder", "create_encoder", "list_encoders", "register_encoder", *_LAZY,
+]
 
 
 def __getattr__(name: str):

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from vstream.encoders.registry import JsonConfig, check_images, check_int, register_encoder
+from vstream.config import JsonConfig, check_int
+from vstream.encoders.registry import check_images, register_encoder
 from vstream.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -18,11 +18,9 @@ this module does not import torch or transformers.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, fields
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
@@ -142,45 +140,3 @@ def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
             raise EncoderError(f"image {i}: expected [H, W, 3] uint8 RGB with H, W >= 1, "
                                f"got {image.dtype} of shape {image.shape}")
     return batch
-
-
-# -- configs --------------------------------------------------------------------------
-
-
-def check_int(owner: str, name: str, value: object, minimum: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
-
-
-def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{owner}.{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-class JsonConfig:
-    """``to_dict`` / ``to_json`` / ``from_dict`` / ``from_json`` for an encoder's config
-    dataclass; unknown keys are refused by name."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        if not isinstance(data, dict):
-            raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{cls.__name__}: not valid JSON ({exc})") from None
-        return cls.from_dict(data)

@@ -30,10 +30,11 @@ import json
 import os
 import re
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vstream.config import JsonConfig
 from vstream.errors import ConfigError, EncoderError
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ _TRUE = ("1", "true", "yes", "on")
 
 
 @dataclass
-class TextConfig:
+class TextConfig(JsonConfig):
     """The text embedder.
 
     Attributes:
@@ -85,30 +86,6 @@ class TextConfig:
             raise ConfigError(f"TextConfig.pooling must be one of {', '.join(POOLINGS)} or None; got {self.pooling!r}")
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"TextConfig.normalize must be True or False, got {self.normalize!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TextConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"TextConfig must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"TextConfig: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> TextConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"TextConfig: not valid JSON ({exc})") from None
-        return cls.from_dict(data)
 
 
 def _positive_int(value: object) -> bool:

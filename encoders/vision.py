@@ -52,7 +52,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from vstream.encoders.registry import JsonConfig, check_choice, check_images, check_int, is_hub_id, register_encoder
+from vstream.config import JsonConfig, check_choice, check_int
+from vstream.encoders.registry import check_images, is_hub_id, register_encoder
 from vstream.errors import ConfigError, EncoderError
 
 _TOWER_CLASSES = {

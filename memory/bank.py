@@ -51,7 +51,7 @@ _META_FIELDS = {"format": str, "version": int, "n": int, "dim": int, "grid": int
                 "trained": bool, "pending": int, "config": dict}
 
 
-def _faiss_message(exc: Exception) -> str:
+def faiss_message(exc: Exception) -> str:
     """FAISS's message without its ``Error in <signature> at <file>:<line>:`` prefix."""
     return re.sub(r"^Error in .*? at \S+:\d+: ", "", str(exc)).strip()
 
@@ -93,7 +93,7 @@ class FeatureBank:
             index = faiss.index_factory(dim, config.index, _METRICS[config.metric])
         except RuntimeError as exc:
             raise ConfigError(f"BankConfig.index {config.index!r} is not a FAISS factory string: "
-                              f"{_faiss_message(exc)}") from None
+                              f"{faiss_message(exc)}") from None
         gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
         if config.device == "cuda" and not gpu_faiss:
             raise ConfigError("BankConfig.device is 'cuda' but this faiss build has no GPU support or sees no "
@@ -125,8 +125,8 @@ class FeatureBank:
             except RuntimeError as exc:
                 if self.config.device == "cuda":
                     raise ConfigError(f"BankConfig.index {self.config.index!r} cannot run on the GPU: "
-                                      f"{_faiss_message(exc)}") from None
-                logger.warning("feature bank index %r stays on the CPU: %s", self.config.index, _faiss_message(exc))
+                                      f"{faiss_message(exc)}") from None
+                logger.warning("feature bank index %r stays on the CPU: %s", self.config.index, faiss_message(exc))
                 self._gpu = False
         if self.config.index_params:
             space = faiss.GpuParameterSpace() if self._gpu else faiss.ParameterSpace()
@@ -134,7 +134,7 @@ class FeatureBank:
                 space.set_index_parameters(index, self.config.index_params)
             except RuntimeError as exc:
                 raise ConfigError(f"BankConfig.index_params {self.config.index_params!r} do not apply to index "
-                                  f"{self.config.index!r}: {_faiss_message(exc)}") from None
+                                  f"{self.config.index!r}: {faiss_message(exc)}") from None
         self._index, self._trained, self._pending = index, bool(index.is_trained), None
         if not self._trained:
             self._pending = np.empty((max(self.config.train_size, len(pending)), self.dim), np.float32)
@@ -154,7 +154,7 @@ class FeatureBank:
             self._index.train(sample)
         except RuntimeError as exc:
             raise ConfigError(f"training index {self.config.index!r} on {len(sample)} keys failed (raise "
-                              f"BankConfig.train_size, now {self.config.train_size}): {_faiss_message(exc)}") from None
+                              f"BankConfig.train_size, now {self.config.train_size}): {faiss_message(exc)}") from None
         self._index.add(sample)
         self._trained, self._pending = True, None
 
@@ -352,10 +352,10 @@ class FeatureBank:
                 raise MemoryStateError(f"{folder / 'bank.json'}: saved with {name} {getattr(saved, name)!r}, "
                                        f"the given config has {getattr(config, name, None)!r}")
         n, dim = meta["n"], meta["dim"]
-        times = _read_array(folder / "times.npy", np.float64, (n,))
+        times = read_array(folder / "times.npy", np.float64, (n,))
         if np.any(np.diff(times) < 0):
             raise MemoryStateError(f"{folder / 'times.npy'}: times decrease")
-        pending = _read_array(folder / "pending.npy", np.float32, (meta["pending"], dim))
+        pending = read_array(folder / "pending.npy", np.float32, (meta["pending"], dim))
         index = _read_index(folder / "index.faiss", meta, _METRICS[saved.metric])
         bank = cls(dim, config)
         try:
@@ -439,7 +439,7 @@ def _read_meta(path: Path) -> tuple[dict, BankConfig]:
     return meta, saved
 
 
-def _read_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+def read_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     """A finite ``dtype`` array of exactly ``shape`` from a .npy file, never unpickled."""
     try:
         array = np.load(path, allow_pickle=False)
@@ -458,7 +458,7 @@ def _read_index(path: Path, meta: dict, metric: int):
     try:
         index = faiss.read_index(str(path))
     except (RuntimeError, MemoryError, ValueError) as exc:
-        raise MemoryStateError(f"{path}: not a readable FAISS index ({_faiss_message(exc)})") from None
+        raise MemoryStateError(f"{path}: not a readable FAISS index ({faiss_message(exc)})") from None
     expected = (meta["dim"], metric, meta["trained"], meta["n"] if meta["trained"] else 0)
     found = (index.d, index.metric_type, bool(index.is_trained), index.ntotal)
     if found != expected:

@@ -7,66 +7,14 @@ square token grid: ``8`` means 8×8 = 64 tokens per frame.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
+from vstream.config import JsonConfig, check_choice, check_int, check_number
 from vstream.errors import ConfigError
 
 
-def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_number(owner: str, name: str, value: object, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        bound = f"in ({low}, {high}]" if high is not None else f"> {low}"
-        raise ConfigError(f"{owner}.{name} must be a number {bound}, got {value!r}")
-
-
-def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{owner}.{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _from_dict(cls, data: object, owner: str):
-    """Build ``cls`` from a JSON object, refusing unknown keys by name."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{owner} must be a JSON object, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{owner}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**data)
-
-
-class _JsonConfig:
-    """``to_dict`` / ``to_json`` / ``from_dict`` / ``from_json`` for the configs below."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        return _from_dict(cls, data, cls.__name__)
-
-    @classmethod
-    def from_json(cls, text: str):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{cls.__name__}: not valid JSON ({exc})") from None
-        return cls.from_dict(data)
-
-
 @dataclass
-class BankConfig(_JsonConfig):
+class BankConfig(JsonConfig):
     """The feature bank: every frame's pooled features with its time, and a FAISS index.
 
     Attributes:
@@ -102,28 +50,22 @@ class BankConfig(_JsonConfig):
     train_size: int = 4096
 
     def __post_init__(self) -> None:
-        _check_int("BankConfig", "grid", self.grid, 1)
-        _check_choice("BankConfig", "dtype", self.dtype, ("float16", "float32"))
-        _check_number("BankConfig", "ram_mb", self.ram_mb, 0.0)
+        check_int("BankConfig", "grid", self.grid, 1)
+        check_choice("BankConfig", "dtype", self.dtype, ("float16", "float32"))
+        check_number("BankConfig", "ram_mb", self.ram_mb, 0.0)
         if self.spill_dir is not None and not isinstance(self.spill_dir, str):
             raise ConfigError(f"BankConfig.spill_dir must be a folder path or None, got {self.spill_dir!r}")
         if not (isinstance(self.index, str) and self.index.strip()):
             raise ConfigError(f"BankConfig.index must be a FAISS factory string such as 'Flat', got {self.index!r}")
         if not isinstance(self.index_params, str):
             raise ConfigError(f"BankConfig.index_params must be a string such as 'nprobe=8', got {self.index_params!r}")
-        _check_choice("BankConfig", "metric", self.metric, ("l2", "ip"))
-        _check_choice("BankConfig", "device", self.device, ("auto", "cpu", "cuda"))
-        _check_int("BankConfig", "train_size", self.train_size, 1)
-
-
-def _bank_from(value: object, owner: str) -> BankConfig:
-    if isinstance(value, BankConfig):
-        return value
-    return _from_dict(BankConfig, value, f"{owner}.bank")
+        check_choice("BankConfig", "metric", self.metric, ("l2", "ip"))
+        check_choice("BankConfig", "device", self.device, ("auto", "cpu", "cuda"))
+        check_int("BankConfig", "train_size", self.train_size, 1)
 
 
 @dataclass
-class StarConfig(_JsonConfig):
+class StarConfig(JsonConfig):
     """The STAR memory (spatial, temporal, abstract, retrieved). The defaults are the
     released Flash-VStream-7b layout: 25 + 25×16 + 3×64 + 64 = 681 tokens.
 
@@ -170,14 +112,14 @@ class StarConfig(_JsonConfig):
     bank: BankConfig = field(default_factory=BankConfig)
 
     def __post_init__(self) -> None:
-        self.bank = _bank_from(self.bank, "StarConfig")
+        self.bank = BankConfig.from_dict(self.bank)
         for name in ("base_grid", "spatial_grid", "temporal_grid", "abstract_grid", "retrieved_grid",
                      "abstract_chunk", "abstract_hidden", "retrieval_candidates"):
-            _check_int("StarConfig", name, getattr(self, name), 1)
+            check_int("StarConfig", name, getattr(self, name), 1)
         for name in ("spatial_length", "temporal_length", "abstract_length", "retrieved_length"):
-            _check_int("StarConfig", name, getattr(self, name), 0)
-        _check_int("StarConfig", "seed", self.seed, 0)
-        _check_number("StarConfig", "abstract_alpha", self.abstract_alpha, 0.0, 1.0)
+            check_int("StarConfig", name, getattr(self, name), 0)
+        check_int("StarConfig", "seed", self.seed, 0)
+        check_number("StarConfig", "abstract_alpha", self.abstract_alpha, 0.0, 1.0)
         for name in ("spatial_grid", "temporal_grid", "abstract_grid"):
             if getattr(self, name) > self.base_grid:
                 raise ConfigError(f"StarConfig.{name} ({getattr(self, name)}) must be <= base_grid ({self.base_grid})")
@@ -199,7 +141,7 @@ class StarConfig(_JsonConfig):
 
 
 @dataclass
-class FlashConfig(_JsonConfig):
+class FlashConfig(JsonConfig):
     """The 2025 Flash-VStream memory: a context synopsis memory and a detail memory.
 
     Attributes:
@@ -234,12 +176,12 @@ class FlashConfig(_JsonConfig):
     bank: BankConfig = field(default_factory=BankConfig)
 
     def __post_init__(self) -> None:
-        self.bank = _bank_from(self.bank, "FlashConfig")
+        self.bank = BankConfig.from_dict(self.bank)
         for name in ("base_grid", "synopsis_length", "synopsis_grid", "synopsis_chunk", "kmeans_iters",
                      "cluster_dim", "detail_grid", "retrieval_candidates"):
-            _check_int("FlashConfig", name, getattr(self, name), 1)
-        _check_int("FlashConfig", "detail_length", self.detail_length, 0)
-        _check_int("FlashConfig", "seed", self.seed, 0)
+            check_int("FlashConfig", name, getattr(self, name), 1)
+        check_int("FlashConfig", "detail_length", self.detail_length, 0)
+        check_int("FlashConfig", "seed", self.seed, 0)
         if self.synopsis_grid > self.base_grid:
             raise ConfigError(f"FlashConfig.synopsis_grid ({self.synopsis_grid}) must be <= base_grid ({self.base_grid})")
         if self.detail_length > self.synopsis_length:

@@ -41,9 +41,9 @@ import faiss
 import numpy as np
 import torch
 
+from vstream.config import JsonConfig, check_choice, check_int
 from vstream.errors import ConfigError, MemoryStateError
-from vstream.memory.bank import _faiss_message, _read_array
-from vstream.memory.config import _check_choice, _check_int, _JsonConfig
+from vstream.memory.bank import faiss_message, read_array
 from vstream.memory.persist import open_snapshot, read_json, save_snapshot, write_json
 from vstream.types import TranscriptSegment, Word
 
@@ -53,7 +53,7 @@ _SEGMENT_KEYS, _WORD_KEYS = {"start", "end", "text", "words"}, {"text", "start",
 
 
 @dataclass
-class TranscriptConfig(_JsonConfig):
+class TranscriptConfig(JsonConfig):
     """The transcript memory.
 
     Attributes:
@@ -78,15 +78,15 @@ class TranscriptConfig(_JsonConfig):
     train_size: int = 1024
 
     def __post_init__(self) -> None:
-        _check_int("TranscriptConfig", "max_segments", self.max_segments, 1)
+        check_int("TranscriptConfig", "max_segments", self.max_segments, 1)
         if not (isinstance(self.index, str) and self.index.strip()) or self.index.startswith("IDMap"):
             raise ConfigError(f"TranscriptConfig.index must be a FAISS factory string such as 'Flat' "
                               f"(not IDMap: the memory numbers segments itself), got {self.index!r}")
         if not isinstance(self.index_params, str):
             raise ConfigError(f"TranscriptConfig.index_params must be a string such as 'nprobe=8', "
                               f"got {self.index_params!r}")
-        _check_choice("TranscriptConfig", "metric", self.metric, tuple(_METRICS))
-        _check_int("TranscriptConfig", "train_size", self.train_size, 1)
+        check_choice("TranscriptConfig", "metric", self.metric, tuple(_METRICS))
+        check_int("TranscriptConfig", "train_size", self.train_size, 1)
 
 
 class TranscriptHit(NamedTuple):
@@ -114,7 +114,7 @@ class TranscriptMemory:
             self._set_index(faiss.index_factory(dim, self.config.index, _METRICS[self.config.metric]))
         except RuntimeError as exc:
             raise ConfigError(f"TranscriptConfig.index {self.config.index!r} is not a FAISS factory string for "
-                              f"width {dim}: {_faiss_message(exc)}") from None
+                              f"width {dim}: {faiss_message(exc)}") from None
         self._emb = np.empty((min(self._limit, 256), dim), np.float32)
         self._spans = np.empty((len(self._emb), 2), np.float64)  # (start, end) seconds per row
         self._segments: list[TranscriptSegment] = []
@@ -127,7 +127,7 @@ class TranscriptMemory:
                 faiss.ParameterSpace().set_index_parameters(index, self.config.index_params)
             except RuntimeError as exc:
                 raise ConfigError(f"TranscriptConfig.index_params {self.config.index_params!r} do not apply to "
-                                  f"index {self.config.index!r}: {_faiss_message(exc)}") from None
+                                  f"index {self.config.index!r}: {faiss_message(exc)}") from None
         self._index = index
 
     # -- writing ------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class TranscriptMemory:
             except RuntimeError as exc:
                 raise ConfigError(f"training index {self.config.index!r} on {n + b - first} segments failed (raise "
                                   f"TranscriptConfig.train_size, now {self.config.train_size}): "
-                                  f"{_faiss_message(exc)}") from None
+                                  f"{faiss_message(exc)}") from None
             self._index.add(self._emb[: n + b])
         self._segments.extend(segments)
         self._first = first
@@ -309,7 +309,7 @@ class TranscriptMemory:
             raise MemoryStateError(f"{manifest}: bad segment count {count!r} (at most "
                                    f"{memory.config.max_segments}) or trained flag {trained!r}")
         segments = _read_segments(folder / "segments.json", count)
-        rows = _read_array(folder / "embeddings.npy", np.float32, (count, memory.dim))
+        rows = read_array(folder / "embeddings.npy", np.float32, (count, memory.dim))
         index = _read_index(folder / "index.faiss", memory, count if trained else 0, trained)
         memory._grow(max(len(memory._emb), count))
         memory._emb[:count] = rows
@@ -364,7 +364,7 @@ def _read_index(path: Path, memory: TranscriptMemory, ntotal: int, trained: bool
     try:
         index = faiss.read_index(str(path))
     except (RuntimeError, MemoryError, ValueError) as exc:
-        raise MemoryStateError(f"{path}: not a readable FAISS index ({_faiss_message(exc)})") from None
+        raise MemoryStateError(f"{path}: not a readable FAISS index ({faiss_message(exc)})") from None
     expected = (memory.dim, _METRICS[memory.config.metric], trained, ntotal, type(memory._index).__name__)
     found = (index.d, index.metric_type, bool(index.is_trained), index.ntotal, type(index).__name__)
     if found[:4] != expected[:4] or not isinstance(index, type(memory._index)):

@@ -13,6 +13,7 @@ import torch
 
 from vstream.errors import ModelLoadError
 
+from . import flash_vstream, llava_onevision  # noqa: F401  (the adapters register themselves)
 from .base import ChatModel, adapter_for, list_models
 from .llm import load_pretrained
 from .text_only import TextOnlyModel
@@ -25,6 +26,7 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    flash_vstream.register_config()  # "vstream" is no transformers model type: teach AutoConfig
     config = load_pretrained(AutoConfig, name, "model config")
     adapter = adapter_for(config.model_type)
     if adapter is not None:

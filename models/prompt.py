@@ -25,9 +25,8 @@ import torch
 from vstream.memory import MemoryTokens
 
 SYSTEM_PROMPT = (
-    "You answer questions about a video using its memory: visual memory, scene notes and a transcript, "
-    "each marked with its time as [m:ss-m:ss]. Answer briefly from what the memory holds and say when "
-    "it happens."
+    "Answer the question about a video from its transcript and notes. Quote the transcript when it holds "
+    "the answer. Be brief."
 )
 FRAME, TRANSCRIPT = "frame", "transcript"
 

@@ -137,11 +137,12 @@ class VideoQA:
             if frames:
                 self._add_frames(frames)
             if worker is not None:
-                self._add_segments(worker.close())
+                worker.close()  # decodes what is still queued
+                self._add_segments(worker.segments())
         finally:
             bar.close()
             if worker is not None:
-                worker.close()
+                worker.close(flush=False)
         counts["seconds"] = time.perf_counter() - started
         counts["transcript_segments"] = len(self.transcript) if self.transcript is not None else 0
         return counts

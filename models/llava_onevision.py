@@ -1,0 +1,170 @@
+"""LLaVA-OneVision, read training-free, and the interface every such VLM family shares.
+
+A transformers VLM already holds what the memory path needs, so nothing loads twice:
+
+- its vision tower feeds the memory: ``frame_encoder`` is a ``TowerEncoder`` over the
+  loaded tower (``VisionEncoder``'s preprocessing and feature code, hooked on the tower
+  in place): one base-resolution view per frame (``image_size`` square, the view
+  LLaVA-OneVision gives video frames), the hidden state ``config.vision_feature_layer``
+  (LLaVA-OneVision: -1 of a SigLIP tower already cut one layer short, i.e. SigLIP's
+  penultimate layer), ``grid = image_size // patch_size``;
+- its projector maps memory tokens into its LLM: ``project`` runs
+  ``multi_modal_projector`` on the pooled memory tokens. LLaVA-OneVision pools video
+  features 2×2 after projecting; the memory pools before (the projector is per token,
+  so only its non-linearity sees averaged inputs);
+- its chat template builds the prompt: the tokenizer's, else the processor's
+  (``chat_template.json``), rendered with typed parts (``[{"type": "text", ...}]``, as
+  processor templates want) or plain strings (as LLM templates want), whichever keeps
+  the user turn; with no template at all, ChatML (its Qwen2 LLM's format);
+- generation runs through the whole model on ``inputs_embeds`` (no ``pixel_values``:
+  the visual tokens are already in the embeddings).
+
+A new family is one file: subclass ``VisionLanguageModel``, set ``model_class`` (the
+transformers class of the whole model) and ``fallback_template``, override
+``vision_tower()`` / ``projector()`` / ``feature_layer()`` where the model keeps them
+elsewhere, and register it: ``@register_model("llava_next_video")``. The tower is read
+by ``VisionEncoder``, so its ``model_type`` must be one ``VisionEncoder`` knows (for
+LLaVA-NeXT-Video: one more entry in its tables of VLMs and of anyres processors).
+Qwen2-VL also overrides ``make_frame_encoder()`` and ``project()``: its tower has no
+fixed grid and its merger projects 2×2 patches at once, so the memory must hold
+2×2-merged features (``4·D`` wide) and ``project`` runs the merger on them; its M-RoPE
+positions fall back to text positions for ``inputs_embeds``, which is what a prompt of
+memory tokens needs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from vstream.encoders.vision import VisionConfig, VisionEncoder
+from vstream.errors import ConfigError, EncoderError, ModelLoadError
+
+from .base import _PLACEHOLDER, ChatModel, register_model
+from .llm import load_pretrained
+
+
+class TowerEncoder(VisionEncoder):
+    """A ``VisionEncoder`` over a vision tower already in memory: everything but the
+    weight loading is ``VisionEncoder``'s (config checks, image processor, grid probe,
+    batching, feature extraction). The tower is not cut: a forward hook on the wanted
+    layer catches the features, and the later layers still run.
+
+    Args:
+        tower: the loaded tower (the VLM's CLIP or SigLIP vision model).
+        config: ``VisionConfig`` naming the VLM checkpoint (its config and image
+            processor are read) and the feature layer; dtype and device are the tower's.
+    """
+
+    def __init__(self, tower, config: VisionConfig):
+        self._loaded = tower
+        super().__init__(config)
+
+    def _load_tower(self, source, tower_type, vision_config, key_mapping):
+        layers = self._loaded.encoder.layers
+        layers[self.config.layer - 1 if self.config.layer > 0 else self.config.layer].register_forward_hook(self._catch)
+        return self._loaded.eval()
+
+
+class VisionLanguageModel(ChatModel):
+    """A transformers VLM whose own tower, projector and chat template serve the memory.
+
+    Args:
+        lm: the whole VLM (``forward`` takes ``inputs_embeds``).
+        tokenizer: its tokenizer, with its chat template when it has one.
+        name: what it was loaded from (hub id or folder).
+    """
+
+    model_class = ""  # transformers class of the whole model
+    fallback_template = ""  # "{system}"/"{user}" format of a chat when no template is found
+    reads_memory_tokens = True
+
+    def __init__(self, lm, tokenizer, name: str):
+        super().__init__(lm, tokenizer, name)
+        try:
+            self.frame_encoder = self.make_frame_encoder()
+        except (ConfigError, EncoderError) as exc:
+            raise ModelLoadError(f"{name!r}: cannot read its vision tower: {exc}") from exc
+
+    @classmethod
+    def from_pretrained(cls, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        import transformers
+
+        lm = load_pretrained(getattr(transformers, cls.model_class), name, "vision-language model", dtype=dtype)
+        tokenizer = load_pretrained(transformers.AutoTokenizer, name, "tokenizer")
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = _processor_template(name)
+        return cls(lm.to(device), tokenizer, name)
+
+    # -- where the model keeps its parts (override for other layouts) ------------------------
+
+    def vision_tower(self):
+        return self.lm.model.vision_tower
+
+    def projector(self):
+        return self.lm.model.multi_modal_projector
+
+    def feature_layer(self) -> int:
+        layer = self.lm.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ModelLoadError(f"{self.name!r}: vision_feature_layer {layer!r} concatenates several layers; "
+                                 "the memory holds one layer's features")
+        return layer
+
+    def make_frame_encoder(self):
+        tower = self.vision_tower()
+        config = VisionConfig(model=self.name, layer=self.feature_layer(), device=str(tower.device),
+                              dtype=str(tower.dtype).removeprefix("torch."))
+        return TowerEncoder(tower, config)
+
+    # -- the ChatModel hooks --------------------------------------------------------------
+
+    @torch.inference_mode()
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Memory tokens ``[n, D]`` (tower features) -> LLM input embeddings ``[n, H]``."""
+        projector = self.projector()
+        weight = next(projector.parameters())
+        return projector(features.to(weight.device, weight.dtype))
+
+    def render(self, system: str) -> str:
+        """The chat through the model's template: messages as plain strings (LLM
+        templates), else as typed parts (processor templates), whichever renders the
+        user turn once; else ``fallback_template``."""
+        from jinja2 import TemplateError
+
+        if getattr(self.tokenizer, "chat_template", None):
+            for wrap in (lambda text: text, lambda text: [{"type": "text", "text": text}]):
+                messages = [{"role": "system", "content": wrap(system)}, {"role": "user", "content": wrap(_PLACEHOLDER)}]
+                try:
+                    chat = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                except TemplateError:
+                    continue
+                if chat.count(_PLACEHOLDER) == 1 and chat.count(system) == 1:
+                    return chat
+        if self.fallback_template:
+            return self.fallback_template.format(system=system, user=_PLACEHOLDER)
+        return super().render(system)
+
+
+def _processor_template(name: str) -> str | None:
+    """The processor's chat template (``chat_template.json``) of a checkpoint, if any."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(name, "chat_template.json", _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as file:
+        return json.load(file).get("chat_template")
+
+
+@register_model("llava_onevision")
+class LlavaOnevisionModel(VisionLanguageModel):
+    """LLaVA-OneVision (SigLIP tower, 2-layer GELU projector, Qwen2 LLM)."""
+
+    model_class = "LlavaOnevisionForConditionalGeneration"
+    fallback_template = ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                         "<|im_start|>assistant\n")

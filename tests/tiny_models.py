@@ -1,0 +1,196 @@
+"""Tiny random checkpoints, built locally (no network) and saved the way real ones are,
+so tests load them through vstream's normal loading path.
+
+- ``tiny_tokenizer``: a byte-level BPE trained on a few sentences, as a
+  ``PreTrainedTokenizerFast`` (optionally with a chat template);
+- ``tiny_llama``: a 2-layer LLaMA causal LM with that tokenizer;
+- ``tiny_clip``: a CLIP vision tower (32 px, 4 px patches: an 8×8 grid) and its image
+  processor;
+- ``tiny_flash_vstream``: a checkpoint in the released Flash-VStream-7b layout
+  (``model_type`` ``"vstream"``, LLaMA keys, ``model.mm_projector.*``,
+  ``model.attention_model.*`` and the tower copy ``model.vision_tower.vision_tower.*``),
+  its ``mm_vision_tower`` naming a tiny CLIP folder;
+- ``tiny_llava_onevision``: LLaVA-OneVision with a tiny SigLIP tower and a tiny Qwen2.
+
+Every builder writes into the folder it is given and returns it (the Flash-VStream one
+also returns the tensors it wrote, to compare against what loads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SENTENCES = [
+    "the red square moves left across the screen",
+    "a blue circle appears in the video at the start",
+    "what happens at the end of the clip",
+    "Question: what does the speaker say about the red square?",
+    "Video memory: abstract temporal retrieved spatial",
+    "You answer questions about a video using its memory and a transcript.",
+]
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+# ChatML whose messages hold a string (as Qwen2's tokenizer template) ...
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# ... and ChatML whose messages hold typed parts (as LLaVA-OneVision's processor template)
+CHATML_PARTS = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                "{% for part in m['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}"
+                "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6}
+VISION = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "image_size": 32, "patch_size": 4}
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML, eos: str = "</s>"):
+    """A ``PreTrainedTokenizerFast`` (~300 tokens) with ``SPECIAL`` as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(SENTENCES, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token=eos, unk_token="<unk>",
+                                        pad_token="<pad>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def tiny_llama(folder: Path, chat_template: str | None = CHATML, seed: int = 0) -> Path:
+    """A 2-layer LLaMA causal LM and its tokenizer, saved with ``save_pretrained``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _seeded(seed)
+    tokenizer = tiny_tokenizer(chat_template)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **LLAMA)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
+def tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A CLIP vision tower (8×8 patch grid, width 48) and its ``CLIPImageProcessor``."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    _seeded(seed)
+    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(folder)
+    size = VISION["image_size"]
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+    return Path(folder)
+
+
+def flash_vstream_config(tower: str, vocab_size: int, **overrides) -> dict:
+    """config.json of a tiny Flash-VStream checkpoint: the released fields, tiny sizes."""
+    config = {
+        "architectures": ["VStreamLlamaForCausalLM"], "model_type": "vstream", "vocab_size": vocab_size,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu", "tie_word_embeddings": False,
+        "torch_dtype": "float32", "use_cache": True, **LLAMA,
+        "mm_vision_tower": tower, "mm_hidden_size": VISION["hidden_size"], "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False, "use_mm_proj": True, "image_aspect_ratio": "pad",
+        "compress_type": "mean", "compress_size": 4, "compress_long_memory_size": 2, "compress_Turing_memory_size": 1,
+        "compress_Turing_hidden_dim": 16, "compress_Turing_update_ratio": 0.3,
+        "video_current_memory_length": 1, "video_long_memory_length": 6, "video_Turing_memory_length": 5,
+        "video_short_memory_length": 10, "video_max_frames": 7, "video_sample_type": "weighted_kmeans",
+        "video_fps": 1,
+    }
+    config.update(overrides)
+    return config
+
+
+def tiny_flash_vstream(folder: Path, tower: Path | str, drop: tuple[str, ...] = (), shards: int = 1,
+                       extra: dict[str, torch.Tensor] | None = None, bin_file: bool = False, seed: int = 0,
+                       **config_overrides) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A checkpoint in the released Flash-VStream-7b layout: ``config.json``, the tokenizer
+    (no chat template: the release uses Vicuna's prompt) and ``model.safetensors`` (or
+    ``shards`` shards with an index, or ``pytorch_model.bin`` with ``bin_file``), without
+    the keys in ``drop`` and with the tensors in ``extra``. Returns the folder and every
+    tensor written, by key."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _seeded(seed)
+    tokenizer = tiny_tokenizer(chat_template=None)
+    config = flash_vstream_config(str(tower), len(tokenizer), **config_overrides)
+    llama = LlamaForCausalLM(LlamaConfig(**{k: config[k] for k in (*LLAMA, "vocab_size")}))
+    tensors = dict(llama.state_dict())
+    hidden, mm, turing = config["hidden_size"], config["mm_hidden_size"], config["compress_Turing_hidden_dim"]
+    layers = {"mm_projector.0": (hidden, mm), "mm_projector.2": (hidden, hidden),
+              "attention_model.q_proj": (turing, mm), "attention_model.k_proj": (turing, mm),
+              "attention_model.v_proj": (turing, mm), "attention_model.out_proj": (mm, turing)}
+    for name, shape in layers.items():
+        tensors[f"model.{name}.weight"] = torch.randn(shape) / shape[1] ** 0.5
+        tensors[f"model.{name}.bias"] = torch.randn(shape[0]) * 0.1
+    tensors["model.attention_model.out_ln.weight"] = torch.ones(mm)
+    tensors["model.attention_model.out_ln.bias"] = torch.zeros(mm)
+    # the training run saved the CLIP tower it had loaded; the model loads it by name instead
+    for key, value in CLIPVisionModel.from_pretrained(tower).state_dict().items():
+        tensors[f"model.vision_tower.vision_tower.{key}"] = value
+    tensors.update(extra or {})
+    tensors = {k: v.contiguous() for k, v in tensors.items() if k not in drop}
+    keys = sorted(tensors)
+    if bin_file:
+        torch.save(tensors, folder / "pytorch_model.bin")
+    elif shards == 1:
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i in range(shards):
+            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: tensors[k] for k in keys[i::shards]}
+            save_file(part, folder / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, name))
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(folder)
+    return folder, tensors
+
+
+def tiny_llava_onevision(folder: Path, seed: int = 0) -> Path:
+    """LLaVA-OneVision with a SigLIP tower (8×8 patch grid, width 48) and a 2-layer
+    Qwen2, its tokenizer (ChatML template over typed parts, as the processor's) and its
+    image processor, saved with ``save_pretrained``."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    _seeded(seed)
+    tokenizer = tiny_tokenizer(CHATML_PARTS, eos="<|im_end|>")
+    text = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, **LLAMA)
+    vision = SiglipVisionConfig(**VISION, vision_use_head=False)
+    size = VISION["image_size"]
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                  image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                  video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                                  image_grid_pinpoints=[[size, size], [size, 2 * size], [2 * size, size]],
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full")
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_grid_pinpoints=config.image_grid_pinpoints,
+                                    image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    return Path(folder)
+

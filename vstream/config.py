@@ -1,0 +1,62 @@
+"""Config plumbing every stage shares: JSON round trip and value checks for the
+config dataclasses. Importable without torch."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+
+from vstream.errors import ConfigError
+
+
+def check_int(owner: str, name: str, value: object, minimum: int) -> None:
+    """Refuse ``value`` unless it is an int (not a bool) >= ``minimum``."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_number(owner: str, name: str, value: object, low: float, high: float | None = None) -> None:
+    """Refuse ``value`` unless it is a number in ``(low, high]`` (or ``> low``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = f"in ({low}, {high}]" if high is not None else f"> {low}"
+        raise ConfigError(f"{owner}.{name} must be a number {bound}, got {value!r}")
+
+
+def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Refuse ``value`` unless it is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{owner}.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+class JsonConfig:
+    """``to_dict`` / ``to_json`` / ``from_dict`` / ``from_json`` for a config dataclass;
+    unknown keys are refused by name."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: object):
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cls.__name__}: not valid JSON ({exc})") from None
+        return cls.from_dict(data)
