@@ -125,11 +125,9 @@ class ChatModel:
 
     def memory_config(self):
         """The ``StarConfig`` the checkpoint was trained with, or None for the default."""
-        return None
 
     def memory_attention(self):
         """The abstract memory's trained ``SemanticAttention``, or None for the default."""
-        return None
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Memory tokens ``[n, D]`` -> LLM input embeddings ``[n, H]``."""

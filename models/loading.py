@@ -31,7 +31,9 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     adapter = adapter_for(config.model_type)
     if adapter is not None:
         return adapter.from_pretrained(name, dtype, device)
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    architectures = getattr(config, "architectures", None) or []
+    generates = not architectures or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and generates:  # not an encoder such as BertModel
         return TextOnlyModel.from_pretrained(name, dtype, device)
     raise ModelLoadError(f"{name!r} is a {config.model_type!r} model, which vstream cannot answer with: "
                          f"supported are the video-language models {', '.join(list_models()) or '(none)'} "

@@ -76,7 +76,7 @@ class Context:
 
 def clock(seconds: float) -> str:
     """``m:ss`` (or ``h:mm:ss`` from an hour on) of a time in seconds."""
-    whole = int(round(max(seconds, 0.0)))
+    whole = round(max(seconds, 0.0))
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -217,3 +217,12 @@ def test_wrong_architecture_is_refused_by_name(folders):
 def test_missing_folder_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="no such folder"):
         load_model(str(tmp_path / "absent"))
+
+
+def test_an_encoder_only_language_model_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="'bert' model, which vstream cannot answer with"):
+        load_model(str(tmp_path))
