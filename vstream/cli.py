@@ -94,6 +94,12 @@ def _ask(args) -> None:
         raise vstream.ConfigError("vstream ask needs a video and at least one non-empty question")
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     config = AskConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, generation=generation)
+    if video is not None:
+        vstream.probe(video)  # a bad path fails now, before any model loads
+    if not args.verbose:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # our own bar is the one a user waits on
     with VideoQA(args.model, config) as qa:
         if args.load_memory:
             qa.load(args.load_memory)

