@@ -82,12 +82,20 @@ def resolve(name: str | None) -> str:
 def load_pretrained(loader, name: str, what: str, **kwargs):
     """``loader.from_pretrained(name, **kwargs)``, with loading failures as
     ``ModelLoadError`` naming the model: a missing folder, a hub id that is neither
-    cached nor reachable, or files that do not fit their config."""
+    cached nor reachable, or files that do not fit their config. A hub id is looked up
+    in the local cache first, so a cached model never waits on the network."""
     folder = Path(name)
     if not folder.exists() and (os.sep in name or name.startswith(".")) and name.count("/") != 1:
         raise ModelLoadError(f"{what} {name!r}: no such folder")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     try:
-        return loader.from_pretrained(name, **kwargs)
+        try:
+            return loader.from_pretrained(name, local_files_only=True, **kwargs)
+        except OSError:
+            if folder.exists() or offline:
+                raise
+            return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {what} {name!r}: {first_line}") from exc

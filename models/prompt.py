@@ -1,14 +1,14 @@
 """The prompt: what the model reads, as a list of pieces, each text or visual tokens,
 with the stream time it stands for.
 
-Layout of the user turn (every time is ``[m:ss-m:ss]`` on the stream clock)::
+Layout of the user turn (every time is ``h:mm:ss`` on the stream clock)::
 
     Video memory (<duration>):
-    <abstract 0:00-10:00> [25 visual tokens] <temporal 0:12-0:40> [16 tokens] ...
+    <abstract 0:00:00-0:10:00> [25 visual tokens] <temporal 0:00:12-0:00:40> [16 tokens] ...
     What the video shows:            (text-only models: the visual memory in words)
-    [0:00-0:40] scene A ...
+    [0:00:00-0:00:40] view A, recurs
     Transcript:
-    [0:03-0:05] "the red square moves left"
+    [0:00:03-0:00:05] "the red square moves left"
     Question: ...
 
 Visual tokens are announced by a text marker naming their memory and time span, so a
@@ -74,16 +74,18 @@ class Context:
     duration: float = 0.0
 
 
-def clock(seconds: float) -> str:
-    """``m:ss`` (or ``h:mm:ss`` from an hour on) of a time in seconds."""
+def clock(seconds: float, hours: bool = False) -> str:
+    """``m:ss`` (``h:mm:ss`` from an hour on, or always with ``hours``) of a time in seconds."""
     whole = round(max(seconds, 0.0))
-    hours, rest = divmod(whole, 3600)
+    h, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+    return f"{h}:{minutes:02d}:{secs:02d}" if h or hours else f"{minutes}:{secs:02d}"
 
 
 def span(start: float, end: float) -> str:
-    return f"[{clock(start)}-{clock(end)}]"
+    """``[h:mm:ss-h:mm:ss]``: the prompt's times have one width, so a prompt is as long
+    after ten hours of stream as after one minute."""
+    return f"[{clock(start, hours=True)}-{clock(end, hours=True)}]"
 
 
 def memory_pieces(memory: MemoryTokens) -> list[Piece]:
@@ -94,7 +96,7 @@ def memory_pieces(memory: MemoryTokens) -> list[Piece]:
     for i in range(1, len(memory) + 1):
         if i == len(memory) or (memory.kinds[i], memory.spans[i]) != (memory.kinds[start], memory.spans[start]):
             kind, (t0, t1) = memory.kinds[start], memory.spans[start]
-            pieces.append(Piece(text=f" <{kind} {clock(t0)}-{clock(t1)}>"))
+            pieces.append(Piece(text=f" <{kind} {span(t0, t1)[1:-1]}>"))
             pieces.append(Piece(features=memory.tokens[start:i], evidence=(t0, t1, FRAME)))
             start = i
     return pieces

@@ -33,17 +33,16 @@ def describe_scenes(clusters: list[tuple[float, float, float]], fps: float,
 
     Each cluster is a view; a view whose span is longer (by ``min_gap`` seconds) than
     its frames fill at ``fps``, i.e. whose frames are spread out, is on screen more
-    than once. Views are lettered in order of first appearance.
+    than once ("recurs"). Views are lettered in order of first appearance. The lines
+    are short and alike on purpose: the prompt keeps about the same length however
+    long the stream.
     """
     lines = []
     ordered = sorted(clusters)
     for i, (start, end, frames) in enumerate(ordered):
         label = _letters(i)
-        if end - start > frames / fps + min_gap:
-            text = f"view {label} ({frames:.0f} frames), on screen at several times in this span"
-        else:
-            text = f"view {label} ({frames:.0f} frames)"
-        lines.append((start, end, text))
+        recurs = end - start > frames / fps + min_gap
+        lines.append((start, end, f"view {label}, recurs" if recurs else f"view {label}"))
     return lines
 
 

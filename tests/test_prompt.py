@@ -16,6 +16,7 @@ from vstream.types import TranscriptSegment
                                            (3599, "59:59"), (3600, "1:00:00"), (36_061, "10:01:01"), (-3, "0:00")])
 def test_clock(seconds, text):
     assert clock(seconds) == text
+    assert clock(seconds, hours=True) == (text if text.count(":") == 2 else f"0:{int(text.split(':')[0]):02d}:{text[-2:]}")
 
 
 def test_memory_tokens_are_grouped_by_kind_and_span_behind_a_time_marker():
@@ -23,8 +24,8 @@ def test_memory_tokens_are_grouped_by_kind_and_span_behind_a_time_marker():
                           ["abstract", "abstract", "temporal", "temporal", "temporal", "spatial", "spatial"],
                           [(0, 90), (0, 90), (3, 9), (3, 9), (12, 20), (95, 95), (95, 95)])
     pieces = memory_pieces(memory)
-    assert [p.text for p in pieces[::2]] == [" <abstract 0:00-1:30>", " <temporal 0:03-0:09>",
-                                             " <temporal 0:12-0:20>", " <spatial 1:35-1:35>"]
+    assert [p.text for p in pieces[::2]] == [" <abstract 0:00:00-0:01:30>", " <temporal 0:00:03-0:00:09>",
+                                             " <temporal 0:00:12-0:00:20>", " <spatial 0:01:35-0:01:35>"]
     assert [p.features.flatten().tolist() for p in pieces[1::2]] == [[0, 1], [2, 3], [4], [5, 6]]
     assert [p.evidence for p in pieces[1::2]] == [(0, 90, "frame"), (3, 9, "frame"), (12, 20, "frame"),
                                                   (95, 95, "frame")]
@@ -32,10 +33,10 @@ def test_memory_tokens_are_grouped_by_kind_and_span_behind_a_time_marker():
 
 def test_user_turn_layout():
     transcript = [(TranscriptSegment(9.0, 11.0, "later line"), 0.2), (TranscriptSegment(1.0, 3.5, "first line"), 0.9)]
-    context = Context(scenes=[(0.0, 30.0, "view A (30 frames)")], transcript=transcript, duration=30.0)
+    context = Context(scenes=[(0.0, 30.0, "view A")], transcript=transcript, duration=30.0)
     text = "".join(p.text for p in user_pieces(context, "What?", visual=False))
-    assert text == ('What the video shows:\n[0:00-0:30] view A (30 frames)\nTranscript:\n'
-                    '[0:01-0:04] "first line"\n[0:09-0:11] "later line"\nQuestion: What?')
+    assert text == ('What the video shows:\n[0:00:00-0:00:30] view A\nTranscript:\n'
+                    '[0:00:01-0:00:04] "first line"\n[0:00:09-0:00:11] "later line"\nQuestion: What?')
     empty = "".join(p.text for p in user_pieces(Context(), "What?", visual=True))
     assert empty == "Nothing has been seen or heard yet.\nQuestion: What?"
 
@@ -54,8 +55,7 @@ def test_evidence_is_ranked_by_attention_or_else_by_retrieval_score():
 
 def test_scene_notes_say_when_a_view_comes_back():
     lines = describe_scenes([(40.0, 60.0, 21.0), (0.0, 100.0, 30.0), (61.0, 80.0, 20.0)], fps=1.0)
-    assert lines == [(0.0, 100.0, "view A (30 frames), on screen at several times in this span"),
-                     (40.0, 60.0, "view B (21 frames)"), (61.0, 80.0, "view C (20 frames)")]
+    assert lines == [(0.0, 100.0, "view A, recurs"), (40.0, 60.0, "view B"), (61.0, 80.0, "view C")]
 
 
 @pytest.mark.parametrize("fields, message", [({"max_new_tokens": 0}, "max_new_tokens"),

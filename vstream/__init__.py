@@ -15,15 +15,25 @@ from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame, TranscriptSegmen
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # the answer stage pulls in torch and transformers: load it on first use only
+    if name in ("VideoQA", "AskConfig"):
+        from vstream import qa
+
+        return getattr(qa, name)
+    raise AttributeError(f"module 'vstream' has no attribute {name!r}")
+
 __all__ = [
     "AUDIO_SAMPLE_RATE",
+    "AskConfig",
     "AudioChunk",
     "ConfigError",
     "DecodeError",
     "EncoderError",
     "FileSource",
-    "KernelError",
     "Frame",
+    "KernelError",
     "LiveSource",
     "MediaInfo",
     "MemoryStateError",
@@ -34,6 +44,7 @@ __all__ = [
     "SourceStats",
     "TranscriptSegment",
     "VStreamError",
+    "VideoQA",
     "Word",
     "open_source",
     "probe",
