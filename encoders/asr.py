@@ -44,16 +44,16 @@ is the process's (``torch.set_num_threads``); this module does not change it.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from itertools import count
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vstream.config import JsonConfig, check_int
 from vstream.errors import ConfigError, EncoderError
 from vstream.ingest.queue import Closed, ItemQueue
 from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, TranscriptSegment, Word
@@ -82,11 +82,6 @@ def _check_number(name: str, value: object, low: float, high: float) -> None:
         raise ConfigError(f"ASRConfig.{name} must be a number in [{low}, {high}], got {value!r}")
 
 
-def _check_int(name: str, value: object) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ConfigError(f"ASRConfig.{name} must be an int >= 1, got {value!r}")
-
-
 _RANGES = {  # allowed [low, high] of ASRConfig's numbers
     **dict.fromkeys(("vad_max_flatness", "vad_max_tonality", "no_speech_threshold", "min_voiced_fraction"), (0.0, 1.0)),
     "window_seconds": (1.0, 30.0), "pad": (0.0, 2.0), "cut_silence": (FRAME_SECONDS, 10.0), "min_speech": (0.0, 10.0),
@@ -96,7 +91,7 @@ _RANGES = {  # allowed [low, high] of ASRConfig's numbers
 
 
 @dataclass
-class ASRConfig:
+class ASRConfig(JsonConfig):
     """Speech recognition settings (importable without torch).
 
     Attributes:
@@ -172,26 +167,10 @@ class ASRConfig:
         for value in self.temperatures:
             _check_number("temperatures", value, 0.0, 2.0)
         if self.beam_size is not None:
-            _check_int("beam_size", self.beam_size)
-        _check_int("queue_chunks", self.queue_chunks)
+            check_int("ASRConfig", "beam_size", self.beam_size, 1)
+        check_int("ASRConfig", "queue_chunks", self.queue_chunks, 1)
         if not isinstance(self.word_timestamps, bool):
             raise ConfigError(f"ASRConfig.word_timestamps must be a bool, got {self.word_timestamps!r}")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ASRConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"ASRConfig: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"ASRConfig must be a JSON object, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"ASRConfig: unknown field(s) {', '.join(unknown)}")
-        return cls(**data)
 
 
 @dataclass

@@ -115,6 +115,12 @@ def test_cli_bad_input_is_one_clear_line(argv, message, capsys, models):
     assert err.startswith("vstream: error: ") and message in err
 
 
+def test_unknown_hub_model_offline_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["ask", SPEECH, "what?", "--model", "no-such-org/no-such-model", "--no-asr"]) == 1
+    assert "cannot load model config 'no-such-org/no-such-model'" in capsys.readouterr().err
+
+
 def test_api_errors(models, clip):
     with pytest.raises(ModelLoadError):
         VideoQA(str(clip.path))  # a video is not a model
