@@ -82,6 +82,7 @@ class AnswerStream:
     def _run(self) -> Iterator[str]:
         model, started = self._model, time.perf_counter()
         embeds, ranges = model.embed(self._pieces)
+        *evidence, question = ranges
         timings = {"prompt": time.perf_counter() - started}
         tokens: list[int] = []
         text = ""
@@ -98,7 +99,7 @@ class AnswerStream:
         shares = None
         if self._generation.attribute:
             mark = time.perf_counter()
-            shares = attention_shares(model.lm, embeds, tokens, ranges)
+            shares = attention_shares(model.lm, embeds, tokens, evidence, question)
             timings["attribution"] = time.perf_counter() - mark
         self._answer = Answer(text.strip(), rank_evidence(self._pieces, shares), timings)
 
@@ -142,8 +143,8 @@ class ChatModel:
 
     @torch.inference_mode()
     def embed(self, pieces: list[Piece]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Input embeddings ``[1, L, H]`` of the whole chat, and the token range of each
-        piece that carries evidence."""
+        """Input embeddings ``[1, L, H]`` of the whole chat, and the token ranges of each
+        piece that carries evidence, then of the last piece (the question)."""
         before, after = self.render(SYSTEM_PROMPT).split(_PLACEHOLDER)
         table = self.lm.get_input_embeddings()
         parts, ranges, length = [], [], 0
@@ -153,7 +154,7 @@ class ChatModel:
             else:
                 ids = self.tokenizer(piece.text, add_special_tokens=False, return_tensors="pt").input_ids
                 part = table(ids[0].to(self.device))
-            if piece.evidence is not None:
+            if piece.evidence is not None or piece is pieces[-1]:
                 ranges.append((length, length + part.shape[0]))
             parts.append(part)
             length += part.shape[0]

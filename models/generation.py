@@ -6,11 +6,13 @@ time on its KV cache, yielding each new token id as soon as it is chosen: greedy
 default, temperature / top-p sampling when asked. Working from embeddings is what lets
 a prompt hold memory tokens that are not words.
 
-``attention_shares`` scores prompt ranges by the attention the answer paid them: one
-extra forward pass over prompt + answer with eager attention, the attention of every
-answer position averaged over layers and heads, summed per range, and normalised. A
-pass whose attention maps would not fit ``max_attention_bytes`` is skipped (the caller
-then ranks by retrieval scores).
+``attention_shares`` scores prompt ranges by the attention the question and the answer
+paid them: one extra forward pass over prompt + answer with eager attention, the
+attention of every question and answer position averaged over layers and heads,
+summed per range, and normalised. The question's own attention makes the ranking say
+what the model found relevant to the question even when a small model's answer
+wanders. A pass whose attention maps would not fit ``max_attention_bytes`` is skipped
+(the caller then ranks by retrieval scores).
 """
 
 from __future__ import annotations
@@ -91,17 +93,18 @@ def generate_tokens(model, inputs_embeds: torch.Tensor, stop: set[int], config: 
 
 @torch.inference_mode()
 def attention_shares(model, inputs_embeds: torch.Tensor, answer_ids: list[int], ranges: list[tuple[int, int]],
-                     max_attention_bytes: int = 1 << 30) -> list[float] | None:
-    """Share of the answer's attention that fell on each ``(start, end)`` token range
-    of the prompt (summing to 1 over the ranges), or None when it cannot be measured:
-    no answer, no ranges, or attention maps larger than ``max_attention_bytes``."""
-    if not answer_ids or not ranges:
+                     question: tuple[int, int], max_attention_bytes: int = 1 << 30) -> list[float] | None:
+    """Share of the attention of the ``question`` token range and of the answer that
+    fell on each ``(start, end)`` token range of the prompt (summing to 1 over the
+    ranges), or None when it cannot be measured: no ranges, or attention maps larger
+    than ``max_attention_bytes``."""
+    if not ranges:
         return None
     config = model.config.get_text_config()
     length = inputs_embeds.shape[1] + len(answer_ids)
     if config.num_hidden_layers * config.num_attention_heads * length * length * 4 > max_attention_bytes:
         return None
-    answer = torch.tensor([answer_ids], device=inputs_embeds.device)
+    answer = torch.tensor([answer_ids], dtype=torch.long, device=inputs_embeds.device)
     embeds = torch.cat([inputs_embeds, model.get_input_embeddings()(answer)], dim=1)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
@@ -110,8 +113,8 @@ def attention_shares(model, inputs_embeds: torch.Tensor, answer_ids: list[int], 
     finally:
         model.set_attn_implementation(previous)
     prompt_length = inputs_embeds.shape[1]
-    # the positions whose outputs chose the answer tokens: the prompt's last, then all but the answer's last
-    rows = slice(prompt_length - 1, length - 1)
+    # the question's positions, and those whose outputs chose the answer tokens
+    rows = torch.cat([torch.arange(*question), torch.arange(prompt_length - 1, length - 1)]).unique()
     mass = torch.stack([layer[0, :, rows, :prompt_length].float().mean(dim=(0, 1)) for layer in attentions]).mean(0)
     shares = torch.stack([mass[start:end].sum() for start, end in ranges])
     total = float(shares.sum())
