@@ -5,7 +5,7 @@ The stream is simulated at 1 fps: every second a frame's patch features (16×16 
 the pixel encoder's shape; 60 recurring scenes plus noise) go into the visual memory,
 and every 5 seconds a transcript line (embedded by the embedded all-MiniLM-L6-v2) into
 the transcript memory, so an hour builds in about a minute. After 60, 600 and 3,600
-seconds, the same question is asked ``--repeat`` times through ``VideoQA.ask``, and
+seconds, the same question is asked ``--repeat`` times through ``Session.ask``, and
 the best time to first token (retrieval + prompt + first token) and to the whole answer
 (at most ``--max-new-tokens``; evidence ranking excluded, reported apart) are kept.
 
@@ -38,7 +38,7 @@ import torch
 from tiny_models import tiny_llama
 
 from vstream.models import GenerationConfig, load_model
-from vstream.qa import AskConfig, VideoQA
+from vstream.session import Session, SessionConfig
 from vstream.types import TranscriptSegment
 
 POSITIONS = (60, 600, 3_600)
@@ -72,7 +72,7 @@ class Stream:
         return [TranscriptSegment(float(t), t + 3.0, line(t // 5)) for t in range(start, stop) if t % 5 == 0]
 
 
-def measure(qa: VideoQA, repeat: int) -> dict[str, float]:
+def measure(qa: Session, repeat: int) -> dict[str, float]:
     """Best of ``repeat``: time to first token, answer, and evidence ranking, ms."""
     best = {"ttft": float("inf"), "answer": float("inf"), "attribution": float("inf")}
     for _ in range(repeat):
@@ -86,15 +86,15 @@ def measure(qa: VideoQA, repeat: int) -> dict[str, float]:
 
 
 def run(name: str, model, repeat: int, max_new_tokens: int) -> dict[int, dict[str, float]]:
-    config = AskConfig(asr=False, generation=GenerationConfig(max_new_tokens=max_new_tokens))
+    config = SessionConfig(asr=False, generation=GenerationConfig(max_new_tokens=max_new_tokens))
     stream, results, added = Stream(), {}, 0
-    with VideoQA(model, config) as qa:
+    with Session(model, config) as qa:
         for position in POSITIONS:
             for start in range(added, position, 300):
                 stop = min(start + 300, position)
                 qa.memory.extend(*stream.frames(start, stop))
                 qa.add_transcript(stream.transcript(start, stop))
-            added = qa.duration = position
+            added = position
             qa.ask(QUESTION)  # warm-up at this length
             results[position] = measure(qa, repeat)
             r = results[position]

@@ -10,6 +10,7 @@ transformers ``model_type`` it handles.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,11 +65,13 @@ class Answer:
 
 class AnswerStream:
     """The answer as it is generated: iterate for text pieces; ``result()`` finishes
-    the generation if needed and returns the ``Answer``."""
+    the generation if needed and returns the ``Answer``. ``timings`` (seconds) may be
+    added to before the generation starts; they end up in ``Answer.timings``."""
 
     def __init__(self, model: ChatModel, pieces: list[Piece], generation: GenerationConfig):
         self._model, self._pieces, self._generation = model, pieces, generation
         self._answer: Answer | None = None
+        self.timings: dict[str, float] = {}
         self._iterator = self._run()
 
     def __iter__(self) -> Iterator[str]:
@@ -80,10 +83,15 @@ class AnswerStream:
         return self._answer
 
     def _run(self) -> Iterator[str]:
+        with self._model.lock:  # one generation at a time on a model shared by sessions
+            yield from self._generate()
+
+    def _generate(self) -> Iterator[str]:
         model, started = self._model, time.perf_counter()
         embeds, ranges = model.embed(self._pieces)
         *evidence, question = ranges
-        timings = {"prompt": time.perf_counter() - started}
+        timings = self.timings
+        timings["prompt"] = time.perf_counter() - started
         tokens: list[int] = []
         text = ""
         for token in generate_tokens(model.lm, embeds, model.stop, self._generation):
@@ -119,6 +127,7 @@ class ChatModel:
     def __init__(self, lm, tokenizer, name: str = ""):
         self.lm, self.tokenizer, self.name = lm.eval(), tokenizer, name
         self.stop = stop_ids(lm, tokenizer)
+        self.lock = threading.Lock()  # held while an answer is generated
 
     @property
     def device(self) -> torch.device:

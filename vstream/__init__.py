@@ -7,6 +7,7 @@ from vstream.errors import (
     KernelError,
     MemoryStateError,
     ModelLoadError,
+    ProtocolError,
     SourceError,
     VStreamError,
 )
@@ -18,15 +19,14 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # the answer stage pulls in torch and transformers: load it on first use only
-    if name in ("VideoQA", "AskConfig"):
-        from vstream import qa
+    if name in ("Session", "SessionConfig", "SessionStats"):
+        from vstream import session
 
-        return getattr(qa, name)
+        return getattr(session, name)
     raise AttributeError(f"module 'vstream' has no attribute {name!r}")
 
 __all__ = [
     "AUDIO_SAMPLE_RATE",
-    "AskConfig",
     "AudioChunk",
     "ConfigError",
     "DecodeError",
@@ -38,13 +38,16 @@ __all__ = [
     "MediaInfo",
     "MemoryStateError",
     "ModelLoadError",
+    "ProtocolError",
     "Source",
     "SourceConfig",
     "SourceError",
+    "Session",
+    "SessionConfig",
+    "SessionStats",
     "SourceStats",
     "TranscriptSegment",
     "VStreamError",
-    "VideoQA",
     "Word",
     "open_source",
     "probe",

@@ -87,23 +87,22 @@ def _parser() -> argparse.ArgumentParser:
 def _ask(args) -> None:
     from vstream.models import GenerationConfig
     from vstream.models.prompt import clock
-    from vstream.qa import AskConfig, VideoQA, answer_json
+    from vstream.session import Session, SessionConfig, answer_json
 
     video, questions = (None, args.inputs) if args.load_memory else (args.inputs[0], args.inputs[1:])
     if not questions or not all(q.strip() for q in questions):
         raise vstream.ConfigError("vstream ask needs a video and at least one non-empty question")
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    config = AskConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, generation=generation)
+    config = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, generation=generation)
     if video is not None:
         vstream.probe(video)  # a bad path fails now, before any model loads
     if not args.verbose:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # our own bar is the one a user waits on
-    with VideoQA(args.model, config) as qa:
-        if args.load_memory:
-            qa.load(args.load_memory)
-        else:
+    qa = Session.load(args.load_memory, args.model, config) if args.load_memory else Session(args.model, config)
+    with qa:
+        if not args.load_memory:
             qa.ingest(video, progress=not (args.quiet or args.json))
         if args.save_memory:
             qa.save(args.save_memory)

@@ -29,11 +29,12 @@ class ItemQueue:
         self._cond = threading.Condition()
         self._closed = False
 
-    def put(self, item: Any) -> Any | None:
-        """Queue ``item``; return the item evicted to make room, if any."""
+    def put(self, item: Any, wait: bool | None = None) -> Any | None:
+        """Queue ``item``; return the item evicted to make room, if any. ``wait``
+        overrides the queue's policy for this item: True waits for room, False evicts."""
         with self._cond:
             evicted = None
-            if self.drop:
+            if (not wait) if wait is not None else self.drop:
                 if len(self._items) >= self.maxsize:
                     evicted = self._evict()
             else:

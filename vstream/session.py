@@ -1,0 +1,480 @@
+"""``Session``: one stream's memories, fed and asked at the same time.
+
+Frames and audio arrive by ``push_frame`` / ``push_audio`` (from the caller, or from a
+source the session reads itself on a thread: ``start_source``, ``ingest``) into one
+bounded queue. A writer thread takes them in batches: frames through the frame
+encoder into the visual memory (``StarMemory``), audio to the speech recogniser on its
+own thread, finished transcript segments through the text embedder into the
+transcript memory.
+
+A question never waits for the backlog and never stops the writer: ``ask`` takes a
+snapshot under a lock the writer holds only while it writes one batch into the
+memories (milliseconds): the memory's tokens (a copy, cached per memory version) and
+the transcript lines retrieved for the question. Generation then runs on the snapshot
+with no lock of the session held. The model is shared by any number of sessions and
+generates one answer at a time.
+
+When the queue is full, a live push evicts the oldest waiting frame (counted in
+``stats``); a file read by ``ingest`` waits instead, so no frame of a file is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vstream.config import JsonConfig, check_int
+from vstream.encoders import create_encoder
+from vstream.errors import ConfigError, MemoryStateError, VStreamError
+from vstream.ingest import FileSource, open_source, probe
+from vstream.ingest.queue import Closed, ItemQueue
+from vstream.memory import BankConfig, MemoryTokens, StarConfig, StarMemory
+from vstream.memory.persist import read_json, write_json
+from vstream.models import Answer, AnswerStream, ChatModel, Context, GenerationConfig, describe_scenes, load_model
+from vstream.types import AudioChunk, Frame
+
+logger = logging.getLogger(__name__)
+_END = object()  # queued after a source's last item: flush the recogniser
+
+
+@dataclass
+class SessionConfig(JsonConfig):
+    """Settings of a ``Session``.
+
+    Attributes:
+        fps: frames sampled per second from a source the session reads (default 1.0).
+        asr: transcribe audio (default True).
+        encoder: frame encoder when the model brings no vision tower: ``"pixels"``
+            (default) or a vision model's hub id or folder.
+        transcript_lines: transcript lines retrieved per question (default 8).
+        batch_frames: frames encoded and written per batch (default 8).
+        queue_frames: frames and audio chunks waiting for the writer (default 64);
+            beyond that a live push drops the oldest frame.
+        generation: how answers are generated (``GenerationConfig``).
+    """
+
+    fps: float = 1.0
+    asr: bool = True
+    encoder: str = "pixels"
+    transcript_lines: int = 8
+    batch_frames: int = 8
+    queue_frames: int = 64
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self) -> None:
+        self.generation = GenerationConfig.from_dict(self.generation)
+        if not (isinstance(self.fps, (int, float)) and self.fps > 0):
+            raise ConfigError(f"SessionConfig.fps must be a positive number, got {self.fps!r}")
+        for name in ("transcript_lines", "batch_frames", "queue_frames"):
+            check_int("SessionConfig", name, getattr(self, name), 1)
+
+
+@dataclass
+class SessionStats:
+    """Counters of a session, readable at any time.
+
+    Attributes:
+        frames_in: frames pushed (or read from the source).
+        frames_dropped: frames dropped because the writer fell behind.
+        frames_processed: frames in the visual memory.
+        audio_seconds: seconds of audio pushed.
+        audio_dropped: seconds of audio dropped (the writer's queue or the recogniser's).
+        transcript_segments: lines in the transcript memory.
+        memory_tokens: tokens the visual memory reads out as.
+        lag_seconds: stream seconds between the newest item pushed and the newest
+            frame in the memory.
+        last_t: time of the newest frame in the memory, seconds.
+        questions: questions asked.
+        source_error: why the source the session read stopped, if it failed.
+    """
+
+    frames_in: int = 0
+    frames_dropped: int = 0
+    frames_processed: int = 0
+    audio_seconds: float = 0.0
+    audio_dropped: float = 0.0
+    transcript_segments: int = 0
+    memory_tokens: int = 0
+    lag_seconds: float = 0.0
+    last_t: float = 0.0
+    questions: int = 0
+    source_error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def star_config_for(grid: int) -> StarConfig:
+    """The default STAR layout, with grids no finer than an encoder's ``grid``."""
+    base = min(8, grid)
+    return StarConfig(base_grid=base, spatial_grid=base, temporal_grid=min(4, base), retrieved_grid=base,
+                      bank=BankConfig(grid=base))
+
+
+def answer_json(answer: Answer) -> str:
+    """``{"answer", "evidence": [{start, end, kind, score}], "timings"}`` as one line."""
+    evidence = [{"start": e.start, "end": e.end, "kind": e.kind, "score": e.score} for e in answer.evidence]
+    return json.dumps({"answer": answer.text, "evidence": evidence, "timings": answer.timings})
+
+
+class Session:
+    """A stream's memories, fed and asked concurrently (see the module docstring).
+
+    Args:
+        model: a loaded ``ChatModel`` (may be shared by many sessions), a hub id or
+            folder, or None for the embedded SmolLM2-135M-Instruct.
+        config: ``SessionConfig``.
+    """
+
+    def __init__(self, model: ChatModel | str | None = None, config: SessionConfig | None = None):
+        self.config = config or SessionConfig()
+        self.model = model if isinstance(model, ChatModel) else load_model(model)
+        self.encoder = self.model.frame_encoder or create_encoder(self.config.encoder)
+        memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
+        self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
+        self.transcript = None
+        self._text = self._asr = self._asr_worker = None
+        self._stats = SessionStats()
+        self._newest = 0.0  # time of the newest item pushed
+        self._queue = ItemQueue(self.config.queue_frames, drop=True)
+        self._write_lock = threading.Lock()  # held while one batch is written, and while a snapshot is taken
+        self._stats_lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._source = self._reader = None
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="vstream-session-writer", daemon=True)
+        self._writer.start()
+
+    # -- feeding --------------------------------------------------------------------------
+
+    def push_frame(self, frame: Frame, wait: bool = False) -> bool:
+        """Queue a frame for the memory. Never blocks unless ``wait``: when the queue is
+        full the oldest waiting frame is dropped (counted) and False returned."""
+        if not isinstance(frame, Frame):
+            raise ConfigError(f"push_frame takes a vstream.Frame, got {type(frame).__name__}")
+        with self._stats_lock:
+            self._stats.frames_in += 1
+            self._newest = max(self._newest, frame.t)
+        return self._put(frame, wait)
+
+    def push_audio(self, chunk: AudioChunk, wait: bool = False) -> bool:
+        """Queue audio for the recogniser (ignored when the session's ``asr`` is off)."""
+        if not isinstance(chunk, AudioChunk):
+            raise ConfigError(f"push_audio takes a vstream.AudioChunk, got {type(chunk).__name__}")
+        if not self.config.asr:
+            return True
+        with self._stats_lock:
+            self._stats.audio_seconds += chunk.duration
+            self._newest = max(self._newest, chunk.end)
+        return self._put(chunk, wait)
+
+    def _put(self, item, wait: bool) -> bool:
+        if self._closed:
+            raise VStreamError("the session is closed")
+        try:
+            evicted = self._queue.put(item, wait=wait)
+        except Closed:
+            raise VStreamError("the session is closed") from None
+        self._idle.clear()  # after the put: the writer sets it again once the queue is empty
+        if evicted is not None:
+            self._count_drop(evicted)
+        return evicted is None
+
+    def _count_drop(self, item) -> None:
+        with self._stats_lock:
+            if isinstance(item, Frame):
+                self._stats.frames_dropped += 1
+            elif isinstance(item, AudioChunk):
+                self._stats.audio_dropped += item.duration
+
+    def start_source(self, uri: str, **settings) -> None:
+        """Read ``uri`` (file, URL, camera, ``-``) on a thread of its own, at
+        ``config.fps``. A file is read as fast as the writer takes it, nothing dropped;
+        a live source drops frames when the writer falls behind."""
+        if self._reader is not None and self._reader.is_alive():
+            raise ConfigError("this session already reads a source; close it first")
+        settings.setdefault("fps", self.config.fps)
+        settings.setdefault("audio", self.config.asr)
+        self._source = open_source(uri, **settings)
+        wait = isinstance(self._source, FileSource) and not settings.get("realtime", False)
+        self._idle.clear()  # the writer sets it once the reader has ended and the queue is empty
+        self._reader = threading.Thread(target=self._read_loop, args=(self._source, wait),
+                                        name="vstream-session-reader", daemon=True)
+        self._reader.start()
+
+    def _read_loop(self, source, wait: bool) -> None:
+        try:
+            with source:
+                for item in source:
+                    if self._closed:
+                        return
+                    (self.push_frame if isinstance(item, Frame) else self.push_audio)(item, wait=wait)
+        except VStreamError as exc:
+            if not self._closed:
+                logger.warning("source stopped: %s", exc)
+                with self._stats_lock:
+                    self._stats.source_error = str(exc)
+        finally:
+            if not self._closed:
+                self._queue.put(_END, wait=True)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the source (if any) has ended and everything queued is in the
+        memories, the recogniser flushed. Returns False on timeout."""
+        reader = self._reader
+        if reader is not None:  # it queues the end marker itself when the source ends
+            reader.join(timeout)
+            if reader.is_alive():
+                return False
+        elif not self._idle.is_set() or self._asr_worker is not None:
+            self._queue.put(_END, wait=True)  # pushed items: the recogniser decodes what it holds
+            self._idle.clear()
+        return self._idle.wait(timeout)
+
+    def ingest(self, path: str, progress: bool = True) -> SessionStats:
+        """Read the whole file at ``path`` into the memories (blocking), with a progress
+        bar of stream seconds, frames, audio seconds and speed."""
+        info = probe(path)
+        started = time.perf_counter()
+        self.start_source(path, video=info.video is not None, audio=self.config.asr and info.audio is not None)
+        with tqdm(total=round(info.duration or 0.0, 1) or None, unit="s", disable=not progress, desc="ingesting",
+                  bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s {postfix}") as bar:
+            while not self.wait(timeout=0.2):
+                stats = self.stats
+                elapsed = time.perf_counter() - started
+                bar.update(max(0.0, round(self._newest, 1) - bar.n))
+                bar.set_postfix_str(f"{stats.frames_processed} frames, {stats.audio_seconds:.0f} s audio, "
+                                    f"{self._newest / max(elapsed, 1e-9):.1f}x real time")
+            bar.update(max(0.0, round(self._newest, 1) - bar.n))
+        stats = self.stats
+        if stats.source_error:
+            raise VStreamError(f"{path}: {stats.source_error}")
+        return stats
+
+    # -- the writer -----------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            try:
+                batch = [self._queue.get(timeout=0.1)]
+            except TimeoutError:
+                self._collect_transcript()
+                if len(self._queue) == 0 and (self._reader is None or not self._reader.is_alive()):
+                    self._idle.set()
+                continue
+            except Closed:
+                return
+            while len(batch) < self.config.batch_frames and len(self._queue):
+                try:
+                    batch.append(self._queue.get(timeout=0))
+                except (TimeoutError, Closed):
+                    break
+            try:
+                self._write(batch)
+            except Exception:  # a bad batch must not stop the stream
+                logger.exception("writing a batch into the memory failed; the batch is dropped")
+                for item in batch:
+                    self._count_drop(item)
+
+    def _write(self, batch: list) -> None:
+        frames = [item for item in batch if isinstance(item, Frame)]
+        for item in batch:
+            if isinstance(item, AudioChunk):
+                self._recogniser().submit(item)
+        if frames:
+            features = self.encoder.encode([f.image for f in frames])
+            with self._write_lock:
+                self.memory.extend(features, [f.t for f in frames])
+            with self._stats_lock:
+                self._stats.frames_processed += len(frames)
+                self._stats.last_t = frames[-1].t
+        if any(item is _END for item in batch):
+            if self._asr_worker is not None:
+                self._asr_worker.close()  # decode what is held
+                self._collect_transcript()
+                self._asr_worker = None
+            self._reader = None
+        self._collect_transcript()
+
+    def _recogniser(self):
+        if self._asr_worker is None:
+            from vstream.encoders.asr import ASRWorker, WhisperASR
+
+            self._asr = self._asr or WhisperASR()
+            self._asr_worker = ASRWorker(self._asr, drop=False)  # the session's queue is where drops happen
+        return self._asr_worker
+
+    def _collect_transcript(self) -> None:
+        if self._asr_worker is not None:
+            self.add_transcript(self._asr_worker.segments())
+
+    def add_transcript(self, segments) -> None:
+        """Add transcript segments (``TranscriptSegment``, in time order)."""
+        segments = [s for s in segments if s.text]
+        if not segments:
+            return
+        from vstream.memory.transcript import TranscriptMemory
+
+        embeddings = self.text.encode([s.text for s in segments])
+        with self._write_lock:
+            if self.transcript is None:
+                self.transcript = TranscriptMemory(self.text.dim)
+            self.transcript.extend(segments, embeddings)
+        with self._stats_lock:
+            self._stats.transcript_segments = len(self.transcript)
+
+    @property
+    def text(self):
+        """The text embedder, loaded on first use."""
+        if self._text is None:
+            from vstream.encoders.text import TextEmbedder
+
+            self._text = TextEmbedder()
+        return self._text
+
+    # -- asking ---------------------------------------------------------------------------
+
+    def context(self, question: str, start: float | None = None, end: float | None = None) -> Context:
+        """A snapshot of what the model reads for ``question``, within ``[start, end]``
+        seconds when given."""
+        query = self.text.encode([question])[0] if self.transcript is not None else None
+        with self._write_lock:
+            memory = self.memory.tokens() if self.model.reads_memory_tokens else None
+            clusters = None if self.model.reads_memory_tokens else self.memory.clusters()
+            transcript = self._retrieve(query, start, end) if query is not None else []
+            duration = self.memory.last_t if len(self.memory) else 0.0
+        if memory is not None:
+            return Context(memory=_within(memory, start, end), transcript=transcript, duration=duration)
+        scenes = describe_scenes([c for c in clusters if _overlaps(c[0], c[1], start, end)], self.config.fps)
+        return Context(scenes=scenes, transcript=transcript, duration=duration)
+
+    def _retrieve(self, query, start, end) -> list:
+        k = self.config.transcript_lines
+        if start is None and end is None:
+            return [(hit.segment, hit.score) for hit in self.transcript.search(query, k)]
+        hits = [(hit.segment, hit.score) for hit in self.transcript.search(query, 4 * k)
+                if _overlaps(hit.segment.start, hit.segment.end, start, end)][:k]
+        if len(hits) < k:  # the window's own lines, newest first, when retrieval found too few
+            have = {id(s) for s, _ in hits}
+            inside = self.transcript.between(start if start is not None else 0.0,
+                                             end if end is not None else float("inf"))
+            hits += [(s, 0.0) for s in reversed(inside) if id(s) not in have][: k - len(hits)]
+        return hits
+
+    def stream(self, question: str, start: float | None = None, end: float | None = None,
+               last: float | None = None) -> AnswerStream:
+        """Answer ``question`` token by token (iterate; then ``.result()``), about the
+        whole stream, ``[start, end]`` seconds, or the ``last`` seconds."""
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError(f"the question must be a non-empty string, got {question!r}")
+        if last is not None:
+            if not (isinstance(last, (int, float)) and last > 0):
+                raise ConfigError(f"last must be a positive number of seconds, got {last!r}")
+            start, end = max(0.0, self.stats.last_t - last), None
+        if start is not None and end is not None and end < start:
+            raise ConfigError(f"the window ends ({end} s) before it starts ({start} s)")
+        with self._stats_lock:
+            self._stats.questions += 1
+        started = time.perf_counter()
+        context = self.context(question.strip(), start, end)
+        answer_stream = self.model.stream(context, question.strip(), self.config.generation)
+        answer_stream.timings["retrieval"] = time.perf_counter() - started
+        return answer_stream
+
+    def ask(self, question: str, start: float | None = None, end: float | None = None,
+            last: float | None = None) -> Answer:
+        """The ``Answer`` to ``question`` (see ``stream`` for the window)."""
+        return self.stream(question, start, end, last).result()
+
+    @property
+    def stats(self) -> SessionStats:
+        """A copy of the session's counters."""
+        with self._stats_lock:
+            stats = SessionStats(**asdict(self._stats))
+            newest = self._newest
+        stats.memory_tokens = len(self.memory.tokens()) if len(self.memory) else 0
+        stats.lag_seconds = max(0.0, newest - stats.last_t) if stats.frames_processed else newest
+        return stats
+
+    # -- save, load, close ----------------------------------------------------------------
+
+    def save(self, folder) -> None:
+        """Save both memories into ``folder`` (each atomically; ``session.json`` last)."""
+        folder = Path(folder)
+        with self._write_lock:
+            self.memory.save(folder / "visual")
+            if self.transcript is not None:
+                self.transcript.save(folder / "transcript")
+            write_json(folder / "session.json", {"transcript": self.transcript is not None,
+                                                 "encoder_grid": self.encoder.grid, "encoder_dim": self.encoder.dim,
+                                                 "stats": self.stats.to_dict()})
+
+    @classmethod
+    def load(cls, folder, model: ChatModel | str | None = None, config: SessionConfig | None = None) -> Session:
+        """A session holding the memories ``save`` wrote into ``folder``."""
+        folder = Path(folder)
+        meta = read_json(folder / "session.json")
+        session = cls(model, config)
+        grid, dim = session.encoder.grid, session.encoder.dim
+        if (meta.get("encoder_grid"), meta.get("encoder_dim")) != (grid, dim):
+            session.close()
+            raise MemoryStateError(f"{folder}: saved with a {meta.get('encoder_grid')}x{meta.get('encoder_grid')} x "
+                                   f"{meta.get('encoder_dim')} frame encoder; this one gives {grid}x{grid} x {dim}")
+        memory = StarMemory.load(folder / "visual")
+        with session._write_lock:
+            session.memory.close()
+            session.memory = memory
+            if meta.get("transcript"):
+                from vstream.memory.transcript import TranscriptMemory
+
+                session.transcript = TranscriptMemory.load(folder / "transcript")
+        saved = meta.get("stats") if isinstance(meta.get("stats"), dict) else {}
+        with session._stats_lock:
+            for name in ("frames_in", "frames_dropped", "frames_processed", "audio_seconds", "audio_dropped",
+                         "last_t", "questions"):
+                if isinstance(saved.get(name), (int, float)):
+                    setattr(session._stats, name, saved[name])
+            session._stats.transcript_segments = len(session.transcript) if session.transcript is not None else 0
+            session._newest = session._stats.last_t
+        return session
+
+    def close(self) -> None:
+        """Stop reading, writing and recognising; free the memories. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._source is not None:
+            self._source.close()
+        self._queue.close()
+        self._writer.join(10)
+        if self._reader is not None:
+            self._reader.join(10)
+        if self._asr_worker is not None:
+            self._asr_worker.close(flush=False)
+        self.memory.close()
+        self._idle.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _overlaps(t0: float, t1: float, start: float | None, end: float | None) -> bool:
+    return (start is None or t1 >= start) and (end is None or t0 <= end)
+
+
+def _within(memory: MemoryTokens, start: float | None, end: float | None) -> MemoryTokens:
+    """The tokens whose span overlaps ``[start, end]``."""
+    if start is None and end is None:
+        return memory
+    keep = [i for i, (t0, t1) in enumerate(memory.spans) if _overlaps(t0, t1, start, end)]
+    return MemoryTokens(memory.tokens[keep], [memory.kinds[i] for i in keep], [memory.spans[i] for i in keep])
