@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 
 import numpy as np
 
@@ -56,7 +58,13 @@ def _parser() -> argparse.ArgumentParser:
 
     ask = commands.add_parser("ask", help="answer questions about a video, with the times of the evidence")
     ask.add_argument("inputs", nargs="+", metavar="VIDEO QUESTION",
-                     help="the video, then one or more questions (with --load-memory: questions only)")
+                     help="the video, then one or more questions (with --load-memory or --server: questions only)")
+    ask.add_argument("--server", metavar="ADDR", help="ask a stream on a running server (vstream serve) instead")
+    ask.add_argument("--stream", metavar="ID", help="with --server: the stream to ask (vstream stream prints it)")
+    ask.add_argument("--start", type=float, help="only the stream from this many seconds on")
+    ask.add_argument("--end", type=float, help="only the stream up to this many seconds")
+    ask.add_argument("--last", type=float, help="only the last this many seconds of the stream")
+    _client_flags(ask)
     ask.add_argument("--model", default=None,
                      help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
     ask.add_argument("--encoder", default="pixels",
@@ -72,6 +80,61 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--quiet", action="store_true", help="no progress bar")
     ask.set_defaults(run=_ask)
 
+    serve = commands.add_parser("serve", help="run a ZeroMQ stream server: many streams, one model")
+    serve.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                       help="tcp://HOST:PORT (port * picks a free one) or ipc://PATH (default tcp://127.0.0.1:5555)")
+    serve.add_argument("--model", default=None,
+                       help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--token", default=os.environ.get("VSTREAM_TOKEN"),
+                       help="shared secret every request must carry (default: $VSTREAM_TOKEN; none if unset)")
+    serve.add_argument("--curve-secret", metavar="FILE",
+                       help="the server's CURVE secret certificate (zmq.auth.create_certificates): encrypt and "
+                            "authenticate with CURVE")
+    serve.add_argument("--curve-clients", metavar="DIR",
+                       help="folder of the public certificates of the clients allowed in (default: any client "
+                            "that has the server's public key)")
+    serve.add_argument("--state-dir", help="where stream memories are saved (default: ~/.cache/vstream/streams)")
+    serve.add_argument("--max-streams", type=int, default=16, help="streams open at once (default 16)")
+    serve.add_argument("--max-frame-bytes", type=int, default=3840 * 2160 * 3,
+                       help="largest frame or audio chunk in bytes (default: a 4K RGB frame)")
+    serve.add_argument("--max-header-bytes", type=int, default=16384, help="largest JSON header (default 16384)")
+    serve.add_argument("--max-fps", type=float, default=30.0, help="frames accepted per second and stream (default 30)")
+    serve.add_argument("--idle-timeout", type=float, default=300.0,
+                       help="seconds without a message before a stream is saved and closed (default 300)")
+    serve.add_argument("--queue-size", type=int, default=32, help="questions waiting for the model (default 32)")
+    serve.add_argument("--sources", default="url",
+                       help="comma-separated kinds of source clients may ask the server to read: url, file, "
+                            "camera, or none (default url)")
+    serve.add_argument("--encoder", default="pixels",
+                       help="frame encoder when the model has no vision tower: pixels (default) or a vision model")
+    serve.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe audio")
+    serve.add_argument("--fps", type=float, default=1.0, help="frames per second read from server-side sources")
+    serve.add_argument("--batch-frames", type=int, default=8, help="frames encoded per batch (default 8)")
+    serve.add_argument("--queue-frames", type=int, default=64,
+                       help="frames and audio chunks waiting per stream; beyond that the oldest is dropped (default 64)")
+    serve.add_argument("--max-new-tokens", type=int, default=160, help="longest answer in tokens (default 160)")
+    serve.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    serve.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    serve.set_defaults(run=_serve)
+
+    stream = commands.add_parser("stream", help="send a file, URL or camera to a server as a stream")
+    stream.add_argument("source", help="file path, URL, camera (/dev/video0) or - for stdin")
+    stream.add_argument("--server", required=True, metavar="ADDR", help="the server's address")
+    stream.add_argument("--stream", metavar="ID", help="add to this open stream instead of opening a new one")
+    pace = stream.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", action="store_true",
+                      help="send a file at its own pace, as if live; what the server cannot take is dropped")
+    pace.add_argument("--as-fast-as-accepted", dest="realtime", action="store_false",
+                      help="send as fast as the server takes it, slowing down when it is busy (default)")
+    stream.add_argument("--fps", type=float, default=1.0, help="frames sent per second of video (default 1)")
+    stream.add_argument("--size", type=int, default=None, help="resize so the shorter side is this many pixels")
+    stream.add_argument("--no-audio", action="store_true", help="send no audio")
+    stream.add_argument("--close", action="store_true", help="close the stream when the source ends (it is saved)")
+    stream.add_argument("--quiet", action="store_true", help="no progress line")
+    _client_flags(stream)
+    stream.set_defaults(run=_stream)
+
     synth = commands.add_parser("synth", help="write a synthetic test clip (frame index bar code, moving square, tones)")
     synth.add_argument("output", help="output file: .mp4 .mkv .mov .ts .webm or .avi")
     synth.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
@@ -84,7 +147,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=os.environ.get("VSTREAM_TOKEN"),
+                        help="the server's shared secret (default: $VSTREAM_TOKEN)")
+    parser.add_argument("--curve-server-key", metavar="FILE", help="the server's public CURVE certificate: talk CURVE")
+    parser.add_argument("--curve-key", metavar="FILE",
+                        help="this client's secret CURVE certificate (default: a new key pair)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply (default 30)")
+
+
+def _client(args):
+    from vstream.client import Client
+
+    curve = None
+    if args.curve_server_key:
+        import zmq
+        import zmq.auth
+
+        server_public, _ = zmq.auth.load_certificate(args.curve_server_key)
+        public, secret = zmq.auth.load_certificate(args.curve_key) if args.curve_key else zmq.curve_keypair()
+        if secret is None:
+            raise vstream.ConfigError(f"--curve-key {args.curve_key}: holds no secret key")
+        curve = (server_public.decode(), public.decode(), secret.decode())
+    elif args.curve_key:
+        raise vstream.ConfigError("--curve-key needs --curve-server-key")
+    return Client(args.server, token=args.token, curve=curve, timeout=args.timeout, ask_timeout=max(args.timeout, 120))
+
+
 def _ask(args) -> None:
+    window = {"start": args.start, "end": args.end, "last": args.last}
+    if args.server or args.stream:
+        return _ask_server(args, window)
     from vstream.models import GenerationConfig
     from vstream.models.prompt import clock
     from vstream.session import Session, SessionConfig, answer_json
@@ -108,17 +201,108 @@ def _ask(args) -> None:
             qa.save(args.save_memory)
         for question in questions:
             if args.json:
-                print(answer_json(qa.ask(question)), flush=True)
+                print(answer_json(qa.ask(question, **window)), flush=True)
                 continue
             if len(questions) > 1:
                 print(f"Q: {question}")
-            stream = qa.stream(question)
+            stream = qa.stream(question, **window)
             for text in stream:
                 print(text, end="", flush=True)
             answer = stream.result()
             print()
             for evidence in answer.evidence[:5]:
                 print(f"  {clock(evidence.start)}-{clock(evidence.end)}  {evidence.kind:<10} {evidence.score:.2f}")
+
+
+def _ask_server(args, window: dict) -> None:
+    if not (args.server and args.stream):
+        raise vstream.ConfigError("asking a server needs both --server ADDR and --stream ID")
+    if args.load_memory or args.save_memory:
+        raise vstream.ConfigError("--load-memory and --save-memory work on local videos, not with --server")
+    questions = args.inputs
+    if not all(q.strip() for q in questions):
+        raise vstream.ConfigError("vstream ask needs non-empty questions")
+    with _client(args) as client:
+        for question in questions:
+            if args.json:
+                print(json.dumps(client.ask(args.stream, question, **window)), flush=True)
+                continue
+            if len(questions) > 1:
+                print(f"Q: {question}")
+            answer = client.ask(args.stream, question, **window, on_token=lambda text: print(text, end="", flush=True))
+            print()
+            for evidence in answer["evidence"][:5]:
+                print(f"  {evidence['start']:.1f}-{evidence['end']:.1f} s  {evidence['kind']:<10} {evidence['score']:.2f}")
+
+
+def _serve(args) -> None:
+    from vstream.models import GenerationConfig, load_model
+    from vstream.server import Server, ServerConfig
+    from vstream.session import SessionConfig
+
+    curve_secret, curve_clients = None, ()
+    if args.curve_secret:
+        import zmq.auth
+
+        _, secret = zmq.auth.load_certificate(args.curve_secret)
+        if secret is None:
+            raise vstream.ConfigError(f"--curve-secret {args.curve_secret}: holds no secret key")
+        curve_secret = secret.decode()
+        if args.curve_clients:
+            curve_clients = tuple(key.decode() for key in zmq.auth.load_certificates(args.curve_clients))
+    elif args.curve_clients:
+        raise vstream.ConfigError("--curve-clients needs --curve-secret")
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    session = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, batch_frames=args.batch_frames,
+                            queue_frames=args.queue_frames, generation=generation)
+    sources = tuple(kind.strip() for kind in args.sources.split(",") if kind.strip() not in ("", "none"))
+    config = ServerConfig(bind=args.bind, token=args.token, curve_secret_key=curve_secret,
+                          curve_clients=curve_clients, state_dir=args.state_dir, max_streams=args.max_streams,
+                          max_frame_bytes=args.max_frame_bytes, max_header_bytes=args.max_header_bytes,
+                          max_fps=args.max_fps, idle_timeout=args.idle_timeout, queue_size=args.queue_size,
+                          sources=sources, session=session)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not args.verbose:
+        logging.getLogger("vstream.server").setLevel(logging.INFO)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    server = Server(config, load_model(args.model))
+    print(f"vstream serve: listening on {server.address}", flush=True)
+    server.serve()
+
+
+def _stream(args) -> None:
+    source = vstream.open_source(args.source, fps=args.fps, size=args.size, audio=not args.no_audio,
+                                 realtime=args.realtime)
+    with source, _client(args) as client:
+        stream, offset = args.stream or client.open_stream(), 0.0
+        if args.stream:  # go on with the stream's clock, after what it holds
+            stats = client.stats(stream)
+            if stats["frames_in"]:
+                offset = stats["last_t"] + stats["lag_seconds"] + 1.0 / args.fps
+        print(f"stream {stream}", flush=True)
+        shown = time.monotonic()
+
+        def progress(counts: dict, t: float) -> None:
+            nonlocal shown
+            if not args.quiet and time.monotonic() - shown >= 1.0:
+                shown = time.monotonic()
+                print(f"\r{_progress(counts)}, at {t:.1f} s", end="", file=sys.stderr, flush=True)
+
+        counts = client.send_source(stream, source, realtime=args.realtime, offset=offset, on_progress=progress)
+        if not args.quiet:
+            print(f"\r{_progress(counts)}; the source ended", file=sys.stderr, flush=True)
+        if args.close:
+            print(f"closed; saved in {client.close_stream(stream)}", flush=True)
+
+
+def _progress(counts: dict) -> str:
+    return (f"sent {counts['frames']} frames, {counts['audio_seconds']:.0f} s of audio; "
+            f"{counts['busy']} busy, {counts['rate_dropped']} over the rate limit")
 
 
 def _probe(args) -> None:

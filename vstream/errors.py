@@ -42,3 +42,19 @@ class EncoderError(VStreamError, ValueError):
 class ModelLoadError(VStreamError, OSError):
     """A model cannot be loaded: no such hub id or folder, no network to fetch it, an
     architecture vstream has no adapter for, or files that do not match their config."""
+
+
+class ProtocolError(VStreamError, ValueError):
+    """A message on the wire is malformed or refused: wrong parts, a header that is not
+    a JSON object, an unknown kind, a field of the wrong type, an array whose shape does
+    not match its bytes, a size over a limit, a wrong token.
+
+    Attributes:
+        code: which fault, one of ``vstream.protocol.ERROR_CODES`` (sent back to the peer).
+        request_id: the id of the request it answers, when the header could be read that far.
+    """
+
+    def __init__(self, message: str, code: str = "bad_message", request_id: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id

@@ -1,0 +1,230 @@
+"""``Client``: talk to a vstream stream server (``vstream.server``) over ZeroMQ.
+
+One DEALER socket; every call sends one request with a fresh request id and waits
+for the replies carrying that id, polling with a timeout (``ServerTimeout`` when the
+server stays silent). Replies to earlier requests that timed out are skipped. A
+``Client`` is not thread-safe: give each thread its own.
+
+    with Client("tcp://127.0.0.1:5555", token="secret") as client:
+        stream = client.open_stream()
+        for frame in vstream.open_source("clip.mp4", audio=False):
+            client.send_frame(stream, frame)     # False: the server is full (busy)
+        answer = client.ask(stream, "what happened?", last=60, on_token=print)
+        print(answer["answer"], answer["evidence"][0])
+        client.close_stream(stream)              # saved on the server; open_stream(resume=stream) reopens it
+
+Errors the server sends back raise ``ServerError`` (its ``code`` is one of
+``vstream.protocol.ERROR_CODES``), a question the server is too busy to take raises
+``ServerBusy``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import zmq
+
+from vstream.errors import VStreamError
+from vstream.protocol import Limits, Message, decode, encode, encode_audio, encode_frame
+from vstream.types import AudioChunk, Frame
+
+logger = logging.getLogger(__name__)
+REPLY_LIMITS = Limits(max_header_bytes=64 * 1024 * 1024, max_payload_bytes=0)  # replies carry no payload
+
+
+class ServerError(VStreamError, RuntimeError):
+    """The server answered a request with an error.
+
+    Attributes:
+        code: the error code (``vstream.protocol.ERROR_CODES``).
+        retry_after: seconds to wait before sending again (rate limit), or None.
+    """
+
+    def __init__(self, message: str, code: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.code, self.retry_after = code, retry_after
+
+
+class ServerBusy(ServerError):
+    """The server's work queue was full: the question was not taken; ask again later."""
+
+
+class ServerTimeout(ServerError, TimeoutError):
+    """No reply within the client's timeout: the server is down, unreachable, or
+    refused the connection (a CURVE key it does not know)."""
+
+
+class Client:
+    """A connection to a stream server.
+
+    Args:
+        address: the server's address, ``tcp://HOST:PORT`` or ``ipc://PATH``.
+        token: the server's shared secret, if it has one.
+        curve: ``(server_public, client_public, client_secret)`` z85 keys to talk
+            CURVE; None: plain.
+        timeout: seconds to wait for each reply (an answer waits ``ask_timeout``).
+        ask_timeout: seconds to wait for an answer to start and between its tokens.
+    """
+
+    def __init__(self, address: str, token: str | None = None, curve: tuple[str, str, str] | None = None,
+                 timeout: float = 10.0, ask_timeout: float = 120.0):
+        self.address, self.token, self.timeout, self.ask_timeout = address, token, timeout, ask_timeout
+        self._ids = itertools.count(1)
+        self._ctx = zmq.Context.instance()
+        self.socket = self._ctx.socket(zmq.DEALER)
+        self.socket.linger = 0
+        if curve is not None:
+            server_public, public, secret = curve
+            self.socket.curve_serverkey = server_public.encode()
+            self.socket.curve_publickey = public.encode()
+            self.socket.curve_secretkey = secret.encode()
+        self.socket.connect(address)
+
+    # -- streams --------------------------------------------------------------------------
+
+    def open_stream(self, source: str | None = None, resume: str | None = None, **settings) -> str:
+        """Open a stream and return its id. ``source``: a URL (or path, camera) the
+        server reads itself, with source ``settings`` (fps, size, ...); ``resume``: the
+        id of a stream the server saved, to go on with its memory."""
+        data = self._call("open", source=source, resume=resume, settings=settings or None)
+        return data["stream"]
+
+    def send_frame(self, stream: str, frame: Frame) -> bool:
+        """Send one frame; True when taken, False when the server said ``busy`` (the
+        stream is full: it dropped an older waiting frame for this one). A frame over
+        the stream's rate raises ``ServerError`` with code ``rate`` and ``retry_after``."""
+        request_id = next(self._ids)
+        self._send(encode_frame(stream, frame, request_id, self.token))
+        return self._receive(request_id, self.timeout).kind == "ok"
+
+    def send_audio(self, stream: str, chunk: AudioChunk) -> bool:
+        """Send one audio chunk (16 kHz float32); True when taken, False when busy."""
+        request_id = next(self._ids)
+        self._send(encode_audio(stream, chunk, request_id, self.token))
+        return self._receive(request_id, self.timeout).kind == "ok"
+
+    def send_source(self, stream: str, items, realtime: bool = False, offset: float = 0.0, on_progress=None) -> dict:
+        """Send the ``Frame``s and ``AudioChunk``s of ``items`` (a source from
+        ``vstream.open_source``) to ``stream``, their times shifted by ``offset`` seconds.
+
+        ``realtime``: the items come paced (a live source, a file read in real time);
+        what the server does not take is gone: a frame over the rate limit is dropped,
+        ``busy`` is counted. Otherwise, as fast as the server takes them: wait out the
+        rate limit and send again, and slow down (up to 0.5 s a frame) while the server
+        says ``busy``. ``on_progress(counts, t)`` is called after each item. Returns
+        the counts: ``frames`` and ``audio_seconds`` taken, ``busy``, ``rate_dropped``.
+        """
+        counts = {"frames": 0, "audio_seconds": 0.0, "busy": 0, "rate_dropped": 0}
+        backoff = 0.0
+        for item in items:
+            is_frame = isinstance(item, Frame)
+            if offset:
+                item = (Frame(item.image, item.t + offset, item.index) if is_frame
+                        else AudioChunk(item.samples, item.start + offset, item.end + offset))
+            taken = self._send_item(stream, item, wait=not realtime)
+            if taken is None:
+                counts["rate_dropped"] += 1
+                continue
+            counts["frames" if is_frame else "audio_seconds"] += 1 if is_frame else item.duration
+            if taken:
+                backoff = 0.0
+            else:  # busy: the server dropped an older frame for this one
+                counts["busy"] += 1
+                backoff = min(0.5, max(0.01, 2 * backoff))
+                if not realtime:
+                    time.sleep(backoff)
+            if on_progress is not None:
+                on_progress(counts, item.t if is_frame else item.end)
+        return counts
+
+    def _send_item(self, stream: str, item, wait: bool) -> bool | None:
+        """``send_frame`` / ``send_audio``; over the rate limit: wait and send again,
+        or None (dropped) when not ``wait``."""
+        while True:
+            try:
+                return self.send_frame(stream, item) if isinstance(item, Frame) else self.send_audio(stream, item)
+            except ServerError as exc:
+                if exc.code != "rate":
+                    raise
+                if not wait:
+                    return None
+                time.sleep(exc.retry_after or 0.05)
+
+    def ask(self, stream: str, question: str, start: float | None = None, end: float | None = None,
+            last: float | None = None, on_token=None) -> dict:
+        """Ask ``question`` about the whole stream, ``[start, end]`` seconds, or the
+        ``last`` seconds. ``on_token(text)`` is called with each piece as it is
+        generated. Returns ``{"answer", "evidence": [{start, end, kind, score}],
+        "timings"}`` (what ``vstream ask --json`` prints). Raises ``ServerBusy`` when
+        the server's queue is full."""
+        request_id = next(self._ids)
+        self._send(encode("ask", request_id, token=self.token, stream=stream, question=question, start=start,
+                          end=end, last=last, tokens=True if on_token else None))
+        while True:
+            reply = self._receive(request_id, self.ask_timeout)
+            if reply.kind == "token":
+                on_token(reply.get("text"))
+            elif reply.kind == "answer":
+                return {name: reply.get(name) for name in ("answer", "evidence", "timings")}
+            else:
+                raise ServerBusy("the server's question queue is full; ask again later", "busy")
+
+    def close_stream(self, stream: str) -> str:
+        """Close a stream; returns the folder the server saved its memory in."""
+        return self._call("close", stream=stream)["saved"]
+
+    def list_streams(self) -> list[dict]:
+        """Every open stream with its stats."""
+        return self._call("list")["streams"]
+
+    def stats(self, stream: str | None = None) -> dict:
+        """A stream's stats (the session's counters and the server's: ``rate_dropped``,
+        ``busy``, ``pending``, ``idle_seconds``), or the server's own with no stream."""
+        return self._call("stats", stream=stream)["stats"]
+
+    def health(self) -> dict:
+        """``{"status", "protocol", "version", "model", "streams", "queue", "uptime"}``."""
+        return self._call("health")
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _call(self, kind: str, **fields) -> dict:
+        request_id = next(self._ids)
+        self._send(encode(kind, request_id, token=self.token, **fields))
+        reply = self._receive(request_id, self.timeout)
+        if reply.kind != "ok":
+            raise ServerError(f"unexpected {reply.kind!r} reply to {kind!r}", "bad_message")
+        return reply.get("data") or {}
+
+    def _send(self, parts: list) -> None:
+        if self.socket.closed:
+            raise VStreamError("this client is closed")
+        self.socket.send_multipart([b"", *parts], copy=False)
+
+    def _receive(self, request_id: int, timeout: float) -> Message:
+        """The next reply to ``request_id``; an ``error`` reply raises ``ServerError``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.socket.poll(max(1, int(left * 1000))):
+                raise ServerTimeout(f"no reply from {self.address} within {timeout:g} s", "timeout")
+            reply = decode(self.socket.recv_multipart(), REPLY_LIMITS, reply=True)
+            if reply.id is not None and reply.id != request_id:
+                logger.debug("skipped a late %s reply to request %s", reply.kind, reply.id)
+                continue
+            if reply.kind == "error":
+                raise ServerError(f"{self.address}: {reply.get('message')}", reply.get("code"),
+                                  reply.get("retry_after"))
+            return reply
+
+    def close(self) -> None:
+        """Close the socket (open streams stay open on the server). Idempotent."""
+        self.socket.close(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

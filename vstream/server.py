@@ -1,0 +1,569 @@
+"""The ZeroMQ stream server: many live streams, each its own ``Session``, one shared model.
+
+Design (the engine decides, workers execute; the wire format is ``vstream.protocol``):
+
+- One ROUTER socket (tcp or ipc), read and written by the loop thread only (ZeroMQ
+  sockets are not thread-safe). ``step()`` is one turn: poll the ROUTER, the results
+  socket and, with CURVE, the ZAP socket (100 ms at most); serve the requests; forward
+  what the workers produced; close idle streams.
+- Frames and audio are pushed into their stream's session on the loop thread (never
+  blocking: the session's writer thread encodes them). Backpressure: when the session's
+  queue is full it drops its oldest waiting frame for the new one, and the server
+  replies ``busy`` (reason ``frames``) instead of ``ok``: the sender is outrunning the
+  stream. Busy replies are counted (``busy``), the drops too (``frames_dropped``).
+- Rate limit: frames over ``max_fps`` (a token bucket holding one second of frames)
+  never reach the session: counted (``rate_dropped``), answered ``error`` ``rate``
+  with ``retry_after`` seconds.
+- Questions go into one bounded work queue; one model worker answers them in order,
+  streaming tokens when asked; a full queue answers ``busy`` (reason ``queue``). The
+  worker, and the threads that open a source the server reads itself (a URL may take
+  seconds), hand their replies to the loop through an inproc PUSH -> PULL socket.
+- A stream closes (``close``, ``idle_timeout``, SIGTERM / SIGINT) once its questions in
+  flight are answered: its pushed frames are written, its memory saved under
+  ``state_dir/<stream id>``; ``open`` with ``resume=<id>`` reopens it, here or in a
+  restarted server.
+- Every fault becomes an ``error`` reply; an unexpected exception is logged with its
+  traceback, never stops the loop. Refusals (token, CURVE key) are logged with the
+  peer's address and identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import zmq
+from zmq.utils import z85
+
+import vstream
+from vstream.config import JsonConfig, cache_dir, check_int, check_number
+from vstream.errors import ConfigError, ProtocolError, SourceError, VStreamError
+from vstream.ingest import SourceConfig
+from vstream.ingest.container import source_kind
+from vstream.models import ChatModel, load_model
+from vstream.protocol import VERSION, Limits, Message, answer_fields, decode, encode
+from vstream.session import Session, SessionConfig
+
+logger = logging.getLogger(__name__)
+
+POLL_MS = 100  # longest wait of one step; also how late a stop request is seen
+RECEIVE_BATCH = 256  # requests served per step before the worker's replies get their turn
+SOURCE_KINDS = ("url", "file", "camera")
+
+
+@dataclass
+class ServerConfig(JsonConfig):
+    """Settings of a ``Server``.
+
+    Attributes:
+        bind: address of the ROUTER socket, ``tcp://HOST:PORT`` (port ``*``: any free
+            one, see ``Server.address``) or ``ipc://PATH`` (default ``tcp://127.0.0.1:5555``).
+        token: shared secret every request must carry; None: no token (default).
+        curve_secret_key: the server's CURVE secret key (z85, 40 characters); None: no
+            CURVE (default). Clients then need the matching public key.
+        curve_clients: z85 public keys of the clients allowed in with CURVE; empty: any
+            client that knows the server's public key (default).
+        state_dir: folder of saved stream memories, one sub-folder per stream id;
+            None: ``<vstream cache>/streams`` (default).
+        max_streams: streams open at once (default 16).
+        max_frame_bytes: largest payload, a frame or an audio chunk, in bytes (default
+            a 3840x2160 RGB frame, 24,883,200).
+        max_header_bytes: largest JSON header, bytes (default 16384).
+        max_fps: frames accepted per second and stream; one second's worth may come
+            at once (default 30.0).
+        idle_timeout: seconds without a message after which a stream is saved and
+            closed (default 300.0); a source the server reads keeps its stream alive
+            while it delivers frames.
+        queue_size: questions waiting for the model (default 32).
+        sources: kinds of source a client may ask the server to read itself: any of
+            ``url``, ``file`` (a path on the server), ``camera`` (default ``url`` only).
+        session: ``SessionConfig`` of every stream.
+    """
+
+    bind: str = "tcp://127.0.0.1:5555"
+    token: str | None = None
+    curve_secret_key: str | None = None
+    curve_clients: tuple[str, ...] = ()
+    state_dir: str | None = None
+    max_streams: int = 16
+    max_frame_bytes: int = 3840 * 2160 * 3
+    max_header_bytes: int = 16384
+    max_fps: float = 30.0
+    idle_timeout: float = 300.0
+    queue_size: int = 32
+    sources: tuple[str, ...] = ("url",)
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+    def __post_init__(self) -> None:
+        self.session = SessionConfig.from_dict(self.session)
+        self.curve_clients, self.sources = tuple(self.curve_clients), tuple(self.sources)
+        for name in ("max_streams", "max_frame_bytes", "max_header_bytes", "queue_size"):
+            check_int("ServerConfig", name, getattr(self, name), 1)
+        check_number("ServerConfig", "max_fps", self.max_fps, 0.0)
+        check_number("ServerConfig", "idle_timeout", self.idle_timeout, 0.0)
+        if not (isinstance(self.bind, str) and self.bind.startswith(("tcp://", "ipc://"))):
+            raise ConfigError(f"ServerConfig.bind must be a tcp:// or ipc:// address, got {self.bind!r}")
+        if self.token is not None and not (isinstance(self.token, str) and self.token):
+            raise ConfigError("ServerConfig.token must be a non-empty string or None")
+        for key in (self.curve_secret_key, *self.curve_clients):
+            if key is not None and not (isinstance(key, str) and len(key) == 40):
+                raise ConfigError(f"ServerConfig: CURVE keys are 40 z85 characters, got {len(str(key))}")
+        unknown = sorted(set(self.sources) - set(SOURCE_KINDS))
+        if unknown:
+            raise ConfigError(f"ServerConfig.sources: unknown kind(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(SOURCE_KINDS)}")
+
+
+@dataclass(eq=False)
+class Stream:
+    """What the loop knows of one stream besides its session."""
+
+    id: str
+    session: Session
+    source: str | None
+    seen: float  # time.monotonic() of the last message naming it
+    bucket: float  # frames the rate limit still lets through now
+    refilled: float  # when the bucket was last filled
+    frames: int = 0  # frames received (the index of a frame sent without one)
+    last_t: float = -math.inf  # time of the newest frame taken, seconds: no frame may go back in time
+    rate_dropped: int = 0  # frames dropped over the rate limit
+    busy: int = 0  # frames and audio chunks answered busy
+    pending: int = 0  # questions queued or being answered, and a source being opened
+    frames_in: int = -1  # the session's frames_in at the last idle check
+    waiters: list = field(default_factory=list)  # (identity, request id) of close requests
+
+    def describe(self) -> dict:
+        return {"stream": self.id, "source": self.source, "rate_dropped": self.rate_dropped, "busy": self.busy,
+                "pending": self.pending, "idle_seconds": round(time.monotonic() - self.seen, 3),
+                **self.session.stats.to_dict()}
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """A question for the model worker."""
+
+    identity: bytes
+    request_id: int
+    stream: str
+    session: Session
+    question: str
+    window: dict
+    tokens: bool
+
+
+class Server:
+    """A stream server on ``config.bind`` answering from ``model`` (a loaded
+    ``ChatModel``, a hub id or folder, or None for the embedded default).
+
+    ``serve()`` runs until SIGTERM or SIGINT; ``run()`` until ``stop()``; ``step()``
+    is one turn of the loop. ``close()`` saves every stream and frees everything.
+    """
+
+    def __init__(self, config: ServerConfig | None = None, model: ChatModel | str | None = None):
+        self.config = config or ServerConfig()
+        self.model = model if isinstance(model, ChatModel) else load_model(model)
+        self.limits = Limits(self.config.max_header_bytes, self.config.max_frame_bytes)
+        self.state_dir = Path(self.config.state_dir or cache_dir() / "streams")
+        self.streams: dict[str, Stream] = {}
+        self._closing: dict[str, Stream] = {}  # waiting for their questions before they close
+        self.counters = dict.fromkeys(("requests", "errors", "refused", "busy", "answers", "rate_dropped"), 0)
+        self.started = time.monotonic()
+        self._stopping = False
+        self._swept = self.started
+        self._refusals: dict[bytes, float] = {}  # identity -> when a refusal was last logged
+        self._ctx = zmq.Context()
+        self.socket = self._ctx.socket(zmq.ROUTER)
+        self.socket.linger = 0
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 2 * (self.config.max_frame_bytes + self.config.max_header_bytes))
+        self._zap = None
+        if self.config.curve_secret_key:  # the ZAP handler is bound before the socket that asks it
+            self._zap = self._ctx.socket(zmq.REP)
+            self._zap.bind("inproc://zeromq.zap.01")
+            self.socket.curve_server = True
+            self.socket.curve_secretkey = self.config.curve_secret_key.encode()
+        try:
+            self.socket.bind(self.config.bind)
+        except zmq.ZMQError as exc:
+            self._ctx.destroy(linger=0)
+            raise ConfigError(f"cannot bind {self.config.bind}: {exc}") from None
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._results_address = f"inproc://vstream-results-{id(self)}"
+        self._results = self._ctx.socket(zmq.PULL)
+        self._results.bind(self._results_address)
+        self._poller = zmq.Poller()
+        for sock in (self.socket, self._results, self._zap):
+            if sock is not None:
+                self._poller.register(sock, zmq.POLLIN)
+        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=self.config.queue_size)
+        self._openers: list[threading.Thread] = []
+        self._worker = threading.Thread(target=self._work, name="vstream-server-model", daemon=True)
+        self._worker.start()
+        logger.info("serving on %s with model %s", self.address, self.model.name or type(self.model).__name__)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """``run()`` until SIGTERM or SIGINT (a second one kills), then ``close()``:
+        every stream is saved. Call from the main thread."""
+
+        def stop(signum, _frame) -> None:
+            logger.info("%s: saving the streams and stopping", signal.Signals(signum).name)
+            signal.signal(signum, signal.SIG_DFL)
+            self.stop()
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def run(self) -> None:
+        """Serve until ``stop()``, then ``close()``."""
+        try:
+            while not self._stopping:
+                self.step()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current step (safe from a signal handler)."""
+        self._stopping = True
+
+    def step(self, timeout_ms: int = POLL_MS) -> None:
+        """One turn: wait up to ``timeout_ms`` for input; authenticate CURVE peers;
+        serve the requests that came; forward the workers' replies; close idle streams."""
+        events = dict(self._poller.poll(timeout_ms))
+        if self._zap is not None and self._zap in events:
+            self._authenticate()
+        if self.socket in events:
+            for _ in range(RECEIVE_BATCH):
+                try:
+                    parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle(parts)
+        if self._results in events:
+            self._forward()
+        now = time.monotonic()
+        if now - self._swept >= 1.0:
+            self._swept = now
+            self._sweep(now)
+
+    def _handle(self, parts: list) -> None:
+        """Check one request and serve it; whatever goes wrong becomes an error reply."""
+        identity, message = parts[0].bytes, None
+        try:
+            message = decode([p.buffer for p in parts[1:]], self.limits, self.config.token)
+            self.counters["requests"] += 1
+            getattr(self, f"_on_{message.kind}")(identity, message)
+        except ProtocolError as exc:
+            if exc.code == "auth":
+                self._refused(identity, parts[0].get("Peer-Address"), str(exc))
+            self._error(identity, exc.request_id, exc.code, str(exc))
+        except (VStreamError, ValueError) as exc:
+            code = "source" if isinstance(exc, SourceError) else "invalid"
+            self._error(identity, message and message.id, code, str(exc))
+        except Exception as exc:
+            logger.exception("a %s request from %s failed", message and message.kind, identity.hex())
+            self._error(identity, message and message.id, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _reply(self, identity: bytes, kind: str, request_id, **fields) -> None:
+        self.socket.send_multipart([identity, b"", *encode(kind, request_id, **fields)])
+
+    def _error(self, identity: bytes, request_id, code: str, message: str, **fields) -> None:
+        self.counters["errors"] += 1
+        self._reply(identity, "error", request_id, code=code, message=message, **fields)
+
+    def _refused(self, identity: bytes, peer: str, why: str) -> None:
+        self.counters["refused"] += 1
+        now = time.monotonic()
+        if now - self._refusals.get(identity, -math.inf) >= 10.0:  # one line per peer per 10 s
+            if len(self._refusals) > 1000:
+                self._refusals.clear()
+            self._refusals[identity] = now
+            logger.warning("refused a request from %s (identity %s): %s", peer, identity.hex() or "none", why)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _stream(self, message: Message) -> Stream:
+        stream = self.streams.get(message.get("stream"))
+        if stream is None:
+            closing = " (it is closing)" if message.get("stream") in self._closing else ""
+            raise ProtocolError(f"no open stream {message.get('stream')!r}{closing}", "unknown_stream", message.id)
+        stream.seen = time.monotonic()
+        return stream
+
+    def _on_open(self, identity: bytes, message: Message) -> None:
+        if len(self.streams) + len(self._closing) >= self.config.max_streams:
+            raise ProtocolError(f"the server holds its maximum of {self.config.max_streams} streams; "
+                                "close one first", "max_streams", message.id)
+        source, settings, resume = message.get("source"), message.get("settings") or {}, message.get("resume")
+        if source is not None:
+            self._check_source(source, settings, message.id)
+        elif settings:
+            raise ProtocolError("field 'settings' needs a 'source'", "invalid", message.id)
+        if resume is not None:
+            if resume in self.streams or resume in self._closing:
+                raise ProtocolError(f"stream {resume!r} is already open", "exists", message.id)
+            if not (self.state_dir / resume / "session.json").is_file():
+                raise ProtocolError(f"no saved stream {resume!r} in the state folder", "not_found", message.id)
+            session, stream_id = Session.load(self.state_dir / resume, self.model, self.config.session), resume
+        else:
+            stream_id = secrets.token_hex(8)
+            while (self.state_dir / stream_id).exists():
+                stream_id = secrets.token_hex(8)
+            session = Session(self.model, self.config.session)
+        now = time.monotonic()
+        stream = Stream(stream_id, session, source, seen=now, bucket=max(1.0, self.config.max_fps), refilled=now)
+        if resume is not None:
+            stream.last_t = session.stats.last_t
+        self.streams[stream_id] = stream
+        logger.info("opened stream %s%s%s", stream_id, " (resumed)" if resume else "",
+                    f" reading {source}" if source else "")
+        if source is None:
+            self._reply(identity, "ok", message.id, data={"stream": stream_id, "resumed": resume is not None})
+            return
+        stream.pending += 1  # the reply comes once the source is open
+        opener = threading.Thread(target=self._open_source, name=f"vstream-server-open-{stream_id}", daemon=True,
+                                  args=(stream, settings, identity, message.id, resume is not None))
+        self._openers = [t for t in self._openers if t.is_alive()] + [opener]
+        opener.start()
+
+    def _check_source(self, source: str, settings: dict, request_id) -> None:
+        kind = source_kind(source).value
+        if kind not in self.config.sources:
+            raise ProtocolError(f"this server does not read {kind} sources (allowed: "
+                                f"{', '.join(self.config.sources) or 'none'})", "forbidden", request_id)
+        unknown = sorted(set(settings) - {f.name for f in fields(SourceConfig)})
+        if unknown:
+            raise ProtocolError(f"field 'settings': unknown source setting(s) {', '.join(unknown)}", "invalid",
+                                request_id)
+
+    def _on_frame(self, identity: bytes, message: Message) -> None:
+        stream = self._stream(message)
+        now = time.monotonic()
+        rate = self.config.max_fps
+        stream.bucket = min(max(1.0, rate), stream.bucket + (now - stream.refilled) * rate)
+        stream.refilled = now
+        if stream.bucket < 1.0:
+            stream.rate_dropped += 1
+            self.counters["rate_dropped"] += 1
+            self._error(identity, message.id, "rate", f"stream {stream.id}: over {rate:g} frames/s; the frame at "
+                        f"t={message.get('t')} was dropped", retry_after=round((1.0 - stream.bucket) / rate, 4))
+            return
+        stream.bucket -= 1.0
+        frame = message.frame(stream.frames)
+        if frame.t < stream.last_t:  # the memory takes frames in time order only
+            raise ProtocolError(f"field 't': {frame.t} s is earlier than the stream's previous frame "
+                                f"({stream.last_t} s)", "invalid", message.id)
+        stream.frames, stream.last_t = stream.frames + 1, frame.t
+        self._pushed(identity, message, stream, stream.session.push_frame(frame))
+
+    def _on_audio(self, identity: bytes, message: Message) -> None:
+        stream = self._stream(message)
+        self._pushed(identity, message, stream, stream.session.push_audio(message.audio()))
+
+    def _pushed(self, identity: bytes, message: Message, stream: Stream, accepted: bool) -> None:
+        if accepted:
+            self._reply(identity, "ok", message.id)
+            return
+        stream.busy += 1
+        self.counters["busy"] += 1
+        self._reply(identity, "busy", message.id, reason="frames")
+
+    def _on_ask(self, identity: bytes, message: Message) -> None:
+        stream = self._stream(message)
+        window = {name: message.get(name) for name in ("start", "end", "last") if message.get(name) is not None}
+        job = Job(identity, message.id, stream.id, stream.session, message.get("question"), window,
+                  message.get("tokens", False))
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            self.counters["busy"] += 1
+            self._reply(identity, "busy", message.id, reason="queue")
+            return
+        stream.pending += 1
+
+    def _on_close(self, identity: bytes, message: Message) -> None:
+        stream = self._stream(message)
+        stream.waiters.append((identity, message.id))
+        self._close_stream(stream, "closed by a client")
+
+    def _on_list(self, identity: bytes, message: Message) -> None:
+        self._reply(identity, "ok", message.id, data={"streams": [s.describe() for s in self.streams.values()]})
+
+    def _on_stats(self, identity: bytes, message: Message) -> None:
+        if message.get("stream") is not None:
+            self._reply(identity, "ok", message.id, data={"stats": self._stream(message).describe()})
+            return
+        stats = {**self.counters, "streams": len(self.streams), "closing": len(self._closing),
+                 "queue": self._jobs.qsize(), "queue_size": self.config.queue_size,
+                 "uptime": round(time.monotonic() - self.started, 3)}
+        self._reply(identity, "ok", message.id, data={"stats": stats})
+
+    def _on_health(self, identity: bytes, message: Message) -> None:
+        self._reply(identity, "ok", message.id, data={
+            "status": "stopping" if self._stopping else "ok", "protocol": VERSION, "version": vstream.__version__,
+            "model": self.model.name, "streams": len(self.streams), "queue": self._jobs.qsize(),
+            "uptime": round(time.monotonic() - self.started, 3)})
+
+    # -- workers --------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        """The model worker: answers the queued questions, one at a time."""
+        out = self._ctx.socket(zmq.PUSH)
+        out.connect(self._results_address)
+        try:
+            while (job := self._jobs.get()) is not None:
+                self._answer(job, out)
+        finally:
+            out.close()
+
+    def _answer(self, job: Job, out) -> None:
+        def send(tag: bytes, kind: str, **fields) -> None:
+            out.send_multipart([tag, job.stream.encode(), job.identity, b"", *encode(kind, job.request_id, **fields)])
+
+        try:
+            answer_stream = job.session.stream(job.question, **job.window)
+            for piece in answer_stream:
+                if job.tokens:
+                    send(b"part", "token", text=piece)
+            send(b"answer", "answer", **answer_fields(answer_stream.result()))
+        except (VStreamError, ValueError) as exc:
+            send(b"done", "error", code="invalid", message=str(exc))
+        except Exception as exc:
+            logger.exception("answering %r on stream %s failed", job.question, job.stream)
+            send(b"done", "error", code="internal", message=f"{type(exc).__name__}: {exc}")
+
+    def _open_source(self, stream: Stream, settings: dict, identity: bytes, request_id: int, resumed: bool) -> None:
+        """An opener thread: starts the session's source (a URL may take seconds to open)."""
+        out = self._ctx.socket(zmq.PUSH)
+        out.connect(self._results_address)
+        tag, reply = b"done", encode("ok", request_id, data={"stream": stream.id, "resumed": resumed})
+        try:
+            stream.session.start_source(stream.source, **settings)
+        except (VStreamError, ValueError) as exc:
+            logger.warning("stream %s: cannot read %s: %s", stream.id, stream.source, exc)
+            code = "invalid" if isinstance(exc, ConfigError) else "source"
+            tag, reply = b"failed", encode("error", request_id, code=code, message=str(exc))
+        except Exception as exc:
+            logger.exception("opening %s for stream %s failed", stream.source, stream.id)
+            tag, reply = b"failed", encode("error", request_id, code="internal", message=f"{type(exc).__name__}: {exc}")
+        out.send_multipart([tag, stream.id.encode(), identity, b"", *reply])
+        out.close()
+
+    def _forward(self) -> None:
+        """Send the workers' replies on; a finished request may let its stream close."""
+        while True:
+            try:
+                tag, stream_id, *reply = self._results.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.socket.send_multipart(reply)
+            if tag == b"part":
+                continue
+            self.counters["answers"] += tag == b"answer"
+            stream_id = stream_id.decode()
+            stream = self.streams.get(stream_id) or self._closing.get(stream_id)
+            if stream is None:  # cannot happen: a stream with work pending stays in one of the two tables
+                logger.error("a reply for stream %s, which is gone", stream_id)
+                continue
+            stream.pending -= 1
+            if tag == b"failed":  # the source did not open: the stream never was
+                self.streams.pop(stream_id, None)
+                stream.session.close()
+                continue
+            if stream.pending == 0 and stream_id in self._closing:
+                self._finish_close(self._closing.pop(stream_id))
+
+    # -- closing ------------------------------------------------------------------------
+
+    def _sweep(self, now: float) -> None:
+        """Close the streams idle for ``idle_timeout`` seconds."""
+        for stream in list(self.streams.values()):
+            if stream.pending or now - stream.seen < self.config.idle_timeout:
+                continue
+            if stream.source is not None:  # a source the server reads keeps its stream alive while it delivers
+                frames_in = stream.session.stats.frames_in
+                if frames_in != stream.frames_in:
+                    stream.frames_in, stream.seen = frames_in, now
+                    continue
+            self._close_stream(stream, f"idle for {now - stream.seen:.0f} s")
+
+    def _close_stream(self, stream: Stream, why: str) -> None:
+        del self.streams[stream.id]
+        logger.info("closing stream %s: %s", stream.id, why)
+        if stream.pending:
+            self._closing[stream.id] = stream  # closes when its last question is answered
+        else:
+            self._finish_close(stream)
+
+    def _finish_close(self, stream: Stream) -> None:
+        """Write what was pushed, save the memory, free the session, answer the closers."""
+        folder = self.state_dir / stream.id
+        try:
+            if stream.source is None:
+                stream.session.wait(timeout=5.0)
+            stream.session.save(folder)
+            error = None
+        except Exception as exc:
+            logger.exception("saving stream %s into %s failed", stream.id, folder)
+            error = f"saving the stream failed: {type(exc).__name__}: {exc}"
+        finally:
+            stream.session.close()
+        for identity, request_id in stream.waiters:
+            if error is None:
+                self._reply(identity, "ok", request_id, data={"stream": stream.id, "saved": str(folder)})
+            else:
+                self._error(identity, request_id, "internal", error)
+
+    def close(self) -> None:
+        """Refuse the questions still queued, let the one being answered finish, save
+        and close every stream, and free the sockets. Idempotent."""
+        if self.socket.closed:
+            return
+        self._stopping = True
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._error(job.identity, job.request_id, "shutting_down", "the server is stopping")
+                stream = self.streams.get(job.stream) or self._closing.get(job.stream)
+                stream.pending -= 1
+        self._jobs.put(None)
+        deadline = time.monotonic() + 30.0
+        while (self._worker.is_alive() or any(t.is_alive() for t in self._openers)) and time.monotonic() < deadline:
+            if self._results.poll(50):
+                self._forward()
+        self._forward()
+        for stream in [*self.streams.values(), *self._closing.values()]:
+            self._finish_close(stream)
+        logger.info("saved %d stream(s) into %s", len(self.streams) + len(self._closing), self.state_dir)
+        self.streams.clear()
+        self._closing.clear()
+        for sock in (self.socket, self._results, self._zap):
+            if sock is not None:
+                sock.close(linger=0)
+        if not self._worker.is_alive() and not any(t.is_alive() for t in self._openers):
+            self._ctx.term()
+
+    def _authenticate(self) -> None:
+        """Answer one ZAP request: a CURVE client is let in if its key is allowed."""
+        version, request_id, _domain, address, identity, mechanism, *credentials = self._zap.recv_multipart()
+        key = z85.encode(credentials[0]).decode() if mechanism == b"CURVE" and credentials else None
+        allowed = key is not None and (not self.config.curve_clients or key in self.config.curve_clients)
+        if not allowed:
+            self._refused(identity, address.decode(errors="replace"), f"CURVE key {key} is not allowed")
+        status = (b"200", b"OK") if allowed else (b"400", b"key not allowed")
+        self._zap.send_multipart([version, request_id, *status, key.encode() if allowed else b"", b""])
+
