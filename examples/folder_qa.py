@@ -17,7 +17,6 @@ from pathlib import Path
 
 import vstream
 from vstream.models import load_model
-from vstream.session import answer_json
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".ts"}
 
@@ -42,7 +41,7 @@ def main() -> None:
                 print(json.dumps({"video": video.name, "error": str(exc)}), flush=True)
                 continue
             for question in args.questions:
-                result = json.loads(answer_json(session.ask(question)))
+                result = session.ask(question).to_dict()
                 print(json.dumps({"video": video.name, "question": question, **result}), flush=True)
             if args.save_memories is not None:
                 session.save(args.save_memories / video.stem)

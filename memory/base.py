@@ -180,6 +180,10 @@ class StreamMemory:
     def __len__(self) -> int:
         return self.frames_seen
 
+    def token_count(self) -> int:
+        """How many tokens ``tokens()`` gives now (a policy may count without building them)."""
+        return len(self.tokens())
+
     def clusters(self) -> list[tuple[float, float, float]]:
         """``(start, end, frames)`` of each cluster of the policy's clustered memory
         (STAR: temporal; Flash: synopsis), in seconds and frames, by start."""

@@ -181,6 +181,16 @@ class StarMemory(StreamMemory):
 
     # -- read -----------------------------------------------------------------------------
 
+    def token_count(self) -> int:
+        """How many tokens ``tokens()`` gives now, counted without building them."""
+        c = self.config
+        with self._lock:
+            if self.dim is None:
+                return 0
+            return (self.slot_count * c.abstract_grid**2 + self.centroid_count * c.temporal_grid**2
+                    + min(c.retrieved_length, self.centroid_count) * c.retrieved_grid**2
+                    + self.spatial_count * c.spatial_grid**2)
+
     def _tokens(self, out: TokenList) -> None:
         c = self.config
         n = self.slot_count

@@ -62,6 +62,12 @@ class Answer:
     evidence: list[Evidence] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        """``{"answer", "evidence": [{start, end, kind, score}] best first, "timings"}``:
+        what ``vstream ask --json`` prints and the server's answer reply carries."""
+        evidence = [{"start": e.start, "end": e.end, "kind": e.kind, "score": e.score} for e in self.evidence]
+        return {"answer": self.text, "evidence": evidence, "timings": dict(self.timings)}
+
 
 class AnswerStream:
     """The answer as it is generated: iterate for text pieces; ``result()`` finishes

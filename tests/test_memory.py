@@ -101,6 +101,7 @@ def test_token_layout_default_config():
     with StarMemory() as memory:
         memory.add(frames[0], times[0])
         assert memory.tokens().counts() == {"abstract": 1, "temporal": 16, "retrieved": 64, "spatial": 64}
+        assert memory.token_count() == 145
         memory.extend(frames[1:], times[1:])
         out = memory.tokens()
         assert len(out) == StarConfig().num_tokens == 681
@@ -325,6 +326,7 @@ def test_token_count_is_fixed_from_frame_26_to_frame_36000():
             memory.extend(frames, [float(i) for i in range(added, stop)])
             added = stop
             counts[stop] = len(memory.tokens())
+            assert memory.token_count() == counts[stop]
             if stop >= 26:
                 state_bytes.add(sum(t.numel() * t.element_size() for t in memory._tensors().values()))
         assert counts[25] == 681 and set(counts.values()) == {681}

@@ -180,7 +180,7 @@ def _ask(args) -> None:
         return _ask_server(args, window)
     from vstream.models import GenerationConfig
     from vstream.models.prompt import clock
-    from vstream.session import Session, SessionConfig, answer_json
+    from vstream.session import Session, SessionConfig
 
     video, questions = (None, args.inputs) if args.load_memory else (args.inputs[0], args.inputs[1:])
     if not questions or not all(q.strip() for q in questions):
@@ -201,7 +201,7 @@ def _ask(args) -> None:
             qa.save(args.save_memory)
         for question in questions:
             if args.json:
-                print(answer_json(qa.ask(question, **window)), flush=True)
+                print(json.dumps(qa.ask(question, **window).to_dict()), flush=True)
                 continue
             if len(questions) > 1:
                 print(f"Q: {question}")

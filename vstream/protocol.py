@@ -169,13 +169,6 @@ def encode_audio(stream: str, chunk: AudioChunk, request_id: int, token: str | N
     return encode("audio", request_id, chunk.samples, token=token, stream=stream, start=chunk.start)
 
 
-def answer_fields(answer) -> dict:
-    """The ``answer`` reply's fields for a ``vstream.models.Answer``: ``answer``,
-    ``evidence`` [{start, end, kind, score}] best first, ``timings`` (seconds)."""
-    evidence = [{"start": e.start, "end": e.end, "kind": e.kind, "score": e.score} for e in answer.evidence]
-    return {"answer": answer.text, "evidence": evidence, "timings": dict(answer.timings)}
-
-
 def decode(parts: list, limits: Limits = Limits(), token: str | None = None, reply: bool = False) -> Message:
     """Check and decode ``[b"", header, payload...]`` (the server strips the identity
     first). With ``token``, the header's token must equal it. ``reply`` decodes a

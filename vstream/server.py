@@ -48,7 +48,7 @@ from vstream.errors import ConfigError, ProtocolError, SourceError, VStreamError
 from vstream.ingest import SourceConfig
 from vstream.ingest.container import source_kind
 from vstream.models import ChatModel, load_model
-from vstream.protocol import VERSION, Limits, Message, answer_fields, decode, encode
+from vstream.protocol import VERSION, Limits, Message, decode, encode
 from vstream.session import Session, SessionConfig
 
 logger = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ class Server:
             for piece in answer_stream:
                 if job.tokens:
                     send(b"part", "token", text=piece)
-            send(b"answer", "answer", **answer_fields(answer_stream.result()))
+            send(b"answer", "answer", **answer_stream.result().to_dict())
         except (VStreamError, ValueError) as exc:
             send(b"done", "error", code="invalid", message=str(exc))
         except Exception as exc:

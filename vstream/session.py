@@ -20,7 +20,6 @@ When the queue is full, a live push evicts the oldest waiting frame (counted in
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -115,12 +114,6 @@ def star_config_for(grid: int) -> StarConfig:
     base = min(8, grid)
     return StarConfig(base_grid=base, spatial_grid=base, temporal_grid=min(4, base), retrieved_grid=base,
                       bank=BankConfig(grid=base))
-
-
-def answer_json(answer: Answer) -> str:
-    """``{"answer", "evidence": [{start, end, kind, score}], "timings"}`` as one line."""
-    evidence = [{"start": e.start, "end": e.end, "kind": e.kind, "score": e.score} for e in answer.evidence]
-    return json.dumps({"answer": answer.text, "evidence": evidence, "timings": answer.timings})
 
 
 class Session:
@@ -399,7 +392,7 @@ class Session:
         with self._stats_lock:
             stats = SessionStats(**asdict(self._stats))
             newest = self._newest
-        stats.memory_tokens = len(self.memory.tokens()) if len(self.memory) else 0
+        stats.memory_tokens = self.memory.token_count()
         stats.lag_seconds = max(0.0, newest - stats.last_t) if stats.frames_processed else newest
         return stats
 

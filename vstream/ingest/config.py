@@ -97,5 +97,5 @@ class SourceConfig:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "SourceConfig":
+    def from_json(cls, text: str) -> SourceConfig:
         return cls(**json.loads(text))

@@ -87,7 +87,7 @@ class LiveSource(Source):
             backoff = min(backoff * 2, config.reconnect_backoff_max)
         return None, 0.0
 
-    def _read(self, container, sampler: FrameSampler, converter: AudioConverter, clock: "_LiveClock", offset: float) -> Iterator[Item]:
+    def _read(self, container, sampler: FrameSampler, converter: AudioConverter, clock: _LiveClock, offset: float) -> Iterator[Item]:
         config = self.config
         video = container.streams.video[0] if config.video and container.streams.video else None
         audio = container.streams.audio[0] if config.audio and container.streams.audio else None

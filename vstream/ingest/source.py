@@ -163,7 +163,7 @@ class Source:
         except av.error.FFmpegError as e:
             raise DecodeError(f"source {self.uri!r}: {e.strerror}") from e
 
-    def __enter__(self) -> "Source":
+    def __enter__(self) -> Source:
         return self
 
     def __exit__(self, *exc) -> None:

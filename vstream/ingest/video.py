@@ -58,7 +58,7 @@ class FileIndex:
     video_start: float
 
     @classmethod
-    def build(cls, container: av.container.InputContainer) -> "FileIndex":
+    def build(cls, container: av.container.InputContainer) -> FileIndex:
         """Demux every packet of ``container`` once; leaves it rewound to the start."""
         stream = container.streams.video[0]
         base = start_time(container)
