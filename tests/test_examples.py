@@ -49,3 +49,14 @@ def test_live_session_from_stdin(model, make_clip):
     out = done.stdout.splitlines()
     assert out[0].startswith("{'frames_in':")
     assert len(out) >= 3
+
+
+def test_server_with_two_streaming_clients(model, make_clip):
+    left = make_clip("examples-left.mp4", duration=4.0, fps=5, size=(64, 48))
+    right = make_clip("examples-right.mp4", duration=4.0, fps=5, size=(64, 48))
+    done = run(str(EXAMPLES / "server_two_clients.py"), str(left.path), str(right.path), "what is shown?",
+               "--model", model, "--no-asr", "--every", "1")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert sum("sent 4 frames" in line for line in out) == 2
+    assert sum("final:" in line for line in out) == 2
