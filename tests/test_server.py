@@ -24,8 +24,8 @@ from tiny_models import tiny_llama
 
 from vstream import AudioChunk, Frame
 from vstream.cli import main
-from vstream.client import Client, ServerBusy, ServerError, ServerTimeout
-from vstream.errors import ProtocolError
+from vstream.client import Client
+from vstream.errors import ProtocolError, ServerBusy, ServerError, ServerTimeout
 from vstream.models import GenerationConfig
 from vstream.protocol import VERSION, Limits, decode, encode, encode_frame
 from vstream.session import Session, SessionConfig

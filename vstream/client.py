@@ -26,34 +26,12 @@ import time
 
 import zmq
 
-from vstream.errors import VStreamError
+from vstream.errors import ServerBusy, ServerError, ServerTimeout, VStreamError
 from vstream.protocol import Limits, Message, decode, encode, encode_audio, encode_frame
 from vstream.types import AudioChunk, Frame
 
 logger = logging.getLogger(__name__)
 REPLY_LIMITS = Limits(max_header_bytes=64 * 1024 * 1024, max_payload_bytes=0)  # replies carry no payload
-
-
-class ServerError(VStreamError, RuntimeError):
-    """The server answered a request with an error.
-
-    Attributes:
-        code: the error code (``vstream.protocol.ERROR_CODES``).
-        retry_after: seconds to wait before sending again (rate limit), or None.
-    """
-
-    def __init__(self, message: str, code: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.code, self.retry_after = code, retry_after
-
-
-class ServerBusy(ServerError):
-    """The server's work queue was full: the question was not taken; ask again later."""
-
-
-class ServerTimeout(ServerError, TimeoutError):
-    """No reply within the client's timeout: the server is down, unreachable, or
-    refused the connection (a CURVE key it does not know)."""
 
 
 class Client:

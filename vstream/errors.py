@@ -58,3 +58,25 @@ class ProtocolError(VStreamError, ValueError):
         super().__init__(message)
         self.code = code
         self.request_id = request_id
+
+
+class ServerError(VStreamError, RuntimeError):
+    """The server answered a request with an error.
+
+    Attributes:
+        code: the error code (``vstream.protocol.ERROR_CODES``).
+        retry_after: seconds to wait before sending again (rate limit), or None.
+    """
+
+    def __init__(self, message: str, code: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.code, self.retry_after = code, retry_after
+
+
+class ServerBusy(ServerError):
+    """The server's work queue was full: the question was not taken; ask again later."""
+
+
+class ServerTimeout(ServerError, TimeoutError):
+    """No reply within the client's timeout: the server is down, unreachable, or
+    refused the connection (a CURVE key it does not know)."""
