@@ -135,6 +135,24 @@ def _parser() -> argparse.ArgumentParser:
     _client_flags(stream)
     stream.set_defaults(run=_stream)
 
+    evaluate = commands.add_parser("eval", help="answer and score a benchmark's questions over a folder of its videos")
+    evaluate.add_argument("annotations", help="the benchmark's annotation file (.json or .jsonl)")
+    evaluate.add_argument("video_folder", help="the folder its video paths are relative to")
+    evaluate.add_argument("--format", required=True, choices=["videomme", "egoschema", "streaming", "vstreamqa"],
+                          help="annotation format: videomme (also MVBench-style), egoschema, streaming "
+                               "(StreamingBench, OVO-Bench: asked at a time), vstreamqa (open-ended, at a time)")
+    evaluate.add_argument("--model", default=None,
+                          help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
+    evaluate.add_argument("--out", default="results.jsonl",
+                          help="results, one JSON line per question; rerunning skips what it holds (default results.jsonl)")
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    evaluate.add_argument("--tasks", default=None, help="only these comma-separated tasks")
+    evaluate.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe the audio")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=_eval)
+
     synth = commands.add_parser("synth", help="write a synthetic test clip (frame index bar code, moving square, tones)")
     synth.add_argument("output", help="output file: .mp4 .mkv .mov .ts .webm or .avi")
     synth.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
@@ -374,3 +392,20 @@ def _synth(args) -> None:
         progress=args.duration >= 60,
     )
     print(f"wrote {info.path}: {info.duration:g} s, {len(info.frame_times)} frames, {info.size[0]}x{info.size[1]}")
+
+
+def _eval(args) -> None:
+    from vstream.evaluate import evaluate, format_summary, load_questions
+    from vstream.models import GenerationConfig
+
+    questions = load_questions(args.annotations, args.format)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if not args.verbose:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    summary = evaluate(questions, args.video_folder, args.model, args.out, fps=args.fps, limit=args.limit,
+                       tasks=tasks, progress=not args.quiet, asr=args.asr,
+                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+    print(format_summary(summary))
+    print(f"results: {args.out}")
