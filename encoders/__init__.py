@@ -19,6 +19,7 @@ _LAZY = {
     "VisionConfig": "vision", "VisionEncoder": "vision",
     "ASRConfig": "asr", "ASRWorker": "asr", "WhisperASR": "asr",
     "TextConfig": "text", "TextEmbedder": "text",
+    "BigLittleConfig": "biglittle", "BigLittleEncoder": "biglittle",
 }
 
 __all__ = [  # noqa: PLE0604 - the lazy names are strings too

@@ -74,7 +74,7 @@ def register_encoder(name: str):
 def _load_builtins() -> None:
     # The built-in encoders register themselves when their modules load; they import
     # this module, so they are imported here, on first use, not at the top.
-    from vstream.encoders import pixels, vision  # noqa: F401
+    from vstream.encoders import biglittle, pixels, vision  # noqa: F401
 
 
 def list_encoders() -> list[str]:

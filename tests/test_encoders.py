@@ -270,12 +270,12 @@ def test_vision_config_checks_and_round_trips():
 
 
 def test_registry():
-    assert list_encoders() == ["pixels", "vision"]
+    assert list_encoders() == ["biglittle", "pixels", "vision"]
     encoder = create_encoder("pixels", grid=8, color_stats=False)
     assert isinstance(encoder, PixelEncoder) and isinstance(encoder, FrameEncoder)
     assert (encoder.grid, encoder.dim) == (8, 3)
     assert create_encoder("pixels", PixelConfig(grid=4)).grid == 4
-    with pytest.raises(EncoderError, match="unknown encoder 'pixel'; known: pixels, vision"):
+    with pytest.raises(EncoderError, match="unknown encoder 'pixel'; known: biglittle, pixels, vision"):
         create_encoder("pixel")
     with pytest.raises(ConfigError):
         create_encoder("pixels", PixelConfig(), grid=4)
