@@ -1,0 +1,138 @@
+"""Needle clips put their needle where their case says; the scorers; the harness end to end
+with a tiny model (checking the harness, not the model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+import vstream
+from vstream.errors import ConfigError
+from vstream.evaluate.needle import (
+    MAGENTA,
+    RED,
+    NeedleCase,
+    evidence_error,
+    make_needle_clip,
+    score_answer,
+    speech_available,
+)
+from vstream.models import Answer, Evidence, GenerationConfig, load_model
+from vstream.session import Session, SessionConfig
+
+torch.set_num_threads(1)
+
+
+def colour_at(source, t: float) -> np.ndarray:
+    """Median RGB of the lower-left corner (below the bar code; the median ignores the
+    moving square) of the frame at ``t`` seconds."""
+    image = source.frame_at(t).image
+    h, w = image.shape[:2]
+    return np.median(image[h // 2 :, : w // 8].reshape(-1, 3), axis=0)
+
+
+def is_colour(rgb: np.ndarray, target) -> bool:
+    return bool(np.abs(rgb - np.array(target)).max() < 40)
+
+
+@pytest.mark.parametrize("position", ["start", "middle", "end"])
+def test_visual_needle_is_on_screen_at_its_time_only(tmp_path, position):
+    path, case = make_needle_clip(tmp_path, "visual", 30, position)
+    start, end = case.span
+    assert case.needle == start and end - start == 5.0
+    with vstream.open_source(str(path)) as source:
+        assert is_colour(colour_at(source, start + 2.5), MAGENTA)
+        for t in np.arange(0.0, 30.0, 1.0):
+            if not start - 0.5 <= t <= end + 0.5:
+                assert not is_colour(colour_at(source, t), MAGENTA), t
+
+
+def test_recurrence_shows_the_red_scene_count_times(tmp_path):
+    path, case = make_needle_clip(tmp_path, "recurrence", 60, "middle", seed=1)
+    assert case.count == 3 and "3" in case.expected
+    with vstream.open_source(str(path)) as source:
+        red = [is_colour(colour_at(source, t), RED) for t in np.arange(0.0, 60.0, 0.5)]
+    appearances = sum(1 for a, b in zip([False] + red, red) if b and not a)
+    assert appearances == case.count
+    assert red[int(case.span[0] * 2) + 1]
+
+
+def test_order_case_names_the_scene_that_comes_first(tmp_path):
+    path, case = make_needle_clip(tmp_path, "order", 60, "end", seed=1)
+    colours = {"green": (20, 200, 40), "yellow": (240, 220, 20)}
+    first, = case.expected
+    second = next(name for name in colours if name != first)
+    with vstream.open_source(str(path)) as source:
+        seen = [name for t in np.arange(0.0, 60.0, 1.0) for name, rgb in colours.items()
+                if is_colour(colour_at(source, t), rgb)]
+    assert seen and seen[0] == first and second in seen
+
+
+def test_spoken_needle_is_heard_at_its_time(tmp_path):
+    if not speech_available():
+        pytest.skip("espeak-ng is not installed: spoken needles cannot be made (apt-get install espeak-ng)")
+    path, case = make_needle_clip(tmp_path, "spoken", 60, "middle")
+    start, end = case.span
+    assert 29 <= start <= 31 and 1.5 < end - start < 6
+    with vstream.open_source(str(path)) as source:
+        voiced = source.audio_between(start + 0.3, end - 0.3).samples
+        tone = source.audio_between(start - 6, start - 1).samples  # the quiet tone under nothing said
+    # Speech is louder than the background tone and varies where the tone is steady.
+    assert np.sqrt((voiced**2).mean()) > 1.2 * np.sqrt((tone**2).mean())
+
+
+def test_cases_check_themselves():
+    with pytest.raises(ConfigError, match="kind"):
+        NeedleCase("smell", 60, "middle", 30, (30, 35), "?")
+    with pytest.raises(ConfigError, match="span"):
+        NeedleCase("visual", 60, "middle", 58, (58, 63), "?")
+    with pytest.raises(ConfigError, match="count"):
+        NeedleCase("recurrence", 60, "middle", 30, (30, 35), "?")
+    with pytest.raises(ConfigError, match="too short"):
+        make_needle_clip("unused", "visual", 5, "middle")
+
+
+def test_scoring_on_hand_made_answers():
+    spoken = NeedleCase("spoken", 60, "middle", 30, (30, 33), "Which platform?", ("nine", "9"))
+    assert score_answer(spoken, Answer("It leaves from platform 9."))
+    assert score_answer(spoken, Answer("Platform Nine."))
+    assert not score_answer(spoken, Answer("Platform ninety."))
+    assert not score_answer(spoken, Answer("I do not know."))
+    heard = Answer("nine", [Evidence(10, 12, "frame", 0.9), Evidence(36, 38, "transcript", 0.5)])
+    assert evidence_error(spoken, heard) == 3.0  # the transcript line, 3 s after the needle ends
+    assert evidence_error(spoken, Answer("nine", [Evidence(10, 12, "frame", 0.9)])) is None
+
+    visual = NeedleCase("visual", 600, "end", 540, (540, 545), "When?", ("magenta",))
+    near = Answer("At the end.", [Evidence(548, 550, "frame", 0.7), Evidence(100, 101, "frame", 0.2)])
+    far = Answer("At the end.", [Evidence(100, 101, "frame", 0.7), Evidence(541, 542, "frame", 0.2)])
+    assert evidence_error(visual, near) == 3.0 and score_answer(visual, near)
+    assert evidence_error(visual, far) == 439.0 and not score_answer(visual, far)
+    assert evidence_error(visual, Answer("?", [Evidence(542, 543, "frame", 1.0)])) == 0.0
+    assert not score_answer(visual, Answer("At 9 minutes."))  # no evidence: not right
+
+    count = NeedleCase("recurrence", 60, "start", 5, (5, 7), "How many?", ("3", "three"), count=3)
+    assert score_answer(count, Answer("Three times."))
+    assert score_answer(count, Answer("It appeared 3 times, at 5, 20 and 40 s."))
+    assert not score_answer(count, Answer("2 times, maybe three."))
+    order = NeedleCase("order", 60, "start", 5, (5, 10), "Which first?", ("yellow",))
+    assert score_answer(order, Answer("The yellow one, then the green one."))
+    assert not score_answer(order, Answer("Green came before yellow."))
+    assert not score_answer(order, Answer("The blue one."))
+
+
+def test_harness_end_to_end_with_a_tiny_model(tmp_path):
+    """Ingest a 30 s visual needle clip, ask, score: the harness runs and reports an
+    evidence error (whatever the tiny random model answers)."""
+    path, case = make_needle_clip(tmp_path, "visual", 30, "middle")
+    model = load_model(str(tiny_llama(tmp_path / "llama")))
+    config = SessionConfig(asr=False, generation=GenerationConfig(max_new_tokens=4))
+    with Session(model, config) as session:
+        session.ingest(str(path), progress=False)
+        answer = session.ask(case.question)
+    error = evidence_error(case, answer)
+    assert error is not None and 0.0 <= error <= case.length
+    assert score_answer(case, answer) == (error <= case.tolerance)
+    again_path, again = make_needle_clip(tmp_path, "visual", 30, "middle")  # cached: same clip, same case
+    assert again_path == path and again == case
