@@ -13,8 +13,13 @@ So:
   ``vad_floor_seconds`` (a floor that follows stationary noise and hum), its spectrum is
   not flat (spectral flatness under ``vad_max_flatness``: white noise is ~0.56, voiced
   speech ~0.01) and not one pure tone (under ``vad_max_tonality`` of its energy within
-  ±2 bins of the strongest bin: a sine is ~1.0, speech under ~0.7). Audio with no voiced
-  frame is never decoded; music that passes is left to the filters below.
+  ±2 bins of the strongest bin: a sine is ~1.0, speech under ~0.7). A frame is voiced
+  too when what rises ``vad_margin_db`` above each frequency bin's own floor (the
+  quietest value of that bin over the same seconds) holds most of its energy and is not
+  one pure tone: speech over a steady hum as loud as the voice raises the frame's total
+  by only a few dB, but stands far above the hum's floor in the bins the hum leaves
+  empty. Audio with no voiced frame is never decoded; music that passes is left to the
+  filters below.
 - **Windows are cut at pauses.** Audio collects from ``pad`` seconds before the first
   voiced frame; a window is decoded once ``end_silence`` seconds of unvoiced audio
   follow the last voiced frame (cut ``pad`` after it), or, when ``window_seconds`` fill
@@ -188,31 +193,56 @@ class ASRStats:
 
 
 class VoiceActivity:
-    """Frame-level voice activity over 30 ms frames, with a running noise floor."""
+    """Frame-level voice activity over 30 ms frames, with a running noise floor, both
+    overall (dB) and per frequency bin (so speech over a steady tone or hum is heard)."""
 
     def __init__(self, config: ASRConfig):
         self.config = config
         self._floor_frames = max(1, round(config.vad_floor_seconds / FRAME_SECONDS))
         self._recent = np.full(self._floor_frames - 1, config.vad_min_db)  # dB of the frames before
+        self._recent_power = np.zeros((self._floor_frames - 1, _BINS))  # their power spectra
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         """``[n * FRAME]`` float32 samples -> ``[n]`` bool, voiced per frame."""
         frames = samples.reshape(-1, FRAME).astype(np.float64)
         if not len(frames):
             return np.zeros(0, bool)
+        c = self.config
         db = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-10)
         history = np.concatenate([self._recent, db])
         floor = np.lib.stride_tricks.sliding_window_view(history, self._floor_frames).min(axis=1)
         self._recent = history[len(history) - len(self._recent) :]
-        power = np.abs(np.fft.rfft(frames * np.hanning(FRAME), n=512, axis=1)) ** 2 + 1e-12
-        flatness = np.exp(np.mean(np.log(power), axis=1)) / np.mean(power, axis=1)
-        peak = np.argmax(power, axis=1)
-        rows = np.arange(len(frames))
-        near_peak = sum(power[rows, np.clip(peak + d, 0, power.shape[1] - 1)] for d in range(-2, 3))
-        tonality = near_peak / power.sum(axis=1)
-        c = self.config
+        power = np.abs(np.fft.rfft(frames * np.hanning(FRAME), n=2 * (_BINS - 1), axis=1)) ** 2 + 1e-12
         loud = (db > c.vad_min_db) & (db > floor + c.vad_margin_db)
-        return loud & (flatness < c.vad_max_flatness) & (tonality < c.vad_max_tonality)
+        not_noise = _flatness(power) < c.vad_max_flatness
+        voiced = loud & not_noise & (_tonality(power) < c.vad_max_tonality)
+        # Speech over a steady background (a tone, hum): what rises above each bin's own
+        # floor by the margin must hold most of the frame's energy and look like speech.
+        spectra = np.concatenate([self._recent_power, power])
+        background = np.lib.stride_tricks.sliding_window_view(spectra, self._floor_frames, axis=0).min(axis=-1)
+        self._recent_power = spectra[len(spectra) - len(self._recent_power) :]
+        excess = np.clip(power - background * 10 ** (c.vad_margin_db / 10), 0.0, None) + 1e-12
+        share = excess.sum(axis=1) / power.sum(axis=1)
+        over_background = (db > c.vad_min_db) & (db + 10 * np.log10(share) > c.vad_min_db) & (share > 0.5)
+        # flatness on the whole spectrum (the excess is zero in most bins), tonality on
+        # the excess (the steady tone is in the background)
+        return voiced | (over_background & not_noise & (_tonality(excess) < c.vad_max_tonality))
+
+
+_BINS = 257  # rfft bins of a 512-point transform of a 30 ms frame
+
+
+def _flatness(power: np.ndarray) -> np.ndarray:
+    """Spectral flatness (0..1) of each frame's power spectrum ``[n, bins]``: noise ~0.56."""
+    return np.exp(np.mean(np.log(power), axis=1)) / np.mean(power, axis=1)
+
+
+def _tonality(power: np.ndarray) -> np.ndarray:
+    """Share of each frame's energy within 2 bins of its strongest one: a sine ~1."""
+    peak = np.argmax(power, axis=1)
+    rows = np.arange(len(power))
+    near_peak = sum(power[rows, np.clip(peak + d, 0, power.shape[1] - 1)] for d in range(-2, 3))
+    return near_peak / power.sum(axis=1)
 
 
 def _widen(flags: np.ndarray, frames: int) -> np.ndarray:
