@@ -16,7 +16,6 @@ import argparse
 import sys
 
 import vstream
-from vstream.models.prompt import clock
 
 
 def answer(session: vstream.Session, line: str) -> None:
@@ -30,7 +29,7 @@ def answer(session: vstream.Session, line: str) -> None:
     result = stream.result()
     print()
     for evidence in result.evidence[:3]:
-        print(f"  {clock(evidence.start)}-{clock(evidence.end)}  {evidence.kind}  {evidence.score:.2f}")
+        print(f"  {evidence.line()}")
 
 
 def main() -> None:

@@ -42,6 +42,10 @@ class Evidence:
     kind: str
     score: float
 
+    def line(self) -> str:
+        """``m:ss-m:ss  kind  score``: how the CLI and the examples print it."""
+        return f"{clock(self.start)}-{clock(self.end)}  {self.kind:<10} {self.score:.2f}"
+
 
 @dataclass(frozen=True, eq=False)
 class Piece:

@@ -197,7 +197,6 @@ def _ask(args) -> None:
     if args.server or args.stream:
         return _ask_server(args, window)
     from vstream.models import GenerationConfig
-    from vstream.models.prompt import clock
     from vstream.session import Session, SessionConfig
 
     video, questions = (None, args.inputs) if args.load_memory else (args.inputs[0], args.inputs[1:])
@@ -229,7 +228,7 @@ def _ask(args) -> None:
             answer = stream.result()
             print()
             for evidence in answer.evidence[:5]:
-                print(f"  {clock(evidence.start)}-{clock(evidence.end)}  {evidence.kind:<10} {evidence.score:.2f}")
+                print(f"  {evidence.line()}")
 
 
 def _ask_server(args, window: dict) -> None:

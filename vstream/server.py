@@ -132,7 +132,6 @@ class Stream:
     bucket: float  # frames the rate limit still lets through now
     refilled: float  # when the bucket was last filled
     frames: int = 0  # frames received (the index of a frame sent without one)
-    last_t: float = -math.inf  # time of the newest frame taken, seconds: no frame may go back in time
     rate_dropped: int = 0  # frames dropped over the rate limit
     busy: int = 0  # frames and audio chunks answered busy
     pending: int = 0  # questions queued or being answered, and a source being opened
@@ -323,8 +322,6 @@ class Server:
             session = Session(self.model, self.config.session)
         now = time.monotonic()
         stream = Stream(stream_id, session, source, seen=now, bucket=max(1.0, self.config.max_fps), refilled=now)
-        if resume is not None:
-            stream.last_t = session.stats.last_t
         self.streams[stream_id] = stream
         logger.info("opened stream %s%s%s", stream_id, " (resumed)" if resume else "",
                     f" reading {source}" if source else "")
@@ -361,11 +358,9 @@ class Server:
             return
         stream.bucket -= 1.0
         frame = message.frame(stream.frames)
-        if frame.t < stream.last_t:  # the memory takes frames in time order only
-            raise ProtocolError(f"field 't': {frame.t} s is earlier than the stream's previous frame "
-                                f"({stream.last_t} s)", "invalid", message.id)
-        stream.frames, stream.last_t = stream.frames + 1, frame.t
-        self._pushed(identity, message, stream, stream.session.push_frame(frame))
+        accepted = stream.session.push_frame(frame)  # a frame back in time raises: an "invalid" reply
+        stream.frames += 1
+        self._pushed(identity, message, stream, accepted)
 
     def _on_audio(self, identity: bytes, message: Message) -> None:
         stream = self._stream(message)

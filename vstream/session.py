@@ -21,6 +21,7 @@ When the queue is full, a live push evicts the oldest waiting frame (counted in
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -135,6 +136,7 @@ class Session:
         self._text = self._asr = self._asr_worker = None
         self._stats = SessionStats()
         self._newest = 0.0  # time of the newest item pushed
+        self._last_frame_t = -math.inf  # time of the newest frame pushed: the memory takes frames in order
         self._queue = ItemQueue(self.config.queue_frames, drop=True)
         self._write_lock = threading.Lock()  # held while one batch is written, and while a snapshot is taken
         self._stats_lock = threading.Lock()
@@ -149,10 +151,18 @@ class Session:
 
     def push_frame(self, frame: Frame, wait: bool = False) -> bool:
         """Queue a frame for the memory. Never blocks unless ``wait``: when the queue is
-        full the oldest waiting frame is dropped (counted) and False returned."""
+        full the oldest waiting frame is dropped (counted) and False returned. A frame
+        earlier than the previous one is refused (``MemoryStateError``) here, not when
+        its batch is written."""
         if not isinstance(frame, Frame):
             raise ConfigError(f"push_frame takes a vstream.Frame, got {type(frame).__name__}")
+        if self._closed:
+            raise VStreamError("the session is closed")
         with self._stats_lock:
+            if frame.t < self._last_frame_t:
+                raise MemoryStateError(f"frame time {frame.t} s is earlier than the previous frame's "
+                                       f"({self._last_frame_t} s): frames go into the memory in time order")
+            self._last_frame_t = frame.t
             self._stats.frames_in += 1
             self._newest = max(self._newest, frame.t)
         return self._put(frame, wait)
@@ -288,13 +298,11 @@ class Session:
             with self._stats_lock:
                 self._stats.frames_processed += len(frames)
                 self._stats.last_t = frames[-1].t
-        if any(item is _END for item in batch):
-            if self._asr_worker is not None:
-                self._asr_worker.close()  # decode what is held
-                self._collect_transcript()
-                self._asr_worker = None
-            self._reader = None
+        if any(item is _END for item in batch) and self._asr_worker is not None:
+            self._asr_worker.close()  # decode what is held
         self._collect_transcript()
+        if any(item is _END for item in batch):
+            self._asr_worker = self._reader = None
 
     def _recogniser(self):
         if self._asr_worker is None:
@@ -435,7 +443,7 @@ class Session:
                 if isinstance(saved.get(name), (int, float)):
                     setattr(session._stats, name, saved[name])
             session._stats.transcript_segments = len(session.transcript) if session.transcript is not None else 0
-            session._newest = session._stats.last_t
+            session._newest = session._last_frame_t = session._stats.last_t
         return session
 
     def close(self) -> None:
