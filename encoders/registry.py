@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from vstream.config import parse_spec
 from vstream.errors import ConfigError, EncoderError
 
 if TYPE_CHECKING:
@@ -88,7 +89,10 @@ def create_encoder(name_or_model: str, config=None, **fields) -> FrameEncoder:
     ``VisionEncoder`` for a model named by hub id (``"openai/clip-vit-large-patch14"``)
     or local folder. Configured by a config object or by its fields as keywords:
     ``create_encoder("pixels", grid=8)``, ``create_encoder("vision", model="...")``,
-    ``create_encoder("google/siglip-base-patch16-224", dtype="bfloat16")``.
+    ``create_encoder("google/siglip-base-patch16-224", dtype="bfloat16")``. One string
+    can also name an encoder with its fields (``vstream.config.parse_spec``), which is
+    what ``SessionConfig.encoder`` and ``--encoder`` take:
+    ``"biglittle:big=openai/clip-vit-large-patch14,little=openai/clip-vit-base-patch16,keep_ratio=0.25"``.
 
     Raises:
         EncoderError: an unknown name that names no model either (the known names are
@@ -99,6 +103,10 @@ def create_encoder(name_or_model: str, config=None, **fields) -> FrameEncoder:
     if not isinstance(name_or_model, (str, os.PathLike)):
         raise EncoderError(f"create_encoder: expected an encoder name or a model id/folder, got {name_or_model!r}")
     name = os.fspath(name_or_model)
+    if name.partition(":")[0] in _REGISTRY and ":" in name:
+        if config is not None or fields:
+            raise ConfigError(f"create_encoder({name!r}): the string already gives the fields; pass no others")
+        name, fields = parse_spec(name)
     if name in _REGISTRY:
         cls = _REGISTRY[name]
     elif os.path.exists(name) or is_hub_id(name) or os.sep in name:
@@ -110,7 +118,7 @@ def create_encoder(name_or_model: str, config=None, **fields) -> FrameEncoder:
         raise EncoderError(f"unknown encoder {name!r}; known: {', '.join(list_encoders())}, "
                            f"or a model as a hub id ('org/name') or a local folder")
     if config is None:
-        return cls(cls.config_class(**fields))
+        return cls(cls.config_class.from_dict(fields))
     if fields:
         raise ConfigError(f"create_encoder({name!r}): pass either a config or its fields, not both")
     if not isinstance(config, cls.config_class):

@@ -10,10 +10,12 @@ transformers ``model_type`` it handles.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -69,6 +71,22 @@ class Answer:
         return {"answer": self.text, "evidence": evidence, "timings": dict(self.timings)}
 
 
+class Embedded(NamedTuple):
+    """A chat as the LLM reads it.
+
+    Attributes:
+        embeds: input embeddings ``[1, L, H]``.
+        ranges: the token range ``(start, end)`` of each piece that carries evidence,
+            then of the last piece (the question).
+        visual: ``[1, L]`` bool, True at memory tokens: what a head that routes by
+            modality (visual experts) needs.
+    """
+
+    embeds: torch.Tensor
+    ranges: list[tuple[int, int]]
+    visual: torch.Tensor
+
+
 class AnswerStream:
     """The answer as it is generated: iterate for text pieces; ``result()`` finishes
     the generation if needed and returns the ``Answer``. ``timings`` (seconds) may be
@@ -92,29 +110,37 @@ class AnswerStream:
         with self._model.lock:  # one generation at a time on a model shared by sessions
             yield from self._generate()
 
+    @contextlib.contextmanager
+    def _routing(self, visual: torch.Tensor):
+        with contextlib.ExitStack() as stack:
+            for head in self._model.heads:
+                stack.enter_context(head.routing(visual))
+            yield
+
     def _generate(self) -> Iterator[str]:
         model, started = self._model, time.perf_counter()
-        embeds, ranges = model.embed(self._pieces)
+        embeds, ranges, visual = model.embed(self._pieces)
         *evidence, question = ranges
         timings = self.timings
         timings["prompt"] = time.perf_counter() - started
         tokens: list[int] = []
         text = ""
-        for token in generate_tokens(model.lm, embeds, model.stop, self._generation):
-            if not tokens:
-                timings["first_token"] = time.perf_counter() - started
-            tokens.append(token)
-            decoded = model.tokenizer.decode(tokens, skip_special_tokens=True)
-            if len(decoded) > len(text) and not decoded.endswith("\ufffd"):  # whole characters only
-                yield decoded[len(text):]
-                text = decoded
-        timings["answer"] = time.perf_counter() - started
-        timings.setdefault("first_token", timings["answer"])
-        shares = None
-        if self._generation.attribute:
-            mark = time.perf_counter()
-            shares = attention_shares(model.lm, embeds, tokens, evidence, question)
-            timings["attribution"] = time.perf_counter() - mark
+        with self._routing(visual):
+            for token in generate_tokens(model.lm, embeds, model.stop, self._generation):
+                if not tokens:
+                    timings["first_token"] = time.perf_counter() - started
+                tokens.append(token)
+                decoded = model.tokenizer.decode(tokens, skip_special_tokens=True)
+                if len(decoded) > len(text) and not decoded.endswith("\ufffd"):  # whole characters only
+                    yield decoded[len(text):]
+                    text = decoded
+            timings["answer"] = time.perf_counter() - started
+            timings.setdefault("first_token", timings["answer"])
+            shares = None
+            if self._generation.attribute:
+                mark = time.perf_counter()
+                shares = attention_shares(model.lm, embeds, tokens, evidence, question)
+                timings["attribution"] = time.perf_counter() - mark
         self._answer = Answer(text.strip(), rank_evidence(self._pieces, shares), timings)
 
 
@@ -134,6 +160,7 @@ class ChatModel:
         self.lm, self.tokenizer, self.name = lm.eval(), tokenizer, name
         self.stop = stop_ids(lm, tokenizer)
         self.lock = threading.Lock()  # held while an answer is generated
+        self.heads: list = []  # attached model heads (add_head)
 
     @property
     def device(self) -> torch.device:
@@ -157,12 +184,11 @@ class ChatModel:
         return f"{system}\n\nUser: {_PLACEHOLDER}\nAssistant:"
 
     @torch.inference_mode()
-    def embed(self, pieces: list[Piece]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Input embeddings ``[1, L, H]`` of the whole chat, and the token ranges of each
-        piece that carries evidence, then of the last piece (the question)."""
+    def embed(self, pieces: list[Piece]) -> Embedded:
+        """The whole chat as input embeddings (see ``Embedded``)."""
         before, after = self.render(SYSTEM_PROMPT).split(_PLACEHOLDER)
         table = self.lm.get_input_embeddings()
-        parts, ranges, length = [], [], 0
+        parts, ranges, visual, length = [], [], [], 0
         for piece in [Piece(text=before), *pieces, Piece(text=after)]:
             if piece.features is not None:
                 part = self.project(piece.features.to(self.device)).to(table.weight.dtype)
@@ -172,8 +198,14 @@ class ChatModel:
             if piece.evidence is not None or piece is pieces[-1]:
                 ranges.append((length, length + part.shape[0]))
             parts.append(part)
+            visual.append(torch.full((part.shape[0],), piece.features is not None, dtype=torch.bool))
             length += part.shape[0]
-        return torch.cat(parts).unsqueeze(0), ranges
+        return Embedded(torch.cat(parts).unsqueeze(0), ranges, torch.cat(visual).unsqueeze(0))
+
+    def add_head(self, head) -> None:
+        """Attach a model head (``vstream.models.heads``): it sees every generation
+        through ``head.routing(visual)``."""
+        self.heads.append(head)
 
     def stream(self, context: Context, question: str, generation: GenerationConfig | None = None) -> AnswerStream:
         """Answer ``question`` from ``context``, token by token."""

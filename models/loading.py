@@ -5,9 +5,14 @@
   (``list_models()``): that adapter;
 - any other causal LM: the text-only path;
 - anything else: ``ModelLoadError`` naming the architecture and the supported ones.
+
+``heads`` attaches model heads by spec (``vstream.models.heads.attach_head``), e.g.
+``load_model(name, heads=["visual_experts:weights=experts/"])``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -15,12 +20,22 @@ from vstream.errors import ModelLoadError
 
 from . import flash_vstream, llava_onevision  # noqa: F401  (the adapters register themselves)
 from .base import ChatModel, adapter_for, list_models
+from .heads import attach_head
 from .llm import load_pretrained
 from .text_only import TextOnlyModel
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ChatModel:
-    """Load the model ``name`` (hub id or folder; None = the embedded default)."""
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               heads: Sequence[str] = ()) -> ChatModel:
+    """Load the model ``name`` (hub id or folder; None = the embedded default), with
+    the model heads named in ``heads`` attached."""
+    model = _load_adapter(name, dtype, device)
+    for spec in heads:
+        attach_head(model, spec)
+    return model
+
+
+def _load_adapter(name: str | None, dtype: torch.dtype, device: str) -> ChatModel:
     if name is None:
         return TextOnlyModel.from_pretrained(None, dtype, device)
     from transformers import AutoConfig

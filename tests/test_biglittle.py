@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_vision_tower as write_tower
 
 from vstream.encoders.biglittle import BigLittleConfig, BigLittleEncoder, merge
 from vstream.encoders.registry import FrameEncoder
@@ -16,25 +17,6 @@ from vstream.errors import ConfigError, EncoderError
 torch.set_num_threads(1)
 
 # 32×32 images in 4×4 patches -> an 8×8 grid. Big: CLIP, D = 32; little: CLIP or SigLIP, d = 16.
-SIZES = {"intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "patch_size": 4}
-
-
-def write_tower(folder, kind: str, hidden: int, image_size: int = 32, seed: int = 0) -> str:
-    import transformers
-
-    torch.manual_seed(seed)
-    if kind == "clip":
-        tower = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**SIZES, hidden_size=hidden,
-                                                                           image_size=image_size))
-        processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                                       crop_size={"height": image_size, "width": image_size})
-    else:
-        tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**SIZES, hidden_size=hidden,
-                                                                               image_size=image_size))
-        processor = transformers.SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
-    tower.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ def test_llava_onevision_tower_features_are_the_vision_encoders(onevision, folde
 def test_llava_onevision_memory_tokens_reach_the_llm(onevision):
     def first_logits(memory: StarMemory) -> torch.Tensor:
         pieces = user_pieces(Context(memory=memory.tokens(), duration=TIMES[-1]), "what is shown?", visual=True)
-        embeds, _ = onevision.embed(pieces)
+        embeds = onevision.embed(pieces).embeds
         with torch.inference_mode():
             return onevision.lm(inputs_embeds=embeds).logits[0, -1]
 

@@ -194,3 +194,25 @@ def tiny_llava_onevision(folder: Path, seed: int = 0) -> Path:
                                     image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
     return Path(folder)
 
+
+TOWER = {"intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "patch_size": 4}
+
+
+def tiny_vision_tower(folder, kind: str, hidden: int, image_size: int = 32, seed: int = 0) -> str:
+    """A CLIP or SigLIP vision tower of width ``hidden`` in 4×4 patches (an 8×8 grid at
+    32×32) and its image processor: the towers the big.LITTLE tests pair up."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "clip":
+        tower = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TOWER, hidden_size=hidden,
+                                                                           image_size=image_size))
+        processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                                       crop_size={"height": image_size, "width": image_size})
+    else:
+        tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TOWER, hidden_size=hidden,
+                                                                               image_size=image_size))
+        processor = transformers.SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    tower.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)

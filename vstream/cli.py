@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", default=None,
                      help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
     ask.add_argument("--encoder", default="pixels",
-                     help="frame encoder when the model has no vision tower: pixels (default) or a vision model")
+                     help="frame encoder when the model has no vision tower: pixels (default), a vision model, or "
+                          "an encoder with its settings: biglittle:big=MODEL,little=MODEL,keep_ratio=0.25")
+    ask.add_argument("--head", action="append", default=[], metavar="SPEC",
+                     help="attach a model head, e.g. visual_experts:weights=DIR (repeatable)")
     ask.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe the audio")
     ask.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
     ask.add_argument("--max-new-tokens", type=int, default=160, help="longest answer in tokens (default 160)")
@@ -106,7 +109,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="comma-separated kinds of source clients may ask the server to read: url, file, "
                             "camera, or none (default url)")
     serve.add_argument("--encoder", default="pixels",
-                       help="frame encoder when the model has no vision tower: pixels (default) or a vision model")
+                       help="frame encoder when the model has no vision tower: pixels (default), a vision model, "
+                            "or an encoder with its settings: biglittle:big=MODEL,little=MODEL,keep_ratio=0.25")
+    serve.add_argument("--head", action="append", default=[], metavar="SPEC",
+                       help="attach a model head, e.g. visual_experts:weights=DIR (repeatable)")
     serve.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe audio")
     serve.add_argument("--fps", type=float, default=1.0, help="frames per second read from server-side sources")
     serve.add_argument("--batch-frames", type=int, default=8, help="frames encoded per batch (default 8)")
@@ -203,7 +209,8 @@ def _ask(args) -> None:
     if not questions or not all(q.strip() for q in questions):
         raise vstream.ConfigError("vstream ask needs a video and at least one non-empty question")
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    config = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, generation=generation)
+    config = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, heads=args.head,
+                           generation=generation)
     if video is not None:
         vstream.probe(video)  # a bad path fails now, before any model loads
     if not args.verbose:
@@ -287,7 +294,7 @@ def _serve(args) -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    server = Server(config, load_model(args.model))
+    server = Server(config, load_model(args.model, heads=args.head))
     print(f"vstream serve: listening on {server.address}", flush=True)
     server.serve()
 

@@ -68,3 +68,44 @@ class JsonConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{cls.__name__}: not valid JSON ({exc})") from None
         return cls.from_dict(data)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """A component named by one string, as faiss's index factory names an index:
+    ``"name"`` or ``"name:key=value,key=value"`` -> ``("name", {key: value})``.
+
+    A value is read as JSON when it is JSON (``0.25``, ``true``, ``[0, 1]``), as text
+    otherwise (``big=openai/clip-vit-base-patch16``). Commas inside brackets belong to
+    the value.
+
+    Raises:
+        ConfigError: an empty name, an option without ``=``, or an option given twice.
+    """
+    name, _, rest = str(spec).partition(":")
+    if not name.strip():
+        raise ConfigError(f"{spec!r}: no component name before ':'")
+    options: dict = {}
+    for option in _split_options(rest) if rest.strip() else []:
+        key, sep, value = option.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{spec!r}: option {option!r} is not key=value")
+        if key in options:
+            raise ConfigError(f"{spec!r}: option {key!r} given twice")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value.strip()
+    return name.strip(), options
+
+
+def _split_options(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]

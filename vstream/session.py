@@ -51,7 +51,11 @@ class SessionConfig(JsonConfig):
         fps: frames sampled per second from a source the session reads (default 1.0).
         asr: transcribe audio (default True).
         encoder: frame encoder when the model brings no vision tower: ``"pixels"``
-            (default) or a vision model's hub id or folder.
+            (default), a vision model's hub id or folder, or a registered encoder
+            with its fields in one string (``"biglittle:big=...,little=...,keep_ratio=0.25"``).
+        heads: model heads attached when the session loads its model by name, each a
+            spec string (``"visual_experts:weights=experts/"``); a loaded ``ChatModel``
+            comes with its own.
         transcript_lines: transcript lines retrieved per question (default 8).
         batch_frames: frames encoded and written per batch (default 8).
         queue_frames: frames and audio chunks waiting for the writer (default 64);
@@ -62,6 +66,7 @@ class SessionConfig(JsonConfig):
     fps: float = 1.0
     asr: bool = True
     encoder: str = "pixels"
+    heads: list[str] = field(default_factory=list)
     transcript_lines: int = 8
     batch_frames: int = 8
     queue_frames: int = 64
@@ -71,6 +76,9 @@ class SessionConfig(JsonConfig):
         self.generation = GenerationConfig.from_dict(self.generation)
         if not (isinstance(self.fps, (int, float)) and self.fps > 0):
             raise ConfigError(f"SessionConfig.fps must be a positive number, got {self.fps!r}")
+        if not (isinstance(self.heads, (list, tuple)) and all(isinstance(h, str) for h in self.heads)):
+            raise ConfigError(f"SessionConfig.heads must be a list of head specs, got {self.heads!r}")
+        self.heads = list(self.heads)
         for name in ("transcript_lines", "batch_frames", "queue_frames"):
             check_int("SessionConfig", name, getattr(self, name), 1)
 
@@ -128,7 +136,7 @@ class Session:
 
     def __init__(self, model: ChatModel | str | None = None, config: SessionConfig | None = None):
         self.config = config or SessionConfig()
-        self.model = model if isinstance(model, ChatModel) else load_model(model)
+        self.model = model if isinstance(model, ChatModel) else load_model(model, heads=self.config.heads)
         self.encoder = self.model.frame_encoder or create_encoder(self.config.encoder)
         memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
         self.memory = StarMemory(memory_config, attention=self.model.memory_attention())

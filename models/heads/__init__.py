@@ -7,17 +7,25 @@ papers that attach to the model layer, chosen by name.
     head = create_head("visual_experts", model=lm, **config)
     list_heads()
 
+    attach_head(chat_model, "visual_experts:weights=experts/")   # one string names a head
+
 A head is one file in this folder that registers itself; ``create_head`` imports the
 head modules on first use. An unknown name raises ``ConfigError`` listing the known
-ones. The frame-encoder head (big.LITTLE) registers with ``vstream.encoders`` instead,
-since it is a frame encoder.
+ones. A head that changes how the model answers is attached to a ``ChatModel``
+(``attach_head``, or ``load_model(name, heads=[...])``, ``--head`` on the command
+line): every answer's generation then runs inside ``head.routing(visual)``, with the
+prompt's ``[1, L]`` mask of memory tokens. The frame-encoder head (big.LITTLE)
+registers with ``vstream.encoders`` instead, since it is a frame encoder
+(``--encoder biglittle:big=...,little=...``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 
+from vstream.config import parse_spec
 from vstream.errors import ConfigError
 
 _HEADS: dict[str, type] = {}
@@ -31,6 +39,17 @@ class Head:
 
     def __init__(self, config=None):
         self.config = config
+
+    @classmethod
+    def attach(cls, chat_model, **options) -> Head:
+        """A head of this kind on ``chat_model`` (a ``ChatModel``), configured by
+        ``options``: what ``attach_head`` calls. Heads that can attach override it."""
+        raise ConfigError(f"the {cls.name!r} head does not attach to a chat model; create it with create_head")
+
+    def routing(self, visual):
+        """Context for one answer's forwards; ``visual`` is the prompt's ``[1, L]`` bool
+        mask of memory tokens. Default: nothing to do."""
+        return contextlib.nullcontext()
 
 
 def register_head(name: str):
@@ -61,3 +80,15 @@ def create_head(name: str, *args, **kwargs) -> Head:
     if name not in _HEADS:
         raise ConfigError(f"unknown head {name!r}; known: {', '.join(sorted(_HEADS)) or '(none)'}")
     return _HEADS[name](*args, **kwargs)
+
+
+def attach_head(chat_model, spec: str) -> Head:
+    """Attach the head named by ``spec`` (``"name"`` or ``"name:key=value,..."``, see
+    ``vstream.config.parse_spec``) to ``chat_model`` and return it."""
+    name, options = parse_spec(spec)
+    _load_heads()
+    if name not in _HEADS:
+        raise ConfigError(f"unknown head {name!r}; known: {', '.join(sorted(_HEADS)) or '(none)'}")
+    head = _HEADS[name].attach(chat_model, **options)
+    chat_model.add_head(head)
+    return head

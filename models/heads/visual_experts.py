@@ -1,7 +1,8 @@
 """Visual experts (Mono-InternVL): a visual FFN beside the text FFN of each decoder layer.
 
-Every chosen decoder layer of a transformers causal LM (LLaMA or Qwen2 family: decoder
-layers at ``model.model.layers``, each with ``.mlp``) gets a visual FFN expert, a copy of
+Every chosen decoder layer of a transformers causal LM (LLaMA or Qwen2 family, alone or
+as the language model of a VLM such as LLaVA-OneVision: ``model.get_decoder().layers``,
+each with ``.mlp``) gets a visual FFN expert, a copy of
 its text FFN. A modality mask ``m`` (True for visual / memory tokens) routes each token:
 
     h = FFN_text(h) · (1 − m) + FFN_visual(h) · m
@@ -91,7 +92,7 @@ def _modality_ffn(text, visual, routing):
 
 
 def _signature(model) -> dict:
-    config = model.config
+    config = model.config.get_text_config()
     return {"model_type": config.model_type,
             **{k: getattr(config, k, None) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                      "vocab_size")}}
@@ -106,8 +107,10 @@ class VisualExperts(Head):
     def __init__(self, model, config: VisualExpertsConfig | dict | None = None, **fields):
         config = VisualExpertsConfig.from_dict({**VisualExpertsConfig.from_dict(config or {}).to_dict(), **fields})
         super().__init__(config)
-        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        layers = getattr(getattr(model, "model", None), "layers", None)
+        config_of = getattr(model, "config", None)
+        model_type = config_of.get_text_config().model_type if config_of is not None else type(model).__name__
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
         if model_type not in SUPPORTED or layers is None:
             raise ModelLoadError(f"visual experts support {', '.join(SUPPORTED)} causal LMs; "
                                  f"got {type(model).__name__} (model_type {model_type!r})")
@@ -125,12 +128,27 @@ class VisualExperts(Head):
             visual = copy.deepcopy(text)
             visual.requires_grad_(True)
             layers[i].mlp = _modality_ffn(text, visual, self._routing)
-        self._hooks = [model.model.register_forward_pre_hook(self._start, with_kwargs=True),
-                       model.model.register_forward_hook(self._end)]
+        self.decoder = decoder
+        self._hooks = [decoder.register_forward_pre_hook(self._start, with_kwargs=True),
+                       decoder.register_forward_hook(self._end)]
+
+    @classmethod
+    def attach(cls, chat_model, weights: str | None = None, **fields) -> VisualExperts:
+        """Experts on ``chat_model``'s LM: loaded from the folder ``weights`` (saved by
+        ``save_experts``), or new copies of the text FFNs (answers unchanged until trained)."""
+        if weights is not None:
+            if fields:
+                raise ConfigError(f"visual_experts: weights={weights} carries its own config; drop {sorted(fields)}")
+            return cls.from_folder(chat_model.lm, weights)
+        return cls(chat_model.lm, fields)
+
+    def routing(self, visual):
+        """Route the answer's forwards by the prompt's memory-token mask."""
+        return self.visual_mask(visual)
 
     def experts(self) -> dict:
         """The visual expert modules by layer index."""
-        return {i: self.model.model.layers[i].mlp.visual for i in self.layers}
+        return {i: self.decoder.layers[i].mlp.visual for i in self.layers}
 
     def trainable_parameters(self) -> list:
         """The experts' parameters: the only ones that train."""
@@ -179,7 +197,7 @@ class VisualExperts(Head):
         for hook in self._hooks:
             hook.remove()
         for i in self.layers:
-            self.model.model.layers[i].mlp = self.model.model.layers[i].mlp.text
+            self.decoder.layers[i].mlp = self.decoder.layers[i].mlp.text
         self.layers = []
 
     def save_experts(self, folder: str | Path) -> Path:
