@@ -5,6 +5,10 @@ visual experts to a chat model, whose answers then route memory tokens to them."
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import tiny_llama, tiny_llava_onevision, tiny_vision_tower
@@ -23,6 +27,7 @@ from vstream.session import Session, SessionConfig
 
 torch.set_num_threads(1)
 SHORT = GenerationConfig(max_new_tokens=4)
+EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +177,29 @@ def test_head_flag_on_the_command_line(folders, clip, tmp_path, capsys):
     assert '"answer"' in capsys.readouterr().out
     assert main([*argv, "--head", "visual_experts:weights=/no/such/folder"]) == 1
     assert "no saved visual experts" in capsys.readouterr().err
+
+
+def run_example(name: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_visual_experts_example(folders, tmp_path, clip):
+    out = run_example("visual_experts.py", "--model", folders["onevision"], "--out", str(tmp_path / "experts"),
+                      "--steps", "3", "--lr", "0.05", "--seconds", "3")
+    losses = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("step ")]
+    assert len(losses) == 2 and losses[1] < losses[0]  # training moved the experts toward the target
+    assert "before:" in out and "after:" in out
+    argv = ["ask", str(clip.path), "what is shown?", "--model", folders["onevision"], "--no-asr", "--quiet",
+            "--max-new-tokens", "3", "--head", f"visual_experts:weights={tmp_path / 'experts'}", "--json"]
+    assert main(argv) == 0
+
+
+def test_biglittle_example(folders):
+    out = run_example("biglittle_encoder.py", "--big", folders["big"], "--little", folders["little"], "--model",
+                      folders["llama"], "--frames", "3", "--repeats", "1")
+    ratios = [line for line in out.splitlines() if line.startswith("keep ")]
+    assert len(ratios) == 4 and "cosine to the big tower 1.000" in ratios[0]  # keep 1 is the big tower
+    assert "answer with biglittle:" in out
