@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vstream.config import JsonConfig, check_int
+from vstream.config import JsonConfig, check_int, check_number
 from vstream.errors import ConfigError, EncoderError
 from vstream.ingest.queue import Closed, ItemQueue
 from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, TranscriptSegment, Word
@@ -80,11 +80,6 @@ _model_locks_guard = threading.Lock()
 def _lock_for(model) -> threading.Lock:
     with _model_locks_guard:
         return _model_locks.setdefault(model, threading.Lock())
-
-
-def _check_number(name: str, value: object, low: float, high: float) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high):
-        raise ConfigError(f"ASRConfig.{name} must be a number in [{low}, {high}], got {value!r}")
 
 
 _RANGES = {  # allowed [low, high] of ASRConfig's numbers
@@ -163,14 +158,15 @@ class ASRConfig(JsonConfig):
         if self.language is not None and not (isinstance(self.language, str) and self.language):
             raise ConfigError(f"ASRConfig.language must be a language code or None, got {self.language!r}")
         for name, (low, high) in _RANGES.items():
-            _check_number(name, getattr(self, name), low, high)
-        _check_number("end_silence", self.end_silence, max(self.pad, FRAME_SECONDS), 10.0)  # a window ends past its pad
+            check_number("ASRConfig", name, getattr(self, name), low, high, include_low=True)
+        check_number("ASRConfig", "end_silence", self.end_silence, max(self.pad, FRAME_SECONDS), 10.0,
+                     include_low=True)  # a window ends past its pad
         if isinstance(self.temperatures, list):  # as JSON gives it back
             self.temperatures = tuple(self.temperatures)
         if not (isinstance(self.temperatures, tuple) and self.temperatures):
             raise ConfigError(f"ASRConfig.temperatures must be a non-empty tuple, got {self.temperatures!r}")
         for value in self.temperatures:
-            _check_number("temperatures", value, 0.0, 2.0)
+            check_number("ASRConfig", "temperatures", value, 0.0, 2.0, include_low=True)
         if self.beam_size is not None:
             check_int("ASRConfig", "beam_size", self.beam_size, 1)
         check_int("ASRConfig", "queue_chunks", self.queue_chunks, 1)

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vstream.config import JsonConfig, check_choice, check_int
-from vstream.encoders.registry import check_images, register_encoder
+from vstream.encoders.registry import check_images, encode_batched, register_encoder
 from vstream.errors import ConfigError, EncoderError
 
 
@@ -303,18 +303,11 @@ class BigLittleEncoder:
         Raises:
             EncoderError: an image that is not ``[H, W, 3]`` uint8 (named by its index).
         """
-        import torch
+        return encode_batched(self, images, self._forward)
 
-        batch = check_images(images)
-        chunks = []
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(batch), self.config.batch_size):
-                images_chunk = batch[start : start + self.config.batch_size]
-                features, scores = self._run_little(self._pixels(self.little, images_chunk))
-                context = self.projection(features)
-                kept = self.select(scores)
-                pixel_values = self._pixels(self.big, images_chunk) if kept.shape[1] else None
-                chunks.append(self._run_big(pixel_values, context, kept).float())
-        if not chunks:
-            return torch.zeros(0, self.grid * self.grid, self.dim, device=self.device)
-        return torch.cat(chunks)  # outside inference mode: an ordinary tensor
+    def _forward(self, images: list[np.ndarray]):
+        features, scores = self._run_little(self._pixels(self.little, images))
+        context = self.projection(features)
+        kept = self.select(scores)
+        pixel_values = self._pixels(self.big, images) if kept.shape[1] else None
+        return self._run_big(pixel_values, context, kept)

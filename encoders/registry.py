@@ -148,3 +148,19 @@ def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
             raise EncoderError(f"image {i}: expected [H, W, 3] uint8 RGB with H, W >= 1, "
                                f"got {image.dtype} of shape {image.shape}")
     return batch
+
+
+def encode_batched(encoder, images: Sequence[np.ndarray], forward):
+    """What a tower-based encoder's ``encode`` does around its forward pass: check
+    ``images``, run ``forward(list_of_images) -> [b, grid², dim]`` on
+    ``encoder.config.batch_size`` frames at a time under ``encoder._lock`` and inference
+    mode, and return ``[B, grid², dim]`` float32 on ``encoder.device``."""
+    import torch
+
+    batch = check_images(images)
+    size = encoder.config.batch_size
+    with encoder._lock, torch.inference_mode():
+        chunks = [forward(batch[start : start + size]).float() for start in range(0, len(batch), size)]
+    if not chunks:
+        return torch.zeros(0, encoder.grid * encoder.grid, encoder.dim, device=encoder.device)
+    return torch.cat(chunks)  # outside inference mode: an ordinary tensor

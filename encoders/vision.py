@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image
 
 from vstream.config import JsonConfig, check_choice, check_int
-from vstream.encoders.registry import check_images, is_hub_id, register_encoder
+from vstream.encoders.registry import encode_batched, is_hub_id, register_encoder
 from vstream.errors import ConfigError, EncoderError
 
 _TOWER_CLASSES = {
@@ -291,16 +291,7 @@ class VisionEncoder:
         Raises:
             EncoderError: an image that is not ``[H, W, 3]`` uint8 (named by its index).
         """
-        import torch
-
-        batch = check_images(images)
-        chunks = []
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(batch), self.config.batch_size):
-                chunks.append(self._forward(batch[start : start + self.config.batch_size]))
-        if not chunks:
-            return torch.zeros(0, self.grid * self.grid, self.dim, device=self.device)
-        return torch.cat(chunks)  # outside inference mode: an ordinary tensor
+        return encode_batched(self, images, self._forward)
 
     def _forward(self, images: list[np.ndarray]):
         inputs = self._preprocess(images)

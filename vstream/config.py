@@ -23,13 +23,15 @@ def check_int(owner: str, name: str, value: object, minimum: int) -> None:
         raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
 
 
-def check_number(owner: str, name: str, value: object, low: float, high: float | None = None) -> None:
-    """Refuse ``value`` unless it is a number in ``(low, high]`` (or ``> low``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > low
-    if ok and high is not None:
-        ok = value <= high
+def check_number(owner: str, name: str, value: object, low: float, high: float | None = None,
+                 include_low: bool = False) -> None:
+    """Refuse ``value`` unless it is a number in ``(low, high]`` (or ``> low``);
+    ``[low, high]`` with ``include_low``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= low if include_low else value > low) and (high is None or value <= high)
     if not ok:
-        bound = f"in ({low}, {high}]" if high is not None else f"> {low}"
+        opening = "[" if include_low else "("
+        bound = f"in {opening}{low}, {high}]" if high is not None else (f">= {low}" if include_low else f"> {low}")
         raise ConfigError(f"{owner}.{name} must be a number {bound}, got {value!r}")
 
 
