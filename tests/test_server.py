@@ -471,3 +471,27 @@ def test_sigterm_saves_every_stream_and_a_new_server_resumes(model, tmp_path):
     finally:
         first.kill()
         second.kill()
+
+
+def test_streams_share_one_frame_encoder(model, tmp_path):
+    """A vision tower is loaded once per server, not once per stream."""
+    import threading
+
+    from vstream.server import Server, ServerConfig
+
+    config = ServerConfig(bind="tcp://127.0.0.1:*", state_dir=str(tmp_path), session=SessionConfig(asr=False))
+    server = Server(config, model)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with Client(server.address, timeout=10) as c:
+            first, second = c.open_stream(), c.open_stream()
+            sessions = [server.streams[first].session, server.streams[second].session]
+            assert sessions[0].encoder is sessions[1].encoder is server.encoder
+            c.close_stream(first)
+            resumed = c.open_stream(resume=first)
+            assert server.streams[resumed].session.encoder is server.encoder
+    finally:
+        server.stop()
+        thread.join(10)
+        server.close()

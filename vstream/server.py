@@ -44,6 +44,7 @@ from zmq.utils import z85
 
 import vstream
 from vstream.config import JsonConfig, cache_dir, check_int, check_number
+from vstream.encoders import create_encoder
 from vstream.errors import ConfigError, ProtocolError, SourceError, VStreamError
 from vstream.ingest import SourceConfig
 from vstream.ingest.container import source_kind
@@ -167,7 +168,9 @@ class Server:
 
     def __init__(self, config: ServerConfig | None = None, model: ChatModel | str | None = None):
         self.config = config or ServerConfig()
-        self.model = model if isinstance(model, ChatModel) else load_model(model)
+        self.model = model if isinstance(model, ChatModel) else load_model(model, heads=self.config.session.heads)
+        # one frame encoder for every stream: a vision tower is loaded once, not per stream
+        self.encoder = self.model.frame_encoder or create_encoder(self.config.session.encoder)
         self.limits = Limits(self.config.max_header_bytes, self.config.max_frame_bytes)
         self.state_dir = Path(self.config.state_dir or cache_dir() / "streams")
         self.streams: dict[str, Stream] = {}
@@ -314,12 +317,13 @@ class Server:
                 raise ProtocolError(f"stream {resume!r} is already open", "exists", message.id)
             if not (self.state_dir / resume / "session.json").is_file():
                 raise ProtocolError(f"no saved stream {resume!r} in the state folder", "not_found", message.id)
-            session, stream_id = Session.load(self.state_dir / resume, self.model, self.config.session), resume
+            session, stream_id = Session.load(self.state_dir / resume, self.model, self.config.session,
+                                                       self.encoder), resume
         else:
             stream_id = secrets.token_hex(8)
             while (self.state_dir / stream_id).exists():
                 stream_id = secrets.token_hex(8)
-            session = Session(self.model, self.config.session)
+            session = Session(self.model, self.config.session, self.encoder)
         now = time.monotonic()
         stream = Stream(stream_id, session, source, seen=now, bucket=max(1.0, self.config.max_fps), refilled=now)
         self.streams[stream_id] = stream

@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vstream.config import JsonConfig, check_int
-from vstream.encoders import create_encoder
+from vstream.encoders import FrameEncoder, create_encoder
 from vstream.errors import ConfigError, MemoryStateError, VStreamError
 from vstream.ingest import FileSource, open_source, probe
 from vstream.ingest.queue import Closed, ItemQueue
@@ -132,12 +132,15 @@ class Session:
         model: a loaded ``ChatModel`` (may be shared by many sessions), a hub id or
             folder, or None for the embedded SmolLM2-135M-Instruct.
         config: ``SessionConfig``.
+        encoder: a frame encoder to use (and share with other sessions) instead of
+            building ``config.encoder``; ignored when the model brings its own tower.
     """
 
-    def __init__(self, model: ChatModel | str | None = None, config: SessionConfig | None = None):
+    def __init__(self, model: ChatModel | str | None = None, config: SessionConfig | None = None,
+                 encoder: FrameEncoder | None = None):
         self.config = config or SessionConfig()
         self.model = model if isinstance(model, ChatModel) else load_model(model, heads=self.config.heads)
-        self.encoder = self.model.frame_encoder or create_encoder(self.config.encoder)
+        self.encoder = self.model.frame_encoder or encoder or create_encoder(self.config.encoder)
         memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
         self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
         self.transcript = None
@@ -426,11 +429,12 @@ class Session:
                                                  "stats": self.stats.to_dict()})
 
     @classmethod
-    def load(cls, folder, model: ChatModel | str | None = None, config: SessionConfig | None = None) -> Session:
+    def load(cls, folder, model: ChatModel | str | None = None, config: SessionConfig | None = None,
+             encoder: FrameEncoder | None = None) -> Session:
         """A session holding the memories ``save`` wrote into ``folder``."""
         folder = Path(folder)
         meta = read_json(folder / "session.json")
-        session = cls(model, config)
+        session = cls(model, config, encoder)
         grid, dim = session.encoder.grid, session.encoder.dim
         if (meta.get("encoder_grid"), meta.get("encoder_dim")) != (grid, dim):
             session.close()
