@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(60)
 
 TOKEN = "secret"
 MAX_TOKENS = "6"
-MAIN = ("--token", TOKEN, "--max-streams", "4", "--max-fps", "20", "--idle-timeout", "2", "--max-header-bytes",
+MAIN = ("--token", TOKEN, "--max-streams", "4", "--max-fps", "20", "--max-audio-speed", "4", "--idle-timeout", "2", "--max-header-bytes",
         "4096", "--max-frame-bytes", "200000", "--queue-size", "8", "--sources", "file")
 TIGHT = ("--max-fps", "100000", "--queue-frames", "2", "--batch-frames", "1", "--queue-size", "1",
          "--max-frame-bytes", "1000000", "--max-new-tokens", "400")  # long answers: the queue stays full
@@ -355,6 +355,23 @@ def test_rate_limit_drops_and_counts(client):
     assert stats["rate_dropped"] == len(refused) and stats["frames_in"] == accepted
     time.sleep(refused[-1].retry_after)
     assert client.send_frame(stream, frames(41)[-1])  # the bucket refills
+    client.close_stream(stream)
+
+
+def test_audio_rate_limit(client):
+    """4 s of audio per second: a flood of 1-second chunks is cut to about that."""
+    stream = client.open_stream()
+    accepted, refused = 0, []
+    for i in range(12):
+        try:
+            accepted += client.send_audio(stream, AudioChunk(np.zeros(16000, np.float32), float(i), i + 1.0))
+        except ServerError as exc:
+            refused.append(exc)
+    assert refused and all(e.code == "rate" and 0 < e.retry_after <= 0.25 for e in refused)
+    assert 4 <= accepted < 12 and accepted + len(refused) == 12
+    assert client.stats(stream)["rate_dropped"] == len(refused)
+    time.sleep(refused[-1].retry_after)
+    assert client.send_audio(stream, AudioChunk(np.zeros(16000, np.float32), 12.0, 13.0))  # the bucket refills
     client.close_stream(stream)
 
 

@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="largest frame or audio chunk in bytes (default: a 4K RGB frame)")
     serve.add_argument("--max-header-bytes", type=int, default=16384, help="largest JSON header (default 16384)")
     serve.add_argument("--max-fps", type=float, default=30.0, help="frames accepted per second and stream (default 30)")
+    serve.add_argument("--max-audio-speed", type=float, default=30.0,
+                       help="seconds of audio accepted per second and stream (default 30)")
     serve.add_argument("--idle-timeout", type=float, default=300.0,
                        help="seconds without a message before a stream is saved and closed (default 300)")
     serve.add_argument("--queue-size", type=int, default=32, help="questions waiting for the model (default 32)")
@@ -283,8 +285,8 @@ def _serve(args) -> None:
     config = ServerConfig(bind=args.bind, token=args.token, curve_secret_key=curve_secret,
                           curve_clients=curve_clients, state_dir=args.state_dir, max_streams=args.max_streams,
                           max_frame_bytes=args.max_frame_bytes, max_header_bytes=args.max_header_bytes,
-                          max_fps=args.max_fps, idle_timeout=args.idle_timeout, queue_size=args.queue_size,
-                          sources=sources, session=session)
+                          max_fps=args.max_fps, max_audio_speed=args.max_audio_speed, idle_timeout=args.idle_timeout,
+                          queue_size=args.queue_size, sources=sources, session=session)
     if args.threads:
         import torch
 

@@ -11,9 +11,10 @@ Design (the engine decides, workers execute; the wire format is ``vstream.protoc
   queue is full it drops its oldest waiting frame for the new one, and the server
   replies ``busy`` (reason ``frames``) instead of ``ok``: the sender is outrunning the
   stream. Busy replies are counted (``busy``), the drops too (``frames_dropped``).
-- Rate limit: frames over ``max_fps`` (a token bucket holding one second of frames)
-  never reach the session: counted (``rate_dropped``), answered ``error`` ``rate``
-  with ``retry_after`` seconds.
+- Rate limit: frames over ``max_fps``, and audio over ``max_audio_speed`` seconds of
+  audio per second (each a token bucket holding one second's worth), never reach the
+  session: counted (``rate_dropped``, frames and audio chunks), answered ``error``
+  ``rate`` with ``retry_after`` seconds.
 - Questions go into one bounded work queue; one model worker answers them in order,
   streaming tokens when asked; a full queue answers ``busy`` (reason ``queue``). The
   worker, and the threads that open a source the server reads itself (a URL may take
@@ -79,6 +80,8 @@ class ServerConfig(JsonConfig):
         max_header_bytes: largest JSON header, bytes (default 16384).
         max_fps: frames accepted per second and stream; one second's worth may come
             at once (default 30.0).
+        max_audio_speed: seconds of audio accepted per second and stream (default
+            30.0: thirty times real time); one second's worth may come at once.
         idle_timeout: seconds without a message after which a stream is saved and
             closed (default 300.0); a source the server reads keeps its stream alive
             while it delivers frames.
@@ -97,6 +100,7 @@ class ServerConfig(JsonConfig):
     max_frame_bytes: int = 3840 * 2160 * 3
     max_header_bytes: int = 16384
     max_fps: float = 30.0
+    max_audio_speed: float = 30.0
     idle_timeout: float = 300.0
     queue_size: int = 32
     sources: tuple[str, ...] = ("url",)
@@ -108,6 +112,7 @@ class ServerConfig(JsonConfig):
         for name in ("max_streams", "max_frame_bytes", "max_header_bytes", "queue_size"):
             check_int("ServerConfig", name, getattr(self, name), 1)
         check_number("ServerConfig", "max_fps", self.max_fps, 0.0)
+        check_number("ServerConfig", "max_audio_speed", self.max_audio_speed, 0.0)
         check_number("ServerConfig", "idle_timeout", self.idle_timeout, 0.0)
         if not (isinstance(self.bind, str) and self.bind.startswith(("tcp://", "ipc://"))):
             raise ConfigError(f"ServerConfig.bind must be a tcp:// or ipc:// address, got {self.bind!r}")
@@ -122,6 +127,27 @@ class ServerConfig(JsonConfig):
                               f"{', '.join(SOURCE_KINDS)}")
 
 
+class TokenBucket:
+    """A rate limit: ``rate`` units a second, of which one second's worth (at least
+    one unit) may come at once."""
+
+    def __init__(self, rate: float, now: float):
+        self.rate, self.capacity = rate, max(1.0, rate)
+        self.tokens, self.refilled = self.capacity, now
+
+    def take(self, amount: float, now: float) -> float:
+        """Take ``amount`` units at ``now`` (``time.monotonic()``): 0.0 when taken, else
+        the seconds to wait until it would be. An amount over the capacity is taken
+        when the bucket is full, leaving it in debt."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        needed = min(amount, self.capacity)
+        if self.tokens < needed:
+            return (needed - self.tokens) / self.rate
+        self.tokens -= amount
+        return 0.0
+
+
 @dataclass(eq=False)
 class Stream:
     """What the loop knows of one stream besides its session."""
@@ -130,10 +156,10 @@ class Stream:
     session: Session
     source: str | None
     seen: float  # time.monotonic() of the last message naming it
-    bucket: float  # frames the rate limit still lets through now
-    refilled: float  # when the bucket was last filled
+    frame_bucket: TokenBucket  # frames the rate limit lets through
+    audio_bucket: TokenBucket  # seconds of audio the rate limit lets through
     frames: int = 0  # frames received (the index of a frame sent without one)
-    rate_dropped: int = 0  # frames dropped over the rate limit
+    rate_dropped: int = 0  # frames and audio chunks dropped over their rate limits
     busy: int = 0  # frames and audio chunks answered busy
     pending: int = 0  # questions queued or being answered, and a source being opened
     frames_in: int = -1  # the session's frames_in at the last idle check
@@ -325,7 +351,8 @@ class Server:
                 stream_id = secrets.token_hex(8)
             session = Session(self.model, self.config.session, self.encoder)
         now = time.monotonic()
-        stream = Stream(stream_id, session, source, seen=now, bucket=max(1.0, self.config.max_fps), refilled=now)
+        stream = Stream(stream_id, session, source, seen=now, frame_bucket=TokenBucket(self.config.max_fps, now),
+                        audio_bucket=TokenBucket(self.config.max_audio_speed, now))
         self.streams[stream_id] = stream
         logger.info("opened stream %s%s%s", stream_id, " (resumed)" if resume else "",
                     f" reading {source}" if source else "")
@@ -350,17 +377,11 @@ class Server:
 
     def _on_frame(self, identity: bytes, message: Message) -> None:
         stream = self._stream(message)
-        now = time.monotonic()
-        rate = self.config.max_fps
-        stream.bucket = min(max(1.0, rate), stream.bucket + (now - stream.refilled) * rate)
-        stream.refilled = now
-        if stream.bucket < 1.0:
-            stream.rate_dropped += 1
-            self.counters["rate_dropped"] += 1
-            self._error(identity, message.id, "rate", f"stream {stream.id}: over {rate:g} frames/s; the frame at "
-                        f"t={message.get('t')} was dropped", retry_after=round((1.0 - stream.bucket) / rate, 4))
+        wait = stream.frame_bucket.take(1.0, time.monotonic())
+        if wait:
+            self._rate_dropped(identity, message, stream, f"over {self.config.max_fps:g} frames/s; the frame at "
+                               f"t={message.get('t')} was dropped", wait)
             return
-        stream.bucket -= 1.0
         frame = message.frame(stream.frames)
         accepted = stream.session.push_frame(frame)  # a frame back in time raises: an "invalid" reply
         stream.frames += 1
@@ -368,7 +389,18 @@ class Server:
 
     def _on_audio(self, identity: bytes, message: Message) -> None:
         stream = self._stream(message)
-        self._pushed(identity, message, stream, stream.session.push_audio(message.audio()))
+        chunk = message.audio()
+        wait = stream.audio_bucket.take(chunk.duration, time.monotonic())
+        if wait:
+            self._rate_dropped(identity, message, stream, f"over {self.config.max_audio_speed:g} s of audio per "
+                               f"second; the chunk at {chunk.start:g}-{chunk.end:g} s was dropped", wait)
+            return
+        self._pushed(identity, message, stream, stream.session.push_audio(chunk))
+
+    def _rate_dropped(self, identity: bytes, message: Message, stream: Stream, why: str, wait: float) -> None:
+        stream.rate_dropped += 1
+        self.counters["rate_dropped"] += 1
+        self._error(identity, message.id, "rate", f"stream {stream.id}: {why}", retry_after=round(wait, 4))
 
     def _pushed(self, identity: bytes, message: Message, stream: Stream, accepted: bool) -> None:
         if accepted:
