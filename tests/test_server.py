@@ -429,6 +429,21 @@ def test_backpressure_busy_replies_and_counted_drops(servers):
         c.close_stream(stream)
 
 
+def test_lossless_sending_loses_nothing(servers):
+    """The same flood sent lossless: the full stream refuses frames instead of dropping
+    them, the client sends each again, and every frame reaches the memory once, in order."""
+    with Client(servers["tight"].address) as c:
+        stream = c.open_stream()
+        flood = frames(60, size=(240, 320))
+        counts = c.send_source(stream, flood)
+        assert counts["frames"] == len(flood) and counts["busy"] > 0  # the queue did fill up
+        stats = wait_processed(c, stream, len(flood))
+        assert stats["frames_dropped"] == 0 and stats["frames_in"] == stats["frames_processed"] == len(flood)
+        with pytest.raises(ServerError, match="earlier than"):  # refused frames did not move the clock
+            c.send_frame(stream, flood[0], lossless=True)
+        c.close_stream(stream)
+
+
 # -- lifetime ----------------------------------------------------------------------------
 
 

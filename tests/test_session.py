@@ -115,6 +115,24 @@ def test_a_full_queue_drops_the_oldest_frames_and_counts_them(model, monkeypatch
     assert stats.frames_processed + stats.frames_dropped == stats.frames_in == 60
 
 
+def test_a_full_queue_refuses_without_evicting(model, monkeypatch):
+    """``evict=False``: a frame that finds the queue full is not taken and not counted;
+    pushed again later, every frame reaches the memory."""
+    session = Session(model, SessionConfig(asr=False, queue_frames=2, batch_frames=1))
+    encode = session.encoder.encode
+    monkeypatch.setattr(session.encoder, "encode", lambda images: (time.sleep(0.02), encode(images))[1])
+    refused = 0
+    with session:
+        for frame in frames(20):
+            while not session.push_frame(frame, evict=False):
+                refused += 1
+                assert session.stats.frames_in == frame.index  # a refused frame is not counted
+                time.sleep(0.005)
+        session.wait(timeout=30)
+        stats = session.stats
+    assert refused > 0 and stats.frames_dropped == 0 and stats.frames_processed == stats.frames_in == 20
+
+
 def test_a_file_source_loses_nothing(model, make_clip):
     clip = make_clip("session.mp4", duration=12.0, fps=10, size=(96, 64), audio=False)
     with Session(model, SessionConfig(asr=False, queue_frames=2)) as session:

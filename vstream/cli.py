@@ -134,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     pace.add_argument("--realtime", action="store_true",
                       help="send a file at its own pace, as if live; what the server cannot take is dropped")
     pace.add_argument("--as-fast-as-accepted", dest="realtime", action="store_false",
-                      help="send as fast as the server takes it, slowing down when it is busy (default)")
+                      help="send as fast as the server takes it, losing nothing: each item waits while the "
+                           "stream is full (default)")
     stream.add_argument("--fps", type=float, default=1.0, help="frames sent per second of video (default 1)")
     stream.add_argument("--size", type=int, default=None, help="resize so the shorter side is this many pixels")
     stream.add_argument("--no-audio", action="store_true", help="send no audio")

@@ -69,18 +69,20 @@ class Client:
         data = self._call("open", source=source, resume=resume, settings=settings or None)
         return data["stream"]
 
-    def send_frame(self, stream: str, frame: Frame) -> bool:
-        """Send one frame; True when taken, False when the server said ``busy`` (the
-        stream is full: it dropped an older waiting frame for this one). A frame over
+    def send_frame(self, stream: str, frame: Frame, lossless: bool = False) -> bool:
+        """Send one frame; True when taken with nothing lost, False when the server said
+        ``busy``: the stream is full, so it dropped an older waiting frame for this one,
+        or, ``lossless``, it did not take this one (send it again later). A frame over
         the stream's rate raises ``ServerError`` with code ``rate`` and ``retry_after``."""
         request_id = next(self._ids)
-        self._send(encode_frame(stream, frame, request_id, self.token))
+        self._send(encode_frame(stream, frame, request_id, self.token, lossless))
         return self._receive(request_id, self.timeout).kind == "ok"
 
-    def send_audio(self, stream: str, chunk: AudioChunk) -> bool:
-        """Send one audio chunk (16 kHz float32); True when taken, False when busy."""
+    def send_audio(self, stream: str, chunk: AudioChunk, lossless: bool = False) -> bool:
+        """Send one audio chunk (16 kHz float32); True when taken, False when busy (as
+        ``send_frame``)."""
         request_id = next(self._ids)
-        self._send(encode_audio(stream, chunk, request_id, self.token))
+        self._send(encode_audio(stream, chunk, request_id, self.token, lossless))
         return self._receive(request_id, self.timeout).kind == "ok"
 
     def send_source(self, stream: str, items, realtime: bool = False, offset: float = 0.0, on_progress=None) -> dict:
@@ -89,45 +91,55 @@ class Client:
 
         ``realtime``: the items come paced (a live source, a file read in real time);
         what the server does not take is gone: a frame over the rate limit is dropped,
-        ``busy`` is counted. Otherwise, as fast as the server takes them: wait out the
-        rate limit and send again, and slow down (up to 0.5 s a frame) while the server
-        says ``busy``. ``on_progress(counts, t)`` is called after each item. Returns
-        the counts: ``frames`` and ``audio_seconds`` taken, ``busy``, ``rate_dropped``.
+        and when the stream is full the server drops an older waiting frame (``busy``).
+        Otherwise nothing is lost: each item is sent ``lossless`` and sent again, after
+        a growing pause (up to 0.5 s), while the stream is full or over its rate.
+        ``on_progress(counts, t)`` is called after each item. Returns the counts:
+        ``frames`` and ``audio_seconds`` taken, ``busy`` replies, ``rate_dropped``.
         """
         counts = {"frames": 0, "audio_seconds": 0.0, "busy": 0, "rate_dropped": 0}
-        backoff = 0.0
         for item in items:
             is_frame = isinstance(item, Frame)
             if offset:
                 item = (Frame(item.image, item.t + offset, item.index) if is_frame
                         else AudioChunk(item.samples, item.start + offset, item.end + offset))
-            taken = self._send_item(stream, item, wait=not realtime)
-            if taken is None:
-                counts["rate_dropped"] += 1
-                continue
-            counts["frames" if is_frame else "audio_seconds"] += 1 if is_frame else item.duration
+            taken = self._send_paced(stream, item, counts) if realtime else self._send_lossless(stream, item, counts)
             if taken:
-                backoff = 0.0
-            else:  # busy: the server dropped an older frame for this one
-                counts["busy"] += 1
-                backoff = min(0.5, max(0.01, 2 * backoff))
-                if not realtime:
-                    time.sleep(backoff)
+                counts["frames" if is_frame else "audio_seconds"] += 1 if is_frame else item.duration
             if on_progress is not None:
                 on_progress(counts, item.t if is_frame else item.end)
         return counts
 
-    def _send_item(self, stream: str, item, wait: bool) -> bool | None:
-        """``send_frame`` / ``send_audio``; over the rate limit: wait and send again,
-        or None (dropped) when not ``wait``."""
+    def _send_item(self, stream: str, item, lossless: bool) -> bool:
+        return (self.send_frame(stream, item, lossless) if isinstance(item, Frame)
+                else self.send_audio(stream, item, lossless))
+
+    def _send_paced(self, stream: str, item, counts: dict) -> bool:
+        """Send once: True when taken (a ``busy`` reply is counted: an older frame went),
+        False when over the rate limit (counted, dropped)."""
+        try:
+            if not self._send_item(stream, item, lossless=False):
+                counts["busy"] += 1
+            return True
+        except ServerError as exc:
+            if exc.code != "rate":
+                raise
+            counts["rate_dropped"] += 1
+            return False
+
+    def _send_lossless(self, stream: str, item, counts: dict) -> bool:
+        """Send until the server takes the item, pausing while it is full or over rate."""
+        backoff = 0.0
         while True:
             try:
-                return self.send_frame(stream, item) if isinstance(item, Frame) else self.send_audio(stream, item)
+                if self._send_item(stream, item, lossless=True):
+                    return True
+                counts["busy"] += 1
+                backoff = min(0.5, max(0.01, 2 * backoff))
+                time.sleep(backoff)
             except ServerError as exc:
                 if exc.code != "rate":
                     raise
-                if not wait:
-                    return None
                 time.sleep(exc.retry_after or 0.05)
 
     def ask(self, stream: str, question: str, start: float | None = None, end: float | None = None,

@@ -21,8 +21,10 @@ Requests (client -> server) and their fields (``*`` required):
 kind      fields                                                         reply
 ========  =============================================================  ====================
 open      source, settings (source settings), resume (saved stream id)   ok {stream, resumed}
-frame     stream*, t*, index, dtype* uint8, shape* [H, W, 3]; 1 payload  ok / busy
-audio     stream*, start*, dtype* float32, shape* [n]; 1 payload         ok / busy
+frame     stream*, t*, index, lossless (bool), dtype* uint8,             ok / busy
+          shape* [H, W, 3]; 1 payload
+audio     stream*, start*, lossless (bool), dtype* float32, shape* [n];  ok / busy
+          1 payload
 ask       stream*, question*, start, end, last (seconds), tokens (bool)  token..., answer
 close     stream*                                                        ok {stream, saved}
 list      -                                                              ok {streams}
@@ -34,10 +36,12 @@ Times are seconds on the stream's clock; a stream's frame times never go back.
 
 Replies (server -> client): ``ok`` {data}, ``error`` {code*, message*, retry_after},
 ``token`` {text*} (a streamed piece of an answer), ``answer`` {answer*, evidence*,
-timings*} (the shape ``vstream ask --json`` prints), ``busy`` {reason*: "frames" or
-"queue"}. Any request may get ``error``; ``busy`` answers a frame or audio chunk
-whose stream was full (the session dropped its oldest waiting item for it) or a
-question that found the work queue full (the question was not taken).
+timings*} (the shape ``vstream ask --json`` prints), ``busy`` {reason*: "frames",
+"full" or "queue"}. Any request may get ``error``; ``busy`` answers a frame or audio
+chunk whose stream was full: reason ``frames``, the session dropped its oldest
+waiting item for it; reason ``full`` (the item was sent ``lossless``), the item itself
+was not taken and nothing was dropped: send it again later. ``busy`` reason ``queue``
+answers a question that found the work queue full (the question was not taken).
 
 ``decode`` checks everything before anything is used: the parts, the header size
 (before parsing), that it is a JSON object without NaN, the version, the token (with
@@ -90,8 +94,9 @@ _COMMON = {"v": ("str", True), "kind": ("str", True), "id": ("int", True), "toke
 _FIELDS = {
     "open": {"source": ("str", False), "settings": ("dict", False), "resume": ("stream", False)},
     "frame": {"stream": ("stream", True), "t": ("number", True), "index": ("int", False),
+              "lossless": ("bool", False), "dtype": ("str", True), "shape": ("shape", True)},
+    "audio": {"stream": ("stream", True), "start": ("number", True), "lossless": ("bool", False),
               "dtype": ("str", True), "shape": ("shape", True)},
-    "audio": {"stream": ("stream", True), "start": ("number", True), "dtype": ("str", True), "shape": ("shape", True)},
     "ask": {"stream": ("stream", True), "question": ("str", True), "start": ("number", False),
             "end": ("number", False), "last": ("number", False), "tokens": ("bool", False)},
     "close": {"stream": ("stream", True)},
@@ -161,12 +166,16 @@ def encode(kind: str, request_id: int | None, array: np.ndarray | None = None, *
     return [raw, *parts]
 
 
-def encode_frame(stream: str, frame: Frame, request_id: int, token: str | None = None) -> list[bytes]:
-    return encode("frame", request_id, frame.image, token=token, stream=stream, t=frame.t, index=frame.index)
+def encode_frame(stream: str, frame: Frame, request_id: int, token: str | None = None,
+                 lossless: bool = False) -> list[bytes]:
+    return encode("frame", request_id, frame.image, token=token, stream=stream, t=frame.t, index=frame.index,
+                  lossless=lossless or None)
 
 
-def encode_audio(stream: str, chunk: AudioChunk, request_id: int, token: str | None = None) -> list[bytes]:
-    return encode("audio", request_id, chunk.samples, token=token, stream=stream, start=chunk.start)
+def encode_audio(stream: str, chunk: AudioChunk, request_id: int, token: str | None = None,
+                 lossless: bool = False) -> list[bytes]:
+    return encode("audio", request_id, chunk.samples, token=token, stream=stream, start=chunk.start,
+                  lossless=lossless or None)
 
 
 def decode(parts: list, limits: Limits = Limits(), token: str | None = None, reply: bool = False) -> Message:

@@ -10,7 +10,9 @@ Design (the engine decides, workers execute; the wire format is ``vstream.protoc
   blocking: the session's writer thread encodes them). Backpressure: when the session's
   queue is full it drops its oldest waiting frame for the new one, and the server
   replies ``busy`` (reason ``frames``) instead of ``ok``: the sender is outrunning the
-  stream. Busy replies are counted (``busy``), the drops too (``frames_dropped``).
+  stream. Busy replies are counted (``busy``), the drops too (``frames_dropped``). An
+  item sent ``lossless`` is refused instead (``busy``, reason ``full``): nothing is
+  dropped, and the sender sends it again.
 - Rate limit: frames over ``max_fps``, and audio over ``max_audio_speed`` seconds of
   audio per second (each a token bucket holding one second's worth), never reach the
   session: counted (``rate_dropped``, frames and audio chunks), answered ``error``
@@ -383,8 +385,11 @@ class Server:
                                f"t={message.get('t')} was dropped", wait)
             return
         frame = message.frame(stream.frames)
-        accepted = stream.session.push_frame(frame)  # a frame back in time raises: an "invalid" reply
-        stream.frames += 1
+        lossless = bool(message.get("lossless"))
+        # a frame back in time raises: an "invalid" reply
+        accepted = stream.session.push_frame(frame, evict=not lossless)
+        if accepted or not lossless:  # a refused lossless frame will come again
+            stream.frames += 1
         self._pushed(identity, message, stream, accepted)
 
     def _on_audio(self, identity: bytes, message: Message) -> None:
@@ -395,7 +400,7 @@ class Server:
             self._rate_dropped(identity, message, stream, f"over {self.config.max_audio_speed:g} s of audio per "
                                f"second; the chunk at {chunk.start:g}-{chunk.end:g} s was dropped", wait)
             return
-        self._pushed(identity, message, stream, stream.session.push_audio(chunk))
+        self._pushed(identity, message, stream, stream.session.push_audio(chunk, evict=not message.get("lossless")))
 
     def _rate_dropped(self, identity: bytes, message: Message, stream: Stream, why: str, wait: float) -> None:
         stream.rate_dropped += 1
@@ -408,7 +413,7 @@ class Server:
             return
         stream.busy += 1
         self.counters["busy"] += 1
-        self._reply(identity, "busy", message.id, reason="frames")
+        self._reply(identity, "busy", message.id, reason="full" if message.get("lossless") else "frames")
 
     def _on_ask(self, identity: bytes, message: Message) -> None:
         stream = self._stream(message)

@@ -160,11 +160,15 @@ class Session:
 
     # -- feeding --------------------------------------------------------------------------
 
-    def push_frame(self, frame: Frame, wait: bool = False) -> bool:
-        """Queue a frame for the memory. Never blocks unless ``wait``: when the queue is
-        full the oldest waiting frame is dropped (counted) and False returned. A frame
-        earlier than the previous one is refused (``MemoryStateError``) here, not when
-        its batch is written."""
+    def push_frame(self, frame: Frame, wait: bool = False, evict: bool = True) -> bool:
+        """Queue a frame for the memory; True when it was queued with nothing lost.
+
+        When the queue is full: with ``wait``, wait for room; otherwise the oldest
+        waiting frame is dropped (counted) to make room and False returned, or, with
+        ``evict=False``, this frame is refused instead (not taken, nothing dropped or
+        counted; push it again later) and False returned. A frame earlier than the
+        previous one is refused (``MemoryStateError``) here, not when its batch is
+        written."""
         if not isinstance(frame, Frame):
             raise ConfigError(f"push_frame takes a vstream.Frame, got {type(frame).__name__}")
         if self._closed:
@@ -173,21 +177,37 @@ class Session:
             if frame.t < self._last_frame_t:
                 raise MemoryStateError(f"frame time {frame.t} s is earlier than the previous frame's "
                                        f"({self._last_frame_t} s): frames go into the memory in time order")
+            if not (wait or evict or self._offer(frame)):
+                return False
             self._last_frame_t = frame.t
             self._stats.frames_in += 1
             self._newest = max(self._newest, frame.t)
-        return self._put(frame, wait)
+        return self._put(frame, wait) if wait or evict else True
 
-    def push_audio(self, chunk: AudioChunk, wait: bool = False) -> bool:
-        """Queue audio for the recogniser (ignored when the session's ``asr`` is off)."""
+    def push_audio(self, chunk: AudioChunk, wait: bool = False, evict: bool = True) -> bool:
+        """Queue audio for the recogniser (ignored when the session's ``asr`` is off);
+        ``wait`` and ``evict`` as for ``push_frame``."""
         if not isinstance(chunk, AudioChunk):
             raise ConfigError(f"push_audio takes a vstream.AudioChunk, got {type(chunk).__name__}")
         if not self.config.asr:
             return True
         with self._stats_lock:
+            if not (wait or evict or self._offer(chunk)):
+                return False
             self._stats.audio_seconds += chunk.duration
             self._newest = max(self._newest, chunk.end)
-        return self._put(chunk, wait)
+        return self._put(chunk, wait) if wait or evict else True
+
+    def _offer(self, item) -> bool:
+        if self._closed:
+            raise VStreamError("the session is closed")
+        try:
+            taken = self._queue.offer(item)
+        except Closed:
+            raise VStreamError("the session is closed") from None
+        if taken:
+            self._idle.clear()
+        return taken
 
     def _put(self, item, wait: bool) -> bool:
         if self._closed:

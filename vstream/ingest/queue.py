@@ -46,6 +46,17 @@ class ItemQueue:
             self._cond.notify_all()
             return evicted
 
+    def offer(self, item: Any) -> bool:
+        """Queue ``item`` if there is room and return True; never waits, never evicts."""
+        with self._cond:
+            if self._closed:
+                raise Closed()
+            if len(self._items) >= self.maxsize:
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
     def finish(self, marker: Any) -> None:
         """Append the end marker past the size bound, so ending never waits."""
         with self._cond:
