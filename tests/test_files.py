@@ -156,6 +156,19 @@ def test_realtime_pacing_releases_items_at_their_times(make_clip):
     assert max(lags) < 0.5 and min(lags) > -0.05
 
 
+def test_realtime_pacing_without_drops(make_clip):
+    """Paced and lossless (``drop=False``): still paced, on whichever decoder."""
+    clip = make_clip("cfr.mp4", duration=6.0, fps=30)
+    start = time.monotonic()
+    with vstream.open_source(clip.path, fps=2.0, audio=False, realtime=True, drop=False) as source:
+        times = []
+        for frame in source:
+            times.append(frame.t)
+            if frame.t >= 1.5:
+                break
+    assert times == [0.0, 0.5, 1.0, 1.5] and time.monotonic() - start >= 1.4
+
+
 def test_a_slow_consumer_makes_a_file_wait_not_drop(make_clip, no_leaked_threads):
     clip = make_clip("cfr.mp4", duration=6.0, fps=30)
     with vstream.open_source(clip.path, fps=None, audio=False, queue_size=2) as source:

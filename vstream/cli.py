@@ -159,6 +159,24 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", default=None, help="only these comma-separated tasks")
     evaluate.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe the audio")
     evaluate.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    evaluate.add_argument("--realtime", action="store_true",
+                          help="read each clip at its own pace, as if live, instead of as fast as possible "
+                               "(the same answers when the model keeps up; frames it falls behind on are dropped)")
+    evaluate.add_argument("--answers", metavar="FILE",
+                          help="egoschema: the answers file to merge (default: subset_answers.json beside the "
+                               "annotations, if there); questions left without an answer are skipped")
+    evaluate.add_argument("--judge", metavar="model[:MODEL]",
+                          help="also score open-ended answers with a local model: the evaluated one (model) or "
+                               "another hub id or folder (model:MODEL)")
+    evaluate.add_argument("--judge-endpoint", metavar="URL",
+                          help="also score open-ended answers with an OpenAI-compatible server (/v1/chat/completions)")
+    evaluate.add_argument("--judge-model", metavar="NAME", help="with --judge-endpoint: the server's model name")
+    evaluate.add_argument("--judge-key-env", metavar="VAR",
+                          help="with --judge-endpoint: the environment variable holding the API key (default "
+                               "OPENAI_API_KEY; when that is unset, no key is sent)")
+    evaluate.add_argument("--benchmark", default=None,
+                          help="print this benchmark's published figures beside the summary (keys of "
+                               "vstream/evaluate/published.json; default: the format's name when it is one)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_eval)
 
@@ -404,17 +422,43 @@ def _synth(args) -> None:
 
 
 def _eval(args) -> None:
-    from vstream.evaluate import evaluate, format_summary, load_questions
-    from vstream.models import GenerationConfig
+    from vstream.evaluate import HTTPJudge, ModelJudge, evaluate, format_summary, load_questions, published_figures
+    from vstream.models import GenerationConfig, load_model
 
-    questions = load_questions(args.annotations, args.format)
+    questions = load_questions(args.annotations, args.format, answers=args.answers)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    published = published_figures()["benchmarks"]
+    if args.benchmark and args.benchmark not in published:  # refused now, not after the run
+        raise vstream.ConfigError(f"--benchmark {args.benchmark}: no published figures; known: {', '.join(published)}")
+    benchmark = args.benchmark or (args.format if args.format in published else None)
+    if args.judge and args.judge_endpoint:
+        raise vstream.ConfigError("give --judge or --judge-endpoint, not both")
+    if args.judge_model and not args.judge_endpoint:
+        raise vstream.ConfigError("--judge-model names the model of a --judge-endpoint server")
     if not args.verbose:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    summary = evaluate(questions, args.video_folder, args.model, args.out, fps=args.fps, limit=args.limit,
+    model, judge = args.model, None
+    if args.judge:
+        kind, _, name = args.judge.partition(":")
+        if kind != "model":
+            raise vstream.ConfigError(f"--judge takes model or model:HUB_ID_OR_FOLDER, got {args.judge!r}")
+        if name:
+            judge = ModelJudge(load_model(name))
+        else:
+            model = load_model(args.model)
+            judge = ModelJudge(model)
+    elif args.judge_endpoint:
+        if not args.judge_model:
+            raise vstream.ConfigError("--judge-endpoint needs --judge-model, the model name the server knows")
+        key = os.environ.get(args.judge_key_env or "OPENAI_API_KEY")
+        if args.judge_key_env and key is None:
+            raise vstream.ConfigError(f"--judge-key-env {args.judge_key_env}: no such environment variable")
+        judge = HTTPJudge(args.judge_endpoint, args.judge_model, api_key=key)
+    summary = evaluate(questions, args.video_folder, model, args.out, fps=args.fps, limit=args.limit,
                        tasks=tasks, progress=not args.quiet, asr=args.asr,
-                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
-    print(format_summary(summary))
+                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens), realtime=args.realtime,
+                       judge=judge)
+    print(format_summary(summary, benchmark))
     print(f"results: {args.out}")

@@ -80,3 +80,8 @@ class ServerBusy(ServerError):
 class ServerTimeout(ServerError, TimeoutError):
     """No reply within the client's timeout: the server is down, unreachable, or
     refused the connection (a CURVE key it does not know)."""
+
+
+class JudgeError(VStreamError, OSError):
+    """A judge server (``vstream eval --judge-endpoint``) could not be reached or
+    answered with something that is not a chat completion, after its retries."""

@@ -5,32 +5,43 @@ way: a record that is malformed raises ``ConfigError`` naming the file, the reco
 (index and id) and the field. Files are JSON (a list of records, or an object whose
 ``"questions"``/``"data"`` value is that list) or JSON Lines (one record a line).
 
-Fields accepted per format (the first name present is used):
+Fields accepted per format (the first name present is used), as in the benchmarks'
+released files:
 
-- ``videomme`` (Video-MME; also MVBench-style flat files): ``question_id``,
-  ``videoID`` | ``video`` | ``video_id`` (file name; ``.mp4`` added when it has no
-  extension), ``question``, ``options`` | ``candidates`` (``["A. text", ...]`` or bare
-  texts), ``answer`` (letter, or an option's text as MVBench gives it), ``task_type``
-  | ``task`` (default ``"videomme"``). A record may instead hold the video's fields and
-  a ``questions`` list (the per-video layout).
+- ``videomme`` (Video-MME; MVBench's per-task files): ``question_id`` (default
+  ``<file stem>-<index>``: MVBench has none), ``videoID`` | ``video`` | ``video_id``
+  (file name; ``.mp4`` added when it has no extension), ``question``, ``options`` |
+  ``candidates`` (``["A. text", ...]`` or bare texts), ``answer`` (letter, or an
+  option's text as MVBench gives it), ``task_type`` | ``task`` (default: the file's
+  stem, e.g. ``action_sequence``). A record may instead hold the video's fields and a
+  ``questions`` list (the per-video layout).
 - ``egoschema``: ``q_uid``, ``video`` (default ``<q_uid>.mp4``), ``question``,
-  ``option 0`` ... ``option 4`` (or ``options``), ``answer`` (index 0-4 or letter;
-  merge ``subset_answers.json`` into the records first). Task ``"egoschema"``.
-- ``streaming`` (StreamingBench, OVO-Bench backward/real-time): ``question_id`` |
-  ``id``, ``video_path`` | ``video``, ``question``, ``options``, ``answer`` (letter)
-  or ``gt`` (option index), the time asked: ``time_stamp`` (``"HH:MM:SS"``,
-  ``"MM:SS"`` or seconds) | ``realtime`` | ``time``, ``task_type`` | ``task``
-  (default ``"streaming"``). A record may hold the video's fields and a
-  ``questions`` list (StreamingBench's per-video layout).
+  ``option 0`` ... ``option 4`` (or ``options``), ``answer`` (index 0-4 or letter).
+  The public answers come apart, as ``subset_answers.json`` (``{q_uid: index}``): it is
+  merged when given (``answers``) or found beside the questions. Questions left
+  without an answer are skipped, with a warning that counts them. Task ``"egoschema"``.
+- ``streaming`` (StreamingBench, OVO-Bench): ``question_id`` | ``id`` (default
+  ``<video>#<index>``), ``video_path`` | ``video``, ``question``, ``options``,
+  ``answer`` (letter) or ``gt`` (option index), the time asked: ``time_stamp``
+  (``"HH:MM:SS"``, ``"MM:SS"`` or seconds) | ``realtime`` | ``time``, ``task_type`` |
+  ``task`` (default ``"streaming"``). A record may hold the video's fields and a
+  ``questions`` list (StreamingBench's per-video layout). OVO-Bench's forward active
+  responding records (tasks REC, SSR, CRR) hold ``test_info`` instead: a list of probes
+  ``{realtime, count}`` (REC: how many times ``activity`` happened so far),
+  ``{realtime, step, type}`` (SSR: is ``step`` being done now; type 1 yes, 0 no) or
+  ``{realtime, type}`` (CRR: can ``question`` be answered yet). Each probe becomes a
+  ``Question`` ``<id>@<n>`` asked at its ``realtime``, with the record's id as ``parent``.
 - ``vstreamqa`` (VStream-QA / RVS, open-ended): ``id`` | ``question_id``,
   ``video_id`` | ``video``, ``question``, ``answer`` (text), the time asked:
-  ``end_time`` | ``time`` (seconds or a clock string), ``type`` | ``task`` (default
+  ``end_time`` | ``time`` (seconds or a clock string; none: after the whole clip, as in
+  the offline VS-Ego / VS-Movie files), ``type`` | ``answer_type`` | ``task`` (default
   ``"vstreamqa"``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import string
 from collections.abc import Callable
@@ -40,7 +51,9 @@ from pathlib import Path
 from vstream.errors import ConfigError
 
 LETTERS = string.ascii_uppercase
-_OPTION_PREFIX = re.compile(r"^\s*\(?([A-Z])[.):]\s+")
+KINDS = ("choice", "open", "yesno", "count")
+_OPTION_PREFIX = re.compile(r"^\s*\(?([A-Z])[.):]\s*")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,11 +63,16 @@ class Question:
     Attributes:
         qid: the question's id, unique within its file.
         video: path of its video, relative to the video folder.
-        question: the question text.
-        options: the choices' texts, in letter order (A, B, ...); empty when open-ended.
-        answer: the correct letter (multiple choice) or the reference text (open-ended).
+        question: the question text (for OVO-Bench's probes: the whole prompt).
+        options: the choices' texts, in letter order (A, B, ...); empty unless ``kind``
+            is ``"choice"``.
+        answer: the correct letter (``"choice"``), the reference text (``"open"``),
+            ``"Yes"``/``"No"`` (``"yesno"``) or a whole number (``"count"``).
         time: seconds into the video at which it is asked; None: after the whole clip.
         task: the benchmark's task or category, for the per-task summary.
+        kind: how the answer is scored, one of ``KINDS`` (default: ``"choice"`` with
+            options, ``"open"`` without).
+        parent: the record a probe came from (OVO-Bench forward responding), else None.
     """
 
     qid: str
@@ -64,19 +82,30 @@ class Question:
     answer: str = ""
     time: float | None = None
     task: str = "all"
+    kind: str = ""
+    parent: str | None = None
 
     def __post_init__(self) -> None:
+        self.kind = self.kind or ("choice" if self.options else "open")
+        if self.kind not in KINDS:
+            raise ConfigError(f"question {self.qid}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if len(self.options) > len(LETTERS):
             raise ConfigError(f"question {self.qid}: {len(self.options)} options; at most {len(LETTERS)}")
-        if self.options and self.answer not in LETTERS[: len(self.options)]:
+        if (self.kind == "choice") != bool(self.options):
+            raise ConfigError(f"question {self.qid}: a {self.kind!r} question has {len(self.options)} options")
+        if self.kind == "choice" and self.answer not in LETTERS[: len(self.options)]:
             raise ConfigError(f"question {self.qid}: answer {self.answer!r} is not one of the "
                               f"{len(self.options)} option letters")
+        if self.kind == "yesno" and self.answer not in ("Yes", "No"):
+            raise ConfigError(f"question {self.qid}: answer {self.answer!r} must be Yes or No")
+        if self.kind == "count" and not self.answer.isdigit():
+            raise ConfigError(f"question {self.qid}: answer {self.answer!r} must be a whole number")
         if self.time is not None and self.time < 0:
             raise ConfigError(f"question {self.qid}: time {self.time} s is negative")
 
     @property
     def multiple_choice(self) -> bool:
-        return bool(self.options)
+        return self.kind == "choice"
 
 
 class _Record:
@@ -163,15 +192,15 @@ def _options(record: _Record, names: tuple[str, ...] = ("options", "candidates")
         raise record.fail(name, f"needs at least 2 options, got {len(options)}")
     if len(options) > len(LETTERS):
         raise record.fail(name, f"has {len(options)} options; at most {len(LETTERS)}")
-    texts = []
     for i, option in enumerate(options):
         if not isinstance(option, str) or not option.strip():
             raise record.fail(name, f"option {i} must be a non-empty string, got {option!r}")
-        match = _OPTION_PREFIX.match(option)
-        if match and match.group(1) == LETTERS[i]:
-            option = option[match.end():]
-        texts.append(option.strip())
-    return texts
+    # "A. text", "(B) text", "C.text" (StreamingBench): dropped when every option carries its own letter
+    matches = [_OPTION_PREFIX.match(option) for option in options]
+    if all(m and m.group(1) == LETTERS[i] and option[m.end():].strip()
+           for i, (m, option) in enumerate(zip(matches, options))):
+        options = [option[m.end():] for m, option in zip(matches, options)]
+    return [option.strip() for option in options]
 
 
 def _letter(record: _Record, options: list[str], names: tuple[str, ...] = ("answer",),
@@ -236,20 +265,26 @@ def _make(record: _Record, **fields) -> Question:
 
 
 def load_videomme(path) -> list[Question]:
-    """Video-MME (and MVBench-style) multiple choice over the whole clip."""
+    """Video-MME and MVBench: multiple choice over the whole clip."""
+    path = Path(path)
     questions = []
     for r in read_records(path):
         options = _options(r)
-        questions.append(_make(r, qid=_qid(r, ("question_id", "qid", "id")),
-                               video=_video(r, ("videoID", "video", "video_id")),
+        qid = _qid(r, ("question_id", "qid", "id")) if _has(r, ("question_id", "qid", "id")) else f"{path.stem}-{r.index}"
+        questions.append(_make(r, qid=qid, video=_video(r, ("videoID", "video", "video_id")),
                                question=r.get(("question",), str), options=options, answer=_letter(r, options),
-                               task=r.get(("task_type", "task"), str, "videomme")))
+                               task=r.get(("task_type", "task"), str, path.stem)))
     return _unique(questions, path)
 
 
-def load_egoschema(path) -> list[Question]:
-    """EgoSchema: five options ``option 0``..``option 4``, answer an index or letter."""
-    questions = []
+def load_egoschema(path, answers=None) -> list[Question]:
+    """EgoSchema: five options ``option 0``..``option 4``, answer an index or letter,
+    from the record or from ``answers`` (default: ``subset_answers.json`` beside ``path``
+    when there is one). Questions without an answer are skipped, with a warning."""
+    path = Path(path)
+    answers_path = Path(answers) if answers is not None else path.with_name("subset_answers.json")
+    known = _read_answers(answers_path, required=answers is not None)
+    questions, unanswered = [], 0
     for r in read_records(path):
         if "options" in r.data:
             options = _options(r)
@@ -260,20 +295,89 @@ def load_egoschema(path) -> list[Question]:
             r.data["options"] = [r.data[k] for k in keys]
             options = _options(r)
         qid = _qid(r, ("q_uid", "qid", "id"))
+        if "answer" not in r.data and qid in known:
+            r.data[f"answer in {answers_path}"] = known[qid]
+        if not _has(r, ("answer", f"answer in {answers_path}")):
+            unanswered += 1
+            continue
         video = _video(r, ("video",)) if "video" in r.data else qid + ".mp4"
         questions.append(_make(r, qid=qid, video=video, question=r.get(("question",), str), options=options,
-                               answer=_letter(r, options), task=r.get(("task",), str, "egoschema")))
+                               answer=_letter(r, options, ("answer", f"answer in {answers_path}")),
+                               task=r.get(("task",), str, "egoschema")))
+    if unanswered:
+        log.warning("%s: %d of %d questions have no answer (none in the record or the answers file): skipped",
+                    path, unanswered, unanswered + len(questions))
     return _unique(questions, path)
 
 
+def _read_answers(path: Path, required: bool) -> dict:
+    """``{q_uid: answer}`` from an EgoSchema answers file; {} when an optional one is absent."""
+    if not path.is_file():
+        if required:
+            raise ConfigError(f"{path}: no such answers file")
+        return {}
+    try:
+        answers = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON (line {e.lineno}): {e.msg}") from None
+    if not isinstance(answers, dict):
+        raise ConfigError(f"{path}: expected an object {{q_uid: answer}}, got {type(answers).__name__}")
+    return answers
+
+
+# OVO-Bench forward active responding: the prompt asked at every probe, and the probe's expected answer
+_FORWARD = {
+    "REC": ("count", "count", (
+        "People in the video may repeat one kind of action: {activity}. How many times has it been done so far, "
+        "by anyone? One complete motion counts once. Answer with a single number.")),
+    "SSR": ("yesno", "type", (
+        "This tutorial video goes through a sequence of steps. One of them is: {step}. Is the person in the video "
+        "doing this step right now? Answer only Yes or No.")),
+    "CRR": ("yesno", "type", (
+        "Question about the latest frames of the video: {question} Does what has been shown so far, the latest "
+        "frames especially, give enough information to answer it? Answer only Yes or No.")),
+}
+
+
+def _probes(r: _Record, video: str) -> list[Question]:
+    """The probes of an OVO-Bench forward active responding record (see the module docstring)."""
+    task = r.get(("task",), str)
+    if task not in _FORWARD:
+        raise r.fail("task", f"must be one of {', '.join(_FORWARD)} for a record with 'test_info', got {task!r}")
+    kind, expected, prompt = _FORWARD[task]
+    parent = _qid(r, ("id", "question_id", "qid"))
+    probes = r.get(("test_info",), list)
+    if not probes:
+        raise r.fail("test_info", "is empty")
+    questions = []
+    for n, probe in enumerate(probes):
+        if not isinstance(probe, dict):
+            raise r.fail("test_info", f"probe {n} must be an object, got {probe!r}")
+        at = f"test_info[{n}]."  # a probe's own fields, named with their place in the record
+        p = _Record(r.path, r.index, {"id": parent, **{at + k: v for k, v in probe.items()}})
+        value = p.get((at + expected,), int)
+        if value < 0 or (kind == "yesno" and value not in (0, 1)):
+            raise p.fail(at + expected, f"must be {'0 or 1' if kind == 'yesno' else '>= 0'}, got {value}")
+        fields = {"activity": r.get(("activity",), str) if task == "REC" else None,
+                  "step": p.get((at + "step",), str) if task == "SSR" else None,
+                  "question": r.get(("question",), str) if task == "CRR" else None}
+        answer = str(value) if kind == "count" else ("Yes" if value else "No")
+        questions.append(_make(r, qid=f"{parent}@{n}", video=video, question=prompt.format(**fields), answer=answer,
+                               time=_time(p, (at + "realtime",)), task=task, kind=kind, parent=parent))
+    return questions
+
+
 def load_streaming(path) -> list[Question]:
-    """StreamingBench / OVO-Bench: multiple choice asked at a time in the stream."""
+    """StreamingBench / OVO-Bench: multiple choice asked at a time in the stream, and
+    OVO-Bench's forward-responding probes."""
     questions = []
     for r in read_records(path):
-        options = _options(r)
         video = _video(r, ("video_path", "video"))
-        qid = _qid(r, ("question_id", "qid", "id")) if any(k in r.data for k in ("question_id", "qid", "id")) \
-            else f"{video}#{r.index}"
+        if "test_info" in r.data:
+            questions.extend(_probes(r, video))
+            continue
+        options = _options(r)
+        qid = _qid(r, ("question_id", "qid", "id")) if _has(r, ("question_id", "qid", "id")) else f"{video}#{r.index}"
         questions.append(_make(r, qid=qid, video=video, question=r.get(("question",), str), options=options,
                                answer=_letter(r, options, index_names=("gt",)),
                                time=_time(r, ("time_stamp", "realtime", "time")),
@@ -282,20 +386,25 @@ def load_streaming(path) -> list[Question]:
 
 
 def load_vstreamqa(path) -> list[Question]:
-    """VStream-QA / RVS: open-ended, asked at ``end_time`` seconds."""
+    """VStream-QA / RVS: open-ended, asked at ``end_time`` seconds (or after the clip)."""
     questions = []
     for r in read_records(path):
+        time = _time(r, ("end_time", "time")) if _has(r, ("end_time", "time")) else None
         questions.append(_make(r, qid=_qid(r, ("id", "question_id", "qid")), video=_video(r, ("video_id", "video")),
-                               question=r.get(("question",), str), answer=r.get(("answer",), str),
-                               time=_time(r, ("end_time", "time")), task=r.get(("type", "task"), str, "vstreamqa")))
+                               question=r.get(("question",), str), answer=r.get(("answer",), str), time=time,
+                               task=str(r.get(("type", "answer_type", "task"), (str, int), "vstreamqa"))))
     return _unique(questions, path)
+
+
+def _has(record: _Record, names: tuple[str, ...]) -> bool:
+    return any(name in record.data for name in names)
 
 
 def _unique(questions: list[Question], path) -> list[Question]:
     seen = set()
     for i, q in enumerate(questions):
         if q.qid in seen:
-            raise ConfigError(f"{path}: record {i}: field 'qid' repeats the id {q.qid!r}")
+            raise ConfigError(f"{path}: question {i}: field 'qid' repeats the id {q.qid!r}")
         seen.add(q.qid)
     return questions
 
@@ -312,8 +421,13 @@ def list_formats() -> list[str]:
     return sorted(LOADERS)
 
 
-def load_questions(path, format: str) -> list[Question]:
-    """The questions of the annotation file ``path`` in ``format`` (see ``list_formats``)."""
+def load_questions(path, format: str, answers=None) -> list[Question]:
+    """The questions of the annotation file ``path`` in ``format`` (see ``list_formats``);
+    ``answers``: an EgoSchema answers file to merge (egoschema only)."""
     if format not in LOADERS:
         raise ConfigError(f"unknown annotation format {format!r}; known: {', '.join(list_formats())}")
+    if format == "egoschema":
+        return load_egoschema(Path(path), answers)
+    if answers is not None:
+        raise ConfigError(f"an answers file ({answers}) is merged into egoschema questions only, not {format}")
     return LOADERS[format](Path(path))

@@ -1,4 +1,5 @@
-"""Prompts and deterministic scoring: multiple-choice letters and open-ended answers."""
+"""Prompts and deterministic scoring: multiple-choice letters, open-ended answers, and
+OVO-Bench's yes/no and count probes (``score_answer`` picks by the question's kind)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,30 @@ def parse_choice(text: str, options: list[str]) -> str | None:
     return LETTERS[hits[0]] if len(hits) == 1 else None
 
 
+_NUMBER_WORDS = {word: n for n, word in enumerate(
+    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"])}
+
+
+def parse_yes_no(text: str) -> str | None:
+    """``"Yes"`` / ``"No"`` from an answer (``yes``, ``No.``, ``Y``, ``N``, or exactly one
+    of the words anywhere), or None."""
+    words = normalize(text).split()
+    if words and words[0] in ("yes", "y", "no", "n"):
+        return "Yes" if words[0] in ("yes", "y") else "No"
+    said = {w for w in words if w in ("yes", "no")}
+    return said.pop().capitalize() if len(said) == 1 else None
+
+
+def parse_count(text: str) -> str | None:
+    """The first whole number an answer gives (digits, or a number word up to twelve), or None."""
+    for word in normalize(text).split():
+        if word.isdigit():
+            return str(int(word))
+        if word in _NUMBER_WORDS:
+            return str(_NUMBER_WORDS[word])
+    return None
+
+
 def normalize(text: str) -> str:
     """Lower case, punctuation dropped, articles dropped, whitespace collapsed."""
     text = text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
@@ -86,3 +111,25 @@ def score_open(prediction: str, reference: str, threshold: float = 0.5) -> OpenS
     wanted = keywords(reference) or set(ref.split())
     score = len(wanted & set(said.split())) / len(wanted)
     return OpenScore(score, score >= threshold)
+
+
+@dataclass
+class Scored:
+    """Attributes: choice: what was read from the answer (a letter, ``"Yes"``/``"No"``, a
+    number) or None when nothing could be read (scored wrong); always None for
+    open-ended answers; correct; score (0..1)."""
+
+    choice: str | None
+    correct: bool
+    score: float
+
+
+def score_answer(question: Question, text: str) -> Scored:
+    """The deterministic score of the answer ``text`` to ``question``, by its kind."""
+    if question.kind == "open":
+        scored = score_open(text, question.answer)
+        return Scored(None, scored.correct, scored.score)
+    parse = {"choice": lambda t: parse_choice(t, question.options), "yesno": parse_yes_no,
+             "count": parse_count}[question.kind]
+    choice = parse(text)
+    return Scored(choice, choice == question.answer, float(choice == question.answer))

@@ -110,7 +110,8 @@ class FileSource(Source):
         # decord decodes and converts ahead on threads of its own: a second hand-off
         # through a thread of ours only cost time (README, Design). Audio, PyAV and
         # paced or dropping reads keep the decoder thread.
-        if decoder is not None and decoder.decodes_ahead and not self.has_audio and not self.drops:
+        paced = self.config.realtime
+        if decoder is not None and decoder.decodes_ahead and not (self.has_audio or self.drops or paced):
             return self._iterate_here(items)
         return self._iterate_threaded(items)
 
