@@ -4,8 +4,8 @@
   temporal, abstract, retrieved), O(1) per frame.
 - ``FlashMemory`` / ``FlashConfig``: the 2025 Flash-VStream memory (context synopsis
   and detail), behind the same interface.
-- ``FeatureBank`` / ``BankConfig``: every frame's pooled features and time, a FAISS
-  index over them, RAM-capped with a spill file on disk.
+- ``FeatureBank`` / ``BankConfig``: every frame's pooled features, time and JPEG
+  thumbnail, a FAISS index over them, RAM-capped with spill files on disk.
 - ``create_memory(name, ...)``, ``list_memories()``, ``load_memory(path)``: policies by
   name; any saved memory back from disk.
 """

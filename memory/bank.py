@@ -13,18 +13,23 @@ stream at 1 fps in a fixed RAM budget and at a per-frame cost that does not grow
 * **pread, not memmap.** Touched pages of a mapped file count toward the process's RSS,
   and a map over a growing file must be remade. ``os.pread`` copies just the frames asked
   for; the file stays in the kernel's page cache, outside RSS, which the kernel can drop.
+* **Thumbnails.** A frame may come with its image; the bank keeps it as a small JPEG
+  (``config.thumbnail_*``) in a second append-only spill file, frame ``i``'s bytes ending
+  at ``thumbnail_ends[i]``, and the newest ``thumbnail_ram_frames`` of them in a RAM ring of
+  their own. A frame without an image has zero bytes.
 * **Index.** One key per frame (by default the mean of its tokens, float32 ``[D]``) in a
   FAISS index from ``config.index``; FAISS ids are frame ids. An index that needs training
   keeps the keys in a ``[train_size, D]`` buffer, searched exactly, until ``train_size``
   frames have arrived, then trains on them.
 
-Per frame, ``add`` costs a pwrite, a ring-slot copy and an index add; the times array
-doubles when full (amortised O(1), as FAISS's own storage). A lock makes ``add``,
+Per frame, ``add`` costs a pwrite, a ring-slot copy and an index add (and a JPEG
+encode and a pwrite when it has an image); the times and thumbnail-end arrays double when full (amortised O(1), as FAISS's own storage). A lock makes ``add``,
 ``search``, ``features`` and ``save`` safe to call from several threads.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -38,6 +43,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from PIL import Image
 
 from vstream.errors import ConfigError, MemoryStateError
 from vstream.memory.config import BankConfig
@@ -56,13 +62,43 @@ def faiss_message(exc: Exception) -> str:
     return re.sub(r"^Error in .*? at \S+:\d+: ", "", str(exc)).strip()
 
 
-def _remove_spill(fd: int, path: str, temp_dir: str | None) -> None:
-    """Close and delete the spill file, and the temporary folder made for it."""
-    os.close(fd)
+def _remove_spill(files: list[tuple[int, str]], temp_dir: str | None) -> None:
+    """Close and delete the spill files ``(fd, path)``, and the temporary folder made for them."""
+    for fd, path in files:
+        os.close(fd)
+        if temp_dir is None and os.path.exists(path):
+            os.unlink(path)
     if temp_dir is not None:
         shutil.rmtree(temp_dir, ignore_errors=True)
-    elif os.path.exists(path):
-        os.unlink(path)
+
+
+def encode_thumbnail(image, size: int, quality: int) -> bytes:
+    """JPEG bytes of ``image`` (``[H, W, 3]`` uint8 array or PIL image) shrunk so its
+    longest side is at most ``size`` pixels."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise MemoryStateError(f"a thumbnail image must be a uint8 [H, W, 3] array, got {image.dtype} "
+                                   f"{list(image.shape)}")
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise MemoryStateError(f"a thumbnail must be a uint8 [H, W, 3] array or a PIL image, got "
+                               f"{type(image).__name__}")
+    scale = size / max(image.size)
+    if scale < 1:  # reducing_gap: a cheap integer reduce first, then a bilinear resize
+        shape = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(shape, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    out = io.BytesIO()
+    image.convert("RGB").save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def decode_thumbnail(data: bytes) -> Image.Image | None:
+    """The image of JPEG bytes written by ``encode_thumbnail``; None for no bytes."""
+    if not data:
+        return None
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
 
 
 def _write_synced(path: Path, write) -> None:
@@ -104,16 +140,22 @@ class FeatureBank:
                      "cuda" if self._gpu else "cpu", config.device, gpu_faiss)
         self._set_index(index, np.empty((0, dim), np.float32))
         self._ring = np.empty((self._capacity, self.tokens, dim), self._dtype)
+        self._thumbnail_ring = [b""] * config.thumbnail_ram_frames  # frame i's JPEG in slot i % len
         self._times = np.empty(1024, np.float64)
+        self._thumbnail_ends = np.zeros(1024, np.int64)  # frame i's JPEG ends at this byte of its spill
         self._n, self._closed, self._lock = 0, False, threading.Lock()
         temp_dir = tempfile.mkdtemp(prefix="vstream-bank-") if config.spill_dir is None else None
+        files = []
         try:
             os.makedirs(temp_dir or config.spill_dir, exist_ok=True)
-            self._fd, path = tempfile.mkstemp(prefix="bank-", suffix=".spill", dir=temp_dir or config.spill_dir)
+            for suffix in (".spill", ".thumbs"):
+                files.append(tempfile.mkstemp(prefix="bank-", suffix=suffix, dir=temp_dir or config.spill_dir))
         except OSError as exc:
+            _remove_spill(files, temp_dir)
             raise ConfigError(f"BankConfig.spill_dir {config.spill_dir!r} cannot hold the spill file: {exc}") from None
-        self.spill_path = Path(path)
-        self._finalizer = weakref.finalize(self, _remove_spill, self._fd, path, temp_dir)
+        (self._fd, path), (self._thumbnail_fd, thumbnail_path) = files
+        self.spill_path, self.thumbnail_path = Path(path), Path(thumbnail_path)
+        self._finalizer = weakref.finalize(self, _remove_spill, files, temp_dir)
 
     def _set_index(self, index, pending: np.ndarray) -> None:
         """Install a CPU ``index`` (moved to the GPU when chosen, ``index_params`` applied)
@@ -191,19 +233,23 @@ class FeatureBank:
         if self._closed:
             raise MemoryStateError("the feature bank is closed")
 
-    def add(self, features, times, keys=None) -> range:
+    def add(self, features, times, keys=None, thumbnails=None) -> range:
         """Append frames; returns the ids given to them.
 
         Args:
             features: ``[B, G*G, D]`` or ``[G*G, D]``, any float dtype, stored as ``config.dtype``.
             times: seconds, a float or ``[B]``; finite, and never earlier than the bank's last time.
             keys: ``[B, D]`` index keys, or None for the mean over each frame's tokens (float32).
+            thumbnails: None, or ``B`` images (``[H, W, 3]`` uint8 arrays, PIL images, JPEG bytes
+                from ``encode_thumbnail``, or None for a frame without one), kept as JPEG
+                thumbnails when ``config.thumbnails``.
         """
         x = self._batch(features, "features", (self.tokens, self.dim), "B", getattr(torch, self.config.dtype))
         b = x.shape[0]
         t = self._check_times(times, b)
         k = x.float().mean(dim=1) if keys is None else self._batch(keys, "keys", (self.dim,), b, torch.float32)
         rows = x.numpy()
+        jpegs = self._encode(thumbnails, b)
         with self._lock:
             self._check_open()
             n = self._n
@@ -213,22 +259,41 @@ class FeatureBank:
             if b == 0:
                 return range(n, n)
             self._write_spill(rows, n)  # past the frames held: if a later step fails, nothing refers to it
+            start = int(self._thumbnail_ends[n - 1]) if n else 0
+            _pwrite_all(self._thumbnail_fd, b"".join(jpegs), start)
             self._index_add(k.numpy())
             keep = max(0, b - self._capacity)  # a batch larger than the ring keeps its newest rows
             self._ring[np.arange(n + keep, n + b) % self._capacity] = rows[keep:]
             if n + b > len(self._times):
-                grown = np.empty(max(2 * len(self._times), n + b), np.float64)
-                grown[:n] = self._times[:n]
-                self._times = grown
+                size = max(2 * len(self._times), n + b)
+                self._times = np.concatenate([self._times[:n], np.empty(size - n, np.float64)])
+                self._thumbnail_ends = np.concatenate([self._thumbnail_ends[:n], np.zeros(size - n, np.int64)])
             self._times[n : n + b] = t
+            self._thumbnail_ends[n : n + b] = start + np.cumsum([len(j) for j in jpegs], dtype=np.int64)
+            self._ring_thumbnails(jpegs, n)
             self._n = n + b
         return range(n, n + b)
 
+    def _encode(self, thumbnails, count: int) -> list[bytes]:
+        """JPEG bytes of each of ``count`` frames' images (``b""`` for none)."""
+        if thumbnails is None or not self.config.thumbnails:
+            return [b""] * count
+        if isinstance(thumbnails, (np.ndarray, Image.Image)) or len(thumbnails) != count:
+            got = type(thumbnails).__name__ if isinstance(thumbnails, (np.ndarray, Image.Image)) else len(thumbnails)
+            raise MemoryStateError(f"thumbnails must be a sequence of {count} images (or None), one per frame, "
+                                   f"got {got}")
+        c = self.config
+        return [b"" if image is None else image if isinstance(image, bytes)
+                else encode_thumbnail(image, c.thumbnail_size, c.thumbnail_quality) for image in thumbnails]
+
+    def _ring_thumbnails(self, jpegs: list[bytes], first: int) -> None:
+        """Put the JPEGs of frames ``first``, ``first + 1``, ... in the thumbnail ring (the newest that fit)."""
+        slots = len(self._thumbnail_ring)
+        for i in range(max(0, len(jpegs) - slots), len(jpegs)):
+            self._thumbnail_ring[(first + i) % slots] = jpegs[i]
+
     def _write_spill(self, rows: np.ndarray, first: int) -> None:
-        data = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
-        offset, done = first * self.bytes_per_frame, 0
-        while done < len(data):
-            done += os.pwrite(self._fd, data[done:], offset + done)
+        _pwrite_all(self._fd, np.ascontiguousarray(rows).reshape(-1).view(np.uint8), first * self.bytes_per_frame)
 
     def _read_frame(self, i: int) -> np.ndarray:
         data = os.pread(self._fd, self.bytes_per_frame, i * self.bytes_per_frame)
@@ -247,19 +312,42 @@ class FeatureBank:
         view.flags.writeable = False
         return view
 
+    def thumbnails(self, ids) -> list[Image.Image | None]:
+        """The thumbnails of the frames ``ids`` (ints), None where a frame was added without an image."""
+        ids = [int(i) for i in ids]
+        with self._lock:
+            self._check_open()
+            bad = [i for i in ids if not 0 <= i < self._n]
+            if bad:
+                raise MemoryStateError(f"frame id {bad[0]} is out of range: the bank holds ids 0..{self._n - 1}")
+            slots = len(self._thumbnail_ring)
+            first_in_ram = self._n - min(self._n, slots)
+            jpegs = [self._thumbnail_ring[i % slots] if i >= first_in_ram else self._read_thumbnail(i) for i in ids]
+        return [decode_thumbnail(jpeg) for jpeg in jpegs]
+
+    def _read_thumbnail(self, i: int) -> bytes:
+        start = int(self._thumbnail_ends[i - 1]) if i else 0
+        size = int(self._thumbnail_ends[i]) - start
+        data = os.pread(self._thumbnail_fd, size, start)
+        if len(data) != size:
+            raise MemoryStateError(f"thumbnail spill file {self.thumbnail_path} ends before frame {i}: was it "
+                                   "truncated?")
+        return data
+
     @property
     def ram_frames(self) -> int:
         """Capacity of the RAM ring, in frames."""
         return self._capacity
 
     def ram_bytes(self) -> int:
-        """Bytes of the RAM ring, the pending keys of an untrained index and the index's codes
-        (estimated as ``ntotal * code_size``); 0 once closed."""
+        """Bytes of the RAM ring, the thumbnails in RAM, the pending keys of an untrained index
+        and the index's codes (estimated as ``ntotal * code_size``); 0 once closed."""
         if self._closed:
             return 0
         code_size = getattr(self._index, "code_size", 0) or 4 * self.dim
         pending = 0 if self._pending is None else self._pending.nbytes
-        return self._ring.nbytes + pending + self._index.ntotal * code_size
+        thumbnails = sum(map(len, self._thumbnail_ring))
+        return self._ring.nbytes + thumbnails + pending + self._index.ntotal * code_size
 
     def features(self, ids) -> torch.Tensor:
         """``[len(ids), G*G, D]`` float32 features of the frames ``ids`` (a 1-D int sequence or tensor)."""
@@ -305,9 +393,10 @@ class FeatureBank:
         return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(scores)
 
     def save(self, directory) -> None:
-        """Write features.bin, times.npy, pending.npy, index.faiss and bank.json into the
-        existing empty ``directory``, each fsynced. Adds wait only while the small files are
-        written: features.bin is copied afterwards (its first ``n`` rows never change)."""
+        """Write features.bin, times.npy, pending.npy, index.faiss, thumbnails.npy (where each
+        frame's JPEG ends), thumbnails.bin and bank.json into the existing empty ``directory``,
+        each fsynced. Adds wait only while the small files are written: the spill files are
+        copied afterwards (their first ``n`` frames never change)."""
         folder = Path(directory)
         if not folder.is_dir() or any(folder.iterdir()):
             raise MemoryStateError(f"save: {folder} must be an existing empty directory")
@@ -317,27 +406,22 @@ class FeatureBank:
             pending = np.empty((0, self.dim), np.float32) if trained else self._pending[:n]
             index = faiss.index_gpu_to_cpu(self._index) if self._gpu else self._index
             _write_synced(folder / "times.npy", lambda f: np.save(f, self._times[:n], allow_pickle=False))
+            ends = self._thumbnail_ends[:n].copy()
+            _write_synced(folder / "thumbnails.npy", lambda f: np.save(f, ends, allow_pickle=False))
             _write_synced(folder / "pending.npy", lambda f: np.save(f, pending, allow_pickle=False))
             _write_synced(folder / "index.faiss",
                           lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
-            fd = os.dup(self._fd)  # close() may run meanwhile
+            fds = os.dup(self._fd), os.dup(self._thumbnail_fd)  # close() may run meanwhile
         try:
-            _write_synced(folder / "features.bin", lambda f: self._copy_out(fd, f, n * self.bytes_per_frame))
+            _write_synced(folder / "features.bin", lambda f: _copy_out(fds[0], f, n * self.bytes_per_frame))
+            _write_synced(folder / "thumbnails.bin", lambda f: _copy_out(fds[1], f, int(ends[-1]) if n else 0))
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
         meta = {"format": FORMAT, "version": VERSION, "n": n, "dim": self.dim, "grid": self.config.grid,
                 "dtype": self.config.dtype, "trained": trained, "pending": len(pending),
                 "config": self.config.to_dict()}
         _write_synced(folder / "bank.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-
-    def _copy_out(self, fd: int, f, size: int) -> None:
-        done = 0
-        while done < size:
-            chunk = os.pread(fd, min(_CHUNK_BYTES, size - done), done)
-            if not chunk:
-                raise MemoryStateError(f"spill file {self.spill_path} ends at byte {done}, expected {size}")
-            f.write(chunk)
-            done += len(chunk)
 
     @classmethod
     def load(cls, directory, config: BankConfig | None = None) -> FeatureBank:
@@ -361,6 +445,7 @@ class FeatureBank:
         try:
             bank._set_index(index, pending)
             bank._restore(folder / "features.bin", times)
+            bank._restore_thumbnails(folder)
         except BaseException:
             bank.close()
             raise
@@ -391,6 +476,29 @@ class FeatureBank:
             raise MemoryStateError(f"{path}: cannot be read ({exc})") from None
         self._times, self._n = times, n
 
+    def _restore_thumbnails(self, folder: Path) -> None:
+        """Take thumbnails.npy and stream thumbnails.bin into this bank's thumbnail spill and
+        ring; a bank saved before thumbnails existed has neither file and gets none."""
+        n, index_path, data_path = self._n, folder / "thumbnails.npy", folder / "thumbnails.bin"
+        if not (index_path.exists() or data_path.exists()):
+            self._thumbnail_ends = np.zeros(max(n, 1024), np.int64)
+            return
+        ends = read_array(index_path, np.int64, (n,))
+        if n and (ends[0] < 0 or np.any(np.diff(ends) < 0)):
+            raise MemoryStateError(f"{index_path}: thumbnail ends must be >= 0 and must not decrease")
+        size = int(ends[-1]) if n else 0
+        try:
+            if os.stat(data_path).st_size != size:
+                raise MemoryStateError(f"{data_path}: {os.stat(data_path).st_size} bytes, thumbnails.npy says {size}")
+            with open(data_path, "rb") as f:
+                for start in range(0, size, _CHUNK_BYTES):
+                    _pwrite_all(self._thumbnail_fd, f.read(min(_CHUNK_BYTES, size - start)), start)
+        except OSError as exc:
+            raise MemoryStateError(f"{data_path}: cannot be read ({exc})") from None
+        self._thumbnail_ends = np.concatenate([ends, np.zeros(max(0, len(self._times) - n), np.int64)])
+        first = max(0, n - len(self._thumbnail_ring))
+        self._ring_thumbnails([self._read_thumbnail(i) for i in range(first, n)], first)
+
     def close(self) -> None:
         """Delete the spill file (and the temporary folder made for it) and free the RAM ring
         and the index. Idempotent; also done when the bank is garbage-collected."""
@@ -398,6 +506,7 @@ class FeatureBank:
             self._closed = True
             self._finalizer()
             self._ring, self._index, self._pending = self._ring[:0], None, None
+            self._thumbnail_ring = []
 
     def __enter__(self):
         return self
@@ -408,6 +517,24 @@ class FeatureBank:
     def __repr__(self) -> str:
         return (f"FeatureBank(n={self._n}, dim={self.dim}, grid={self.config.grid}, dtype={self.config.dtype}, "
                 f"ram_frames={self._capacity}, index={self.config.index!r}, closed={self._closed})")
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (bytes-like) at ``offset`` of ``fd``."""
+    data, done = memoryview(data), 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _copy_out(fd: int, f, size: int) -> None:
+    """Copy the first ``size`` bytes of the spill file ``fd`` into the open file ``f``."""
+    done = 0
+    while done < size:
+        chunk = os.pread(fd, min(_CHUNK_BYTES, size - done), done)
+        if not chunk:
+            raise MemoryStateError(f"a spill file ends at byte {done}, expected {size}")
+        f.write(chunk)
+        done += len(chunk)
 
 
 def _read_meta(path: Path) -> tuple[dict, BankConfig]:

@@ -16,7 +16,9 @@ import math
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -112,15 +114,17 @@ class StreamMemory:
 
     # -- writing ------------------------------------------------------------------------
 
-    def add(self, features: torch.Tensor, t: float) -> None:
+    def add(self, features: torch.Tensor, t: float, thumbnail=None) -> None:
         """Add one frame: ``features`` ``[P, D]`` patch features (P a square grid, row
-        major), ``t`` its time in seconds (not earlier than the previous frame's)."""
+        major), ``t`` its time in seconds (not earlier than the previous frame's), and
+        optionally its image (``[H, W, 3]`` uint8 or PIL), kept by the bank as a thumbnail."""
         if not isinstance(features, torch.Tensor) or features.ndim != 2:
             raise MemoryStateError(f"add: features must be a Tensor [P, D], got {_describe(features)}")
-        self.extend(features.unsqueeze(0), [t])
+        self.extend(features.unsqueeze(0), [t], None if thumbnail is None else [thumbnail])
 
-    def extend(self, features: torch.Tensor, times) -> None:
-        """Add frames in a batch: ``features`` ``[T, P, D]``, ``times`` ``T`` seconds. Pools
+    def extend(self, features: torch.Tensor, times, thumbnails=None) -> None:
+        """Add frames in a batch: ``features`` ``[T, P, D]``, ``times`` ``T`` seconds,
+        ``thumbnails`` None or ``T`` images (each None or ``[H, W, 3]`` uint8 or PIL). Pools
         and banks the batch at once; the memory ends as if they were added one by one."""
         if not isinstance(features, torch.Tensor) or features.ndim != 3 or not features.is_floating_point():
             raise MemoryStateError(f"extend: features must be a float Tensor [T, P, D], got {_describe(features)}")
@@ -138,7 +142,7 @@ class StreamMemory:
                 self._begin(features.shape[2], features.device)
             base = base.to(self.device)
             parts = {name: pool_grid(base, grid) for name, grid in self._grids().items()}
-            self.bank.add(pool_grid(base, self.bank.config.grid).cpu(), times)
+            self.bank.add(pool_grid(base, self.bank.config.grid).cpu(), times, thumbnails=thumbnails)
             for i, t in enumerate(times):
                 self._add_frame({name: part[i] for name, part in parts.items()}, t)
                 self.frames_seen += 1
@@ -203,6 +207,23 @@ class StreamMemory:
             ids, scores = self.bank.search(key.reshape(1, -1).cpu(), k)
             times = self.bank.times
         return [FrameHit(i, float(times[i]), s) for i, s in zip(ids[0].tolist(), scores[0].tolist()) if i >= 0]
+
+    def frame_at(self, t: float) -> int | None:
+        """Id of the bank frame nearest to ``t`` seconds (the earlier on a tie); None before the first frame."""
+        with self._lock:
+            if self.bank is None or not len(self.bank):
+                return None
+            times = self.bank.times
+        after = int(np.searchsorted(times, t))
+        if after == len(times) or (after and t - times[after - 1] <= times[after] - t):
+            return after - 1
+        return after
+
+    def thumbnail_at(self, t: float) -> Image.Image | None:
+        """The thumbnail of the bank frame nearest to ``t`` seconds; None when that frame
+        has none (added without an image, or ``BankConfig.thumbnails`` off) or there is no frame."""
+        i = self.frame_at(t)
+        return None if i is None else self.bank.thumbnails([i])[0]
 
     def nearest_frames(self, centroids: torch.Tensor, candidates: int) -> list[int]:
         """Bank frame ids nearest to each centroid ``[K, g*g, D]``, one distinct frame per

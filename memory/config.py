@@ -37,6 +37,12 @@ class BankConfig(JsonConfig):
         device: ``"auto"`` (default: faiss-gpu on CUDA when both are present, CPU
             otherwise), ``"cpu"`` or ``"cuda"``.
         train_size: frames collected before a trained index is trained (default 4096).
+        thumbnails: keep a small JPEG of every frame given one (default True), for showing
+            evidence and for ``RetrievalDecoder``; written to a second spill file.
+        thumbnail_size: longest side of a thumbnail, pixels (default 96).
+        thumbnail_quality: JPEG quality of a thumbnail, 1-95 (default 80).
+        thumbnail_ram_frames: newest thumbnails also kept in RAM (default 512, about 1 MiB
+            at 96 px); older ones are read back from the spill file.
     """
 
     grid: int = 8
@@ -48,6 +54,10 @@ class BankConfig(JsonConfig):
     metric: str = "l2"
     device: str = "auto"
     train_size: int = 4096
+    thumbnails: bool = True
+    thumbnail_size: int = 96
+    thumbnail_quality: int = 80
+    thumbnail_ram_frames: int = 512
 
     def __post_init__(self) -> None:
         check_int("BankConfig", "grid", self.grid, 1)
@@ -62,6 +72,13 @@ class BankConfig(JsonConfig):
         check_choice("BankConfig", "metric", self.metric, ("l2", "ip"))
         check_choice("BankConfig", "device", self.device, ("auto", "cpu", "cuda"))
         check_int("BankConfig", "train_size", self.train_size, 1)
+        if not isinstance(self.thumbnails, bool):
+            raise ConfigError(f"BankConfig.thumbnails must be true or false, got {self.thumbnails!r}")
+        check_int("BankConfig", "thumbnail_size", self.thumbnail_size, 8)
+        check_int("BankConfig", "thumbnail_quality", self.thumbnail_quality, 1)
+        if self.thumbnail_quality > 95:
+            raise ConfigError(f"BankConfig.thumbnail_quality must be in [1, 95], got {self.thumbnail_quality!r}")
+        check_int("BankConfig", "thumbnail_ram_frames", self.thumbnail_ram_frames, 1)
 
 
 @dataclass

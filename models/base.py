@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -22,10 +22,21 @@ import torch
 from vstream.errors import ModelLoadError
 
 from .generation import GenerationConfig, attention_shares, generate_tokens, stop_ids
-from .prompt import SYSTEM_PROMPT, Context, Evidence, Piece, rank_evidence, user_pieces
+from .prompt import (
+    MEDIA_SYSTEM_PROMPT,
+    SYSTEM_PROMPT,
+    Context,
+    Evidence,
+    Medium,
+    Piece,
+    media_pieces,
+    rank_evidence,
+    user_pieces,
+)
 
 _ADAPTERS: dict[str, type] = {}
 _PLACEHOLDER = "\x00vstream-user-turn\x00"
+Turns = Sequence[tuple[str, str]]  # earlier (question, answer) turns of a chat, oldest first
 
 
 def register_model(*model_types: str):
@@ -66,8 +77,12 @@ class Answer:
 
     def to_dict(self) -> dict:
         """``{"answer", "evidence": [{start, end, kind, score}] best first, "timings"}``:
-        what ``vstream ask --json`` prints and the server's answer reply carries."""
-        evidence = [{"start": e.start, "end": e.end, "kind": e.kind, "score": e.score} for e in self.evidence]
+        what ``vstream ask --json`` prints and the server's answer reply carries. Evidence
+        of one of several media also has its ``source``."""
+        evidence = []
+        for e in self.evidence:
+            item = {"start": e.start, "end": e.end, "kind": e.kind, "score": e.score}
+            evidence.append(item if e.source is None else {**item, "source": e.source})
         return {"answer": self.text, "evidence": evidence, "timings": dict(self.timings)}
 
 
@@ -90,12 +105,17 @@ class Embedded(NamedTuple):
 class AnswerStream:
     """The answer as it is generated: iterate for text pieces; ``result()`` finishes
     the generation if needed and returns the ``Answer``. ``timings`` (seconds) may be
-    added to before the generation starts; they end up in ``Answer.timings``."""
+    added to before the generation starts; they end up in ``Answer.timings``.
+    ``on_answer`` callbacks are called with the ``Answer`` once it is complete (a
+    dialogue records its turn so)."""
 
-    def __init__(self, model: ChatModel, pieces: list[Piece], generation: GenerationConfig):
+    def __init__(self, model: ChatModel, pieces: list[Piece], generation: GenerationConfig,
+                 system: str = SYSTEM_PROMPT, history: Turns = ()):
         self._model, self._pieces, self._generation = model, pieces, generation
+        self._system, self._history = system, history
         self._answer: Answer | None = None
         self.timings: dict[str, float] = {}
+        self.on_answer: list[Callable[[Answer], None]] = []
         self._iterator = self._run()
 
     def __iter__(self) -> Iterator[str]:
@@ -109,6 +129,8 @@ class AnswerStream:
     def _run(self) -> Iterator[str]:
         with self._model.lock:  # one generation at a time on a model shared by sessions
             yield from self._generate()
+        for callback in self.on_answer:
+            callback(self._answer)
 
     @contextlib.contextmanager
     def _routing(self, visual: torch.Tensor):
@@ -119,7 +141,7 @@ class AnswerStream:
 
     def _generate(self) -> Iterator[str]:
         model, started = self._model, time.perf_counter()
-        embeds, ranges, visual = model.embed(self._pieces)
+        embeds, ranges, visual = model.embed(self._pieces, self._system, self._history)
         *evidence, question = ranges
         timings = self.timings
         timings["prompt"] = time.perf_counter() - started
@@ -176,17 +198,20 @@ class ChatModel:
         """Memory tokens ``[n, D]`` -> LLM input embeddings ``[n, H]``."""
         raise ModelLoadError(f"{self.name}: this model reads text only, not memory tokens")
 
-    def render(self, system: str) -> str:
-        """The chat up to the assistant's turn, with a placeholder for the user turn."""
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": _PLACEHOLDER}]
+    def render(self, system: str, history: Turns = ()) -> str:
+        """The chat up to the assistant's turn: ``system``, the earlier turns of
+        ``history``, and a placeholder for the user turn."""
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"{system}\n\nUser: {_PLACEHOLDER}\nAssistant:"
+            return self.tokenizer.apply_chat_template(chat_messages(system, history), tokenize=False,
+                                                      add_generation_prompt=True)
+        earlier = "".join(f"User: {question}\nAssistant: {answer}\n" for question, answer in history)
+        return f"{system}\n\n{earlier}User: {_PLACEHOLDER}\nAssistant:"
 
     @torch.inference_mode()
-    def embed(self, pieces: list[Piece]) -> Embedded:
-        """The whole chat as input embeddings (see ``Embedded``)."""
-        before, after = self.render(SYSTEM_PROMPT).split(_PLACEHOLDER)
+    def embed(self, pieces: list[Piece], system: str = SYSTEM_PROMPT, history: Turns = ()) -> Embedded:
+        """The whole chat as input embeddings (see ``Embedded``): ``system``, the turns of
+        ``history``, and ``pieces`` as the user turn."""
+        before, after = self.render(system, history).split(_PLACEHOLDER)
         table = self.lm.get_input_embeddings()
         parts, ranges, visual, length = [], [], [], 0
         for piece in [Piece(text=before), *pieces, Piece(text=after)]:
@@ -207,10 +232,29 @@ class ChatModel:
         through ``head.routing(visual)``."""
         self.heads.append(head)
 
-    def stream(self, context: Context, question: str, generation: GenerationConfig | None = None) -> AnswerStream:
-        """Answer ``question`` from ``context``, token by token."""
+    def stream(self, context: Context, question: str, generation: GenerationConfig | None = None,
+               history: Turns = ()) -> AnswerStream:
+        """Answer ``question`` from ``context``, token by token, after the earlier turns
+        of ``history``."""
         pieces = user_pieces(context, question, visual=self.reads_memory_tokens)
-        return AnswerStream(self, pieces, generation or GenerationConfig())
+        return AnswerStream(self, pieces, generation or GenerationConfig(), SYSTEM_PROMPT, history)
+
+    def stream_media(self, media: list[Medium], question: str, generation: GenerationConfig | None = None,
+                     history: Turns = ()) -> AnswerStream:
+        """Answer ``question`` about several images and videos, token by token (layout
+        and placeholders: ``vstream.models.prompt``)."""
+        pieces = media_pieces(media, question, visual=self.reads_memory_tokens)
+        return AnswerStream(self, pieces, generation or GenerationConfig(), MEDIA_SYSTEM_PROMPT, history)
 
     def answer(self, context: Context, question: str, generation: GenerationConfig | None = None) -> Answer:
         return self.stream(context, question, generation).result()
+
+
+def chat_messages(system: str, history: Turns = (), wrap: Callable[[str], object] = str) -> list[dict]:
+    """Chat-template messages: ``system``, each earlier turn of ``history`` as a user and
+    an assistant message, then the user turn's placeholder; ``wrap`` shapes a message's
+    content (a processor template wants typed parts)."""
+    messages = [{"role": "system", "content": wrap(system)}]
+    for question, answer in history:
+        messages += [{"role": "user", "content": wrap(question)}, {"role": "assistant", "content": wrap(answer)}]
+    return [*messages, {"role": "user", "content": wrap(_PLACEHOLDER)}]

@@ -51,14 +51,14 @@ from torch import nn
 from vstream.errors import ModelLoadError
 from vstream.memory import SemanticAttention, StarConfig
 
-from .base import _PLACEHOLDER, ChatModel, register_model
+from .base import _PLACEHOLDER, ChatModel, Turns, register_model
 from .llm import load_pretrained
 
 MODEL_TYPE = "vstream"
 _PROJECTOR, _ATTENTION = "model.mm_projector.", "model.attention_model."
 _UNUSED = (r"^model\.vision_tower\.", r"^model\.attention_model\.(v_proj|out_proj|out_ln)\.(weight|bias)$",
            r"rotary_emb\.inv_freq$")
-_VICUNA = "{system} USER: {user} ASSISTANT:"
+_VICUNA = "{system} {earlier}USER: {user} ASSISTANT:"  # earlier turns: "USER: q ASSISTANT: a</s>" each
 _MEMORY_FIELDS = {  # StarConfig field -> checkpoint config field
     "spatial_length": "video_current_memory_length",
     "temporal_length": "video_long_memory_length",
@@ -285,7 +285,8 @@ class FlashVStreamModel(ChatModel):
         weight = next(self.projector.parameters())
         return self.projector(features.to(weight.device, weight.dtype))
 
-    def render(self, system: str) -> str:
+    def render(self, system: str, history: Turns = ()) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return super().render(system)
-        return _VICUNA.format(system=system, user=_PLACEHOLDER)
+            return super().render(system, history)
+        earlier = "".join(f"USER: {question} ASSISTANT: {answer}</s>" for question, answer in history)
+        return _VICUNA.format(system=system, earlier=earlier, user=_PLACEHOLDER)

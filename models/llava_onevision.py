@@ -41,7 +41,7 @@ import torch
 from vstream.encoders.vision import VisionConfig, VisionEncoder
 from vstream.errors import ConfigError, EncoderError, ModelLoadError
 
-from .base import _PLACEHOLDER, ChatModel, register_model
+from .base import _PLACEHOLDER, ChatModel, Turns, chat_messages, register_model
 from .llm import load_pretrained
 
 
@@ -105,15 +105,16 @@ class VisionLanguageModel(ChatModel):
         weight = next(projector.parameters())
         return projector(features.to(weight.device, weight.dtype))
 
-    def render(self, system: str) -> str:
+    def render(self, system: str, history: Turns = ()) -> str:
         """The chat through the model's template: messages as plain strings (LLM
         templates), else as typed parts (processor templates), whichever renders the
-        user turn once; else ``fallback_template``."""
+        user turn once; else ``fallback_template``, whose one user turn then quotes the
+        earlier turns of ``history``."""
         from jinja2 import TemplateError
 
         if getattr(self.tokenizer, "chat_template", None):
             for wrap in (lambda text: text, lambda text: [{"type": "text", "text": text}]):
-                messages = [{"role": "system", "content": wrap(system)}, {"role": "user", "content": wrap(_PLACEHOLDER)}]
+                messages = chat_messages(system, history, wrap)
                 try:
                     chat = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 except TemplateError:
@@ -121,8 +122,9 @@ class VisionLanguageModel(ChatModel):
                 if chat.count(_PLACEHOLDER) == 1 and chat.count(system) == 1:
                     return chat
         if self.fallback_template:
-            return self.fallback_template.format(system=system, user=_PLACEHOLDER)
-        return super().render(system)
+            earlier = "".join(f"User: {question}\nAssistant: {answer}\n" for question, answer in history)
+            return self.fallback_template.format(system=system, user=earlier + _PLACEHOLDER)
+        return super().render(system, history)
 
 
 def _processor_template(name: str) -> str | None:

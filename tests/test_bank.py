@@ -228,7 +228,7 @@ def test_save_load_round_trip_continues_ids(tmp_path, index):
         expect_ids, expect_scores = b.search(q, 4)
         expect_features = b.features(range(10))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "bank.json", "features.bin", "index.faiss", "pending.npy", "times.npy"]
+        "bank.json", "features.bin", "index.faiss", "pending.npy", "thumbnails.bin", "thumbnails.npy", "times.npy"]
     assert os.path.getsize(tmp_path / "features.bin") == 10 * frame_bytes("float16")
     with FeatureBank.load(tmp_path) as loaded:
         assert len(loaded) == 10 and loaded.config == cfg
@@ -283,6 +283,9 @@ DAMAGE = {
     "times-nan": ("times.npy", lambda f: np.save(f / "times.npy", np.array([0.0, 1, np.nan, 3]))),
     "index-garbage": ("index.faiss", lambda f: (f / "index.faiss").write_bytes(b"\x00garbage" * 40)),
     "index-missing": ("index.faiss", lambda f: (f / "index.faiss").unlink()),
+    "thumbnails-missing": ("thumbnails.npy", lambda f: (f / "thumbnails.npy").unlink()),
+    "thumbnails-decreasing": ("thumbnails.npy", lambda f: np.save(f / "thumbnails.npy", np.array([0, 5, 3, 9]))),
+    "thumbnails-truncated": ("thumbnails.bin", lambda f: (f / "thumbnails.bin").write_bytes(b"x")),
 }
 
 

@@ -26,6 +26,10 @@ def __getattr__(name: str):
         from vstream import session
 
         return getattr(session, name)
+    if name == "Dialogue":
+        from vstream import dialogue
+
+        return dialogue.Dialogue
     raise AttributeError(f"module 'vstream' has no attribute {name!r}")
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "AudioChunk",
     "ConfigError",
     "DecodeError",
+    "Dialogue",
     "EncoderError",
     "FileSource",
     "Frame",

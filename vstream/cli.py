@@ -81,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--load-memory", metavar="DIR", help="answer from memories saved by --save-memory")
     ask.add_argument("--json", action="store_true", help="print one JSON object per question")
     ask.add_argument("--quiet", action="store_true", help="no progress bar")
+    ask.add_argument("--show", metavar="DIR",
+                     help="save pictures per answer: its evidence frames and a frame generated at --show-level")
+    ask.add_argument("--show-level", type=int, default=16, choices=(1, 4, 16, 64, 256),
+                     help="tokens of the generated frame's features, PUMA's granularity (default 16)")
+    ask.add_argument("--generation-head", metavar="DIR",
+                     help="trained multigranular head for --show (default: an untrained one from seed 0, "
+                          "whose pictures mean nothing)")
+    ask.add_argument("--decoder", default="retrieval", metavar="retrieval|DIR",
+                     help="draws generated features for --show: retrieval (default: the nearest stored frame) "
+                          "or a diffusion decoder's folder or hub id (needs vstream[generate])")
     ask.set_defaults(run=_ask)
 
     serve = commands.add_parser("serve", help="run a ZeroMQ stream server: many streams, one model")
@@ -244,19 +254,52 @@ def _ask(args) -> None:
             qa.ingest(video, progress=not (args.quiet or args.json))
         if args.save_memory:
             qa.save(args.save_memory)
-        for question in questions:
+        generation_tools = _generation_tools(args, qa) if args.show else None
+        for number, question in enumerate(questions, 1):
             if args.json:
-                print(json.dumps(qa.ask(question, **window).to_dict()), flush=True)
-                continue
-            if len(questions) > 1:
-                print(f"Q: {question}")
-            stream = qa.stream(question, **window)
-            for text in stream:
-                print(text, end="", flush=True)
-            answer = stream.result()
-            print()
-            for evidence in answer.evidence[:5]:
-                print(f"  {evidence.line()}")
+                answer = qa.ask(question, **window)
+                print(json.dumps(answer.to_dict()), flush=True)
+            else:
+                if len(questions) > 1:
+                    print(f"Q: {question}")
+                stream = qa.stream(question, **window)
+                for text in stream:
+                    print(text, end="", flush=True)
+                answer = stream.result()
+                print()
+                for evidence in answer.evidence[:5]:
+                    print(f"  {evidence.line()}")
+            if generation_tools is not None:
+                saved = _show(args, qa, number, answer, *generation_tools)
+                if not args.json:
+                    print(f"  saved {len(saved)} pictures to {args.show}")
+
+
+def _generation_tools(args, qa) -> tuple:
+    """The multigranular head and image decoder that ``--show`` draws with."""
+    from vstream.models.heads.multigranular import MultigranularHead, hidden_size_of
+    from vstream.models.image_decoders import create_decoder
+
+    if args.generation_head:
+        head = MultigranularHead.from_folder(args.generation_head)
+    else:
+        head = MultigranularHead(hidden_size_of(qa.model), feature_dim=qa.memory.dim or qa.encoder.dim)
+    return head, create_decoder(args.decoder, qa.memory)
+
+
+def _show(args, qa, number: int, answer, head, decoder) -> list[str]:
+    """Save the evidence frames of the ``number``-th answer (``q<number>-evidence-<seconds>s.jpg``)
+    and the frame generated for its best evidence time (``q<number>-generated-<level>-<seconds>s.png``)."""
+    os.makedirs(args.show, exist_ok=True)
+    saved = []
+    evidence = qa.frames_for(answer)
+    for t, image in evidence:
+        saved.append(os.path.join(args.show, f"q{number}-evidence-{t:08.2f}s.jpg"))
+        image.save(saved[-1])
+    t = evidence[0][0] if evidence else qa.stats.last_t
+    saved.append(os.path.join(args.show, f"q{number}-generated-{args.show_level}-{t:08.2f}s.png"))
+    qa.imagine(t, args.show_level, head, decoder).save(saved[-1])
+    return saved
 
 
 def _ask_server(args, window: dict) -> None:

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from vstream.config import JsonConfig, check_int
@@ -35,8 +36,10 @@ from vstream.errors import ConfigError, MemoryStateError, VStreamError
 from vstream.ingest import FileSource, open_source, probe
 from vstream.ingest.queue import Closed, ItemQueue
 from vstream.memory import BankConfig, MemoryTokens, StarConfig, StarMemory
+from vstream.memory.bank import encode_thumbnail
 from vstream.memory.persist import read_json, write_json
 from vstream.models import Answer, AnswerStream, ChatModel, Context, GenerationConfig, describe_scenes, load_model
+from vstream.models.prompt import FRAME
 from vstream.types import AudioChunk, Frame
 
 logger = logging.getLogger(__name__)
@@ -324,8 +327,11 @@ class Session:
                 self._recogniser().submit(item)
         if frames:
             features = self.encoder.encode([f.image for f in frames])
+            bank = self.memory.config.bank  # thumbnails are made here, outside the lock a question waits on
+            thumbnails = [encode_thumbnail(f.image, bank.thumbnail_size, bank.thumbnail_quality)
+                          for f in frames] if bank.thumbnails else None
             with self._write_lock:
-                self.memory.extend(features, [f.t for f in frames])
+                self.memory.extend(features, [f.t for f in frames], thumbnails=thumbnails)
             with self._stats_lock:
                 self._stats.frames_processed += len(frames)
                 self._stats.last_t = frames[-1].t
@@ -424,6 +430,30 @@ class Session:
             last: float | None = None) -> Answer:
         """The ``Answer`` to ``question`` (see ``stream`` for the window)."""
         return self.stream(question, start, end, last).result()
+
+    def frames_for(self, answer: Answer, limit: int = 5) -> list[tuple[float, Image.Image]]:
+        """Evidence images of ``answer``: for each of its best ``limit`` frame evidences, the
+        stream time (seconds) and thumbnail of the bank frame nearest to the middle of its
+        span; frames without a thumbnail are left out."""
+        shown: list[tuple[float, Image.Image]] = []
+        with self._write_lock:
+            for evidence in [e for e in answer.evidence if e.kind == FRAME][:limit]:
+                i = self.memory.frame_at((evidence.start + evidence.end) / 2)
+                image = None if i is None else self.memory.bank.thumbnails([i])[0]
+                if image is not None:
+                    shown.append((float(self.memory.bank.times[i]), image))
+        return shown
+
+    def imagine(self, t: float, level: int, head, decoder) -> Image.Image:
+        """A picture of the frame at ``t`` seconds as the model sees it: ``head`` (a
+        ``MultigranularHead``) generates its features at ``level`` tokens from the request
+        "Show the frame at m:ss." after this session's context, and ``decoder`` (an
+        ``ImageDecoder``) draws them."""
+        from vstream.models.heads.multigranular import request
+
+        prompt = request(t)
+        features = head.generate(self.model, self.context(prompt), prompt, level)
+        return decoder.decode(features)[0]
 
     @property
     def stats(self) -> SessionStats:
