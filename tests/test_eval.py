@@ -27,6 +27,7 @@ from vstream.evaluate import (
     score_open,
     summarize,
 )
+from vstream.evaluate.judges import JUDGE_SYSTEM
 from vstream.evaluate.records import Question
 from vstream.evaluate.scoring import Scored, parse_count, parse_yes_no
 from vstream.models import GenerationConfig, load_model
@@ -503,8 +504,13 @@ def test_a_judge_scores_open_ended_rows_beside_the_deterministic_scorer(videos, 
     assert summary["overall"]["judge"]["n"] == 3 and "judge" not in summary["Object Recognition"]
 
 
-def test_model_judge_runs_on_a_local_model(model):
+def test_model_judge_runs_on_a_local_model(model, monkeypatch):
+    systems = []
+    render = type(model).render
+    monkeypatch.setattr(type(model), "render", lambda self, system, history=(): (systems.append(system),
+                                                                                 render(self, system, history))[1])
     verdict = ModelJudge(model, max_new_tokens=8).judge("What colour?", "red", "It is red.")
+    assert systems == [JUDGE_SYSTEM]  # the judge's own instructions, not the video system prompt
     assert isinstance(verdict, JudgeScore) and isinstance(verdict.reason, str)
     assert verdict.correct in (True, False, None) and (verdict.score is None or 0 <= verdict.score <= 5)
 

@@ -147,7 +147,7 @@ def test_harness_end_to_end_and_resumable(model, tmp_path):
     assert {name: s["n"] for name, s in summary["relation"].items()} == {
         "Continuous-temporal": 4, "Low-level-semantic": 4, "High-level-obj-semantic": 4}
     table = format_mmiu_summary(summary)
-    assert "per task:" in table and "per relation" in table and "Continuous-temporal" in table
+    assert table.startswith("task ") and "\nrelation " in table and "Continuous-temporal" in table
 
 
 def test_missing_images_are_named_before_any_answer(model, tmp_path):
@@ -186,3 +186,28 @@ def test_the_prompt_holds_scenario_options_and_instruction(model, tmp_path, monk
     evaluate_mmiu(load_mmiu(write(tmp_path, [record])), tmp_path, model, tmp_path / "out.jsonl", progress=False,
                   generation=GenerationConfig(max_new_tokens=2, attribute=False))
     assert asked == [f"You sort frames.\n{MMIU_RECORD['question']}\nA. [1, 0]\nB. [0, 1]\n{MC_INSTRUCTION}"]
+
+
+def test_vstream_eval_format_mmiu(model, tmp_path, capsys):
+    from vstream.cli import main
+
+    path = make_mmiu_set(tmp_path / "set", per_task=1)
+    argv = ["eval", str(path), str(path.parent), "--format", "mmiu", "--model", model.name, "--quiet",
+            "--max-new-tokens", "2", "--out", str(tmp_path / "out.jsonl")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("task ") and "\nrelation " in out and "overall" in out
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+    assert main([*argv, "--realtime"]) == 1
+    assert "--realtime: not for --format mmiu" in capsys.readouterr().err
+
+
+def test_a_torn_results_line_is_ended_before_appending(model, tmp_path):
+    path = make_mmiu_set(tmp_path / "set", per_task=1)
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"qid": "torn')  # a run killed mid-write
+    summary = evaluate_mmiu(load_mmiu(path), path.parent, model, out, progress=False,
+                            generation=GenerationConfig(max_new_tokens=2))
+    assert summary["overall"]["n"] == 3
+    lines = out.read_text().splitlines()
+    assert lines[0] == '{"qid": "torn' and len(lines) == 4  # every answer on a line of its own

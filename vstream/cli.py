@@ -157,9 +157,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="answer and score a benchmark's questions over a folder of its videos")
     evaluate.add_argument("annotations", help="the benchmark's annotation file (.json or .jsonl)")
     evaluate.add_argument("video_folder", help="the folder its video paths are relative to")
-    evaluate.add_argument("--format", required=True, choices=["videomme", "egoschema", "streaming", "vstreamqa"],
+    evaluate.add_argument("--format", required=True,
+                          choices=["videomme", "egoschema", "streaming", "vstreamqa", "mmiu"],
                           help="annotation format: videomme (also MVBench-style), egoschema, streaming "
-                               "(StreamingBench, OVO-Bench: asked at a time), vstreamqa (open-ended, at a time)")
+                               "(StreamingBench, OVO-Bench: asked at a time), vstreamqa (open-ended, at a time), "
+                               "mmiu (multi-image multiple choice; the folder holds its images)")
     evaluate.add_argument("--model", default=None,
                           help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
     evaluate.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
@@ -468,8 +470,10 @@ def _eval(args) -> None:
     from vstream.evaluate import HTTPJudge, ModelJudge, evaluate, format_summary, load_questions, published_figures
     from vstream.models import GenerationConfig, load_model
 
-    questions = load_questions(args.annotations, args.format, answers=args.answers)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if args.format == "mmiu":
+        return _eval_mmiu(args, tasks)
+    questions = load_questions(args.annotations, args.format, answers=args.answers)
     published = published_figures()["benchmarks"]
     if args.benchmark and args.benchmark not in published:  # refused now, not after the run
         raise vstream.ConfigError(f"--benchmark {args.benchmark}: no published figures; known: {', '.join(published)}")
@@ -504,4 +508,19 @@ def _eval(args) -> None:
                        generation=GenerationConfig(max_new_tokens=args.max_new_tokens), realtime=args.realtime,
                        judge=judge)
     print(format_summary(summary, benchmark))
+    print(f"results: {args.out}")
+
+
+def _eval_mmiu(args, tasks) -> None:
+    from vstream.evaluate.mmiu import evaluate_mmiu, format_mmiu_summary, load_mmiu
+    from vstream.models import GenerationConfig
+
+    unused = [flag for flag, value in (("--judge", args.judge), ("--judge-endpoint", args.judge_endpoint),
+                                       ("--answers", args.answers), ("--realtime", args.realtime)) if value]
+    if unused:
+        raise vstream.ConfigError(f"{', '.join(unused)}: not for --format mmiu (multiple choice over images)")
+    questions = load_mmiu(args.annotations)
+    summary = evaluate_mmiu(questions, args.video_folder, args.model, args.out, limit=args.limit, tasks=tasks,
+                            progress=not args.quiet, generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+    print(format_mmiu_summary(summary))
     print(f"results: {args.out}")

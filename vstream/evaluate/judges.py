@@ -143,7 +143,7 @@ class ModelJudge(Judge):
         from vstream.models import AnswerStream
         from vstream.models.prompt import Piece
 
-        return AnswerStream(self.model, [Piece(text=f"{JUDGE_SYSTEM}\n\n{prompt}")], self.generation).result().text
+        return AnswerStream(self.model, [Piece(text=prompt)], self.generation, system=JUDGE_SYSTEM).result().text
 
 
 class HTTPJudge(Judge):

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from vstream.dialogue import Dialogue
 from vstream.errors import ConfigError, SourceError
 from vstream.evaluate.records import _OPTION_PREFIX, LETTERS, _letter, _options, _Record, _unique, read_records
-from vstream.evaluate.runner import format_summary, read_results, select, summarize
+from vstream.evaluate.runner import format_summary, open_results, read_results, select, summarize
 from vstream.evaluate.scoring import mc_prompt, parse_choice
 from vstream.models import ChatModel, GenerationConfig, load_model
 from vstream.models.prompt import IMAGE, label_question
@@ -159,9 +159,8 @@ def evaluate_mmiu(questions: list[MMIUQuestion], image_folder, model: ChatModel 
     if todo:
         chat = model if isinstance(model, ChatModel) else load_model(model)
         config = SessionConfig(asr=False, generation=generation or GenerationConfig())
-        out_path.parent.mkdir(parents=True, exist_ok=True)
         # every question stands alone: no turns are replayed, and reset() drops its images after it
-        with Dialogue(chat, config, max_turns=0) as dialogue, out_path.open("a", encoding="utf-8") as out, \
+        with Dialogue(chat, config, max_turns=0) as dialogue, open_results(out_path) as out, \
                 tqdm(total=len(todo), unit="q", desc="evaluating", disable=not progress) as bar:
             for q in todo:
                 row = _ask(dialogue, folder, q)
@@ -200,8 +199,8 @@ def summarize_mmiu(rows: list[dict]) -> dict:
 def format_mmiu_summary(summary: dict) -> str:
     """Two tables, per task then per relation, each with the overall line last."""
     overall = {"overall": summary["overall"]}
-    return (f"per task:\n{format_summary({**summary['task'], **overall})}\n\n"
-            f"per relation (first column):\n{format_summary({**summary['relation'], **overall})}")
+    return (f"{format_summary({**summary['task'], **overall})}\n\n"
+            f"{format_summary({**summary['relation'], **overall}, group='relation')}")
 
 
 # -- a synthetic set with answers known by construction ------------------------------------

@@ -5,8 +5,8 @@ hour writes in minutes) and returns it with its ``NeedleCase``: the question, wh
 right answer says, and where in the stream the needle is. Kinds:
 
 - ``spoken``: one fact sentence, spoken once (espeak-ng) at the needle time, among
-  unrelated sentences spoken every ``DISTRACTOR_EVERY`` seconds (no tone under them:
-  the ASR's voice detection takes speech over a steady tone for the tone);
+  unrelated sentences spoken every ``DISTRACTOR_EVERY`` seconds, over a low hum whose
+  pitch changes every ``HUM_EVERY`` seconds;
 - ``visual``: a magenta scene, on screen once for ``VISUAL_SECONDS`` seconds, among
   muted scenes that change every ``SCENE_EVERY`` seconds; asked "when", scored by the
   time of the answer's best frame evidence;
@@ -15,7 +15,8 @@ right answer says, and where in the stream the needle is. Kinds:
 - ``live``: a magenta scene, asked about during the stream (at ``ask_at``, about the
   ``last`` seconds).
 
-``score_answer`` and ``evidence_error`` score an ``Answer`` against its case.
+``feed`` puts a clip into a ``Session`` up to where its case asks; ``score_answer`` and
+``evidence_error`` score the ``Answer`` against the case.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ VISUAL_SECONDS = 5.0
 """How long a visual needle stays on screen, seconds."""
 DISTRACTOR_EVERY = 30.0
 """Seconds between unrelated spoken sentences in a spoken clip."""
+HUM = (100.0, 150.0, 120.0)
+"""Pitches of the hum under a spoken clip, Hz, in turn."""
+HUM_EVERY = 60.0
+"""Seconds between pitch changes of the hum."""
 TOLERANCE = 5.0
 """Evidence-time error in seconds under which a "when" answer counts as right."""
 
@@ -209,15 +214,36 @@ def make_needle_clip(folder: str | Path, kind: str, length: float, position: str
         scenes = _insert(_insert(scenes, t, t + VISUAL_SECONDS, first[0]), later, later + VISUAL_SECONDS, second[0])
         span = (t, t + VISUAL_SECONDS)
         extra = {"question": "Which screen came first, the green one or the yellow one?", "expected": (first[1],)}
-    # Spoken clips have no tone: the ASR's voice detection hears no speech under a steady
-    # tone (write_clip's tone is not quieted enough), so their background is other speech.
+    hum = [(i * HUM_EVERY, HUM[i % len(HUM)]) for i in range(int(length // HUM_EVERY) + 1)]
     info = write_clip(path, duration=length, fps=FPS, size=SIZE, scenes=sorted(scenes), speech=speech,
-                      tones=[] if speech else None, progress=length >= 600)
+                      tones=hum if speech else None, progress=length >= 600)
     if span is None:
         span = next((start, min(end, length)) for start, end, text in info.speech if text == FACTS[seed % len(FACTS)][0])
     case = NeedleCase(kind=kind, length=float(length), position=position, needle=span[0], span=span, seed=seed, **extra)
     saved.write_text(json.dumps(case.to_dict()))
     return path, case
+
+
+def feed(session, path: str | Path, case: NeedleCase) -> None:
+    """Feed the clip at ``path`` into ``session`` up to where ``case`` asks its question:
+    the whole clip, or, for a live case, its frames and audio up to ``ask_at``, pushed as
+    a live caller would. Returns once what was fed is in the memories; then ask
+    ``session.ask(case.question, last=case.last)``."""
+    from vstream.ingest import open_source
+    from vstream.types import Frame
+
+    if case.ask_at is None:
+        session.ingest(str(path), progress=False)
+        return
+    with open_source(str(path), fps=session.config.fps) as source:
+        for item in source:
+            if isinstance(item, Frame):
+                if item.t > case.ask_at:
+                    break
+                session.push_frame(item, wait=True)
+            elif item.start < case.ask_at:
+                session.push_audio(item, wait=True)
+    session.wait()
 
 
 def evidence_error(case: NeedleCase, answer) -> float | None:

@@ -67,6 +67,19 @@ def read_results(out_path) -> dict[str, dict]:
     return done
 
 
+def open_results(out_path: Path):
+    """``out_path`` opened for appending result lines; a torn last line (a run killed
+    mid-write) is ended first, so the next line is not glued onto it."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out = out_path.open("a+b")
+    if out.tell() > 0:
+        out.seek(-1, 2)
+        if out.read(1) != b"\n":
+            out.write(b"\n")
+    out.close()
+    return out_path.open("a", encoding="utf-8")
+
+
 def evaluate(questions: list[Question], video_folder, model: ChatModel | str | None, out_path,
              fps: float = 1.0, limit: int | None = None, tasks=None, progress: bool = True, asr: bool = True,
              generation: GenerationConfig | None = None, realtime: bool = False, judge: Judge | None = None) -> dict:
@@ -103,8 +116,7 @@ def evaluate(questions: list[Question], video_folder, model: ChatModel | str | N
         by_video: dict[str, list[Question]] = defaultdict(list)
         for q in todo:
             by_video[q.video].append(q)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with out_path.open("a", encoding="utf-8") as out, \
+        with open_results(out_path) as out, \
                 tqdm(total=len(todo), unit="q", desc="evaluating", disable=not progress) as bar:
             for video, video_questions in by_video.items():
                 with Session(chat, config) as session:
@@ -192,13 +204,13 @@ def _kind(row: dict) -> str:
     return row.get("kind") or ("choice" if row.get("multiple_choice") else "open")
 
 
-def format_summary(summary: dict, benchmark: str | None = None) -> str:
-    """The summary as a table, one task a line, overall last; with the judge's columns
-    when a judge ran, and the published figures of ``benchmark`` (a key of
-    ``published.json``) below it."""
-    width = max([len("task")] + [len(t) for t in summary])
+def format_summary(summary: dict, benchmark: str | None = None, group: str = "task") -> str:
+    """The summary as a table, one ``group`` (task) a line, overall last; with the
+    judge's columns when a judge ran, and the published figures of ``benchmark`` (a key
+    of ``published.json``) below it."""
+    width = max([len(group)] + [len(t) for t in summary])
     judged = any("judge" in s for s in summary.values())
-    header = f"{'task':<{width}}  {'n':>5}  {'correct':>7}  {'accuracy':>8}  {'unparsed':>8}"
+    header = f"{group:<{width}}  {'n':>5}  {'correct':>7}  {'accuracy':>8}  {'unparsed':>8}"
     lines = [header + (f"  {'judged':>6}  {'judge acc':>9}  {'score':>5}" if judged else "")]
     for task, s in summary.items():
         line = f"{task:<{width}}  {s['n']:>5}  {s['correct']:>7}  {100 * s['accuracy']:>7.1f}%  {s['unparsed']:>8}"
