@@ -4,6 +4,7 @@ text-only model and with a VLM that reads memory tokens; closing leaves no threa
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -223,3 +224,24 @@ def test_vstream_exports_dialogue():
     import vstream
 
     assert vstream.Dialogue is Dialogue
+
+
+def test_vstream_ask_over_several_media(models, clip, tmp_path, capsys):
+    from vstream.cli import main
+
+    images = []
+    for name, colour in (("red.png", (220, 30, 30)), ("blue.jpg", (30, 30, 220))):
+        Image.new("RGB", (48, 32), colour).save(tmp_path / name)
+        images.append(str(tmp_path / name))
+    argv = ["ask", *images, str(clip.path), "Which image is red?", "And the video?", "--model", models["llama"].name,
+            "--no-asr", "--quiet", "--max-new-tokens", "3"]
+    assert main([*argv, "--json"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(answers) == 2  # two turns of one dialogue
+    sources = {e["source"] for answer in answers for e in answer["evidence"]}
+    assert sources <= {"image 1", "image 2", "video 3"} and sources
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Q: Which image is red?" in out and "Q: And the video?" in out
+    assert main([*argv, "--last", "5"]) == 1
+    assert "not for several media" in capsys.readouterr().err

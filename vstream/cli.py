@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ask = commands.add_parser("ask", help="answer questions about a video, with the times of the evidence")
     ask.add_argument("inputs", nargs="+", metavar="VIDEO QUESTION",
-                     help="the video, then one or more questions (with --load-memory or --server: questions only)")
+                     help="the video, then one or more questions (with --load-memory or --server: questions "
+                          "only); several videos and images (files) before the questions: one dialogue over "
+                          "all of them, each question a turn")
     ask.add_argument("--server", metavar="ADDR", help="ask a stream on a running server (vstream serve) instead")
     ask.add_argument("--stream", metavar="ID", help="with --server: the stream to ask (vstream stream prints it)")
     ask.add_argument("--start", type=float, help="only the stream from this many seconds on")
@@ -238,12 +240,15 @@ def _ask(args) -> None:
     from vstream.models import GenerationConfig
     from vstream.session import Session, SessionConfig
 
-    video, questions = (None, args.inputs) if args.load_memory else (args.inputs[0], args.inputs[1:])
+    media, questions = ([], args.inputs) if args.load_memory else _split_media(args.inputs)
     if not questions or not all(q.strip() for q in questions):
         raise vstream.ConfigError("vstream ask needs a video and at least one non-empty question")
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     config = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, heads=args.head,
                            generation=generation)
+    if len(media) > 1 or (media and _is_image(media[0])):
+        return _ask_media(args, media, questions, config)
+    video = media[0] if media else None
     if video is not None:
         vstream.probe(video)  # a bad path fails now, before any model loads
     if not args.verbose:
@@ -275,6 +280,58 @@ def _ask(args) -> None:
                 saved = _show(args, qa, number, answer, *generation_tools)
                 if not args.json:
                     print(f"  saved {len(saved)} pictures to {args.show}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _split_media(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """The leading inputs that are files (the media), and the questions after them. The
+    first input is always a medium, so a wrong path fails as one."""
+    count = 1
+    while count < len(inputs) and os.path.isfile(inputs[count]):
+        count += 1
+    return inputs[:count], inputs[count:]
+
+
+def _ask_media(args, media: list[str], questions: list[str], config) -> None:
+    """Several images and videos: one ``Dialogue``, each question a turn."""
+    from vstream.dialogue import Dialogue
+
+    unused = [flag for flag, value in (("--start/--end/--last", args.start is not None or args.end is not None
+                                        or args.last is not None), ("--save-memory", args.save_memory),
+                                       ("--show", args.show)) if value]
+    if unused:
+        raise vstream.ConfigError(f"{', '.join(unused)}: for one video, not for several media")
+    for path in media:
+        if not _is_image(path):
+            vstream.probe(path)  # a bad video fails now, before any model loads
+    if not args.verbose:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    with Dialogue(args.model, config, max_turns=len(questions)) as dialogue:
+        for path in media:
+            if _is_image(path):
+                dialogue.add_image(path)
+            else:
+                dialogue.add_video(path, progress=not (args.quiet or args.json))
+        for question in questions:
+            if args.json:
+                print(json.dumps(dialogue.ask(question).to_dict()), flush=True)
+                continue
+            if len(questions) > 1:
+                print(f"Q: {question}")
+            stream = dialogue.stream(question)
+            for text in stream:
+                print(text, end="", flush=True)
+            print()
+            for evidence in stream.result().evidence[:5]:
+                print(f"  {evidence.line()}")
 
 
 def _generation_tools(args, qa) -> tuple:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vstream.config import check_int
+from vstream.encoders import create_encoder
 from vstream.errors import ConfigError, DecodeError, SourceError, VStreamError
 from vstream.memory import MemoryTokens
 from vstream.models import Answer, AnswerStream, ChatModel, Context, load_model
@@ -46,7 +47,9 @@ class Dialogue:
                  max_turns: int = 4):
         check_int("Dialogue", "max_turns", max_turns, 0)
         self.config = config or SessionConfig()
-        self.model = model if isinstance(model, ChatModel) else load_model(model)
+        self.model = model if isinstance(model, ChatModel) else load_model(model, heads=self.config.heads)
+        # one frame encoder for every medium: a vision tower loads once
+        self.encoder = self.model.frame_encoder or create_encoder(self.config.encoder)
         self.max_turns = max_turns
         self._media: list[tuple[str, Session, bool]] = []  # (kind, session, made here: the dialogue closes it)
         self._turns: list[tuple[str, str]] = []
@@ -55,19 +58,20 @@ class Dialogue:
 
     # -- media ----------------------------------------------------------------------------
 
-    def add_video(self, video: str | Path | Session) -> int:
-        """Add a video: a file, read whole into a new session (blocking), or a
-        ``Session`` made with this dialogue's ``model`` (its caller feeds and closes
-        it; it may still be live). Returns the video's number among the media."""
+    def add_video(self, video: str | Path | Session, progress: bool = False) -> int:
+        """Add a video: a file, read whole into a new session (blocking; with a progress
+        bar if ``progress``), or a ``Session`` made with this dialogue's ``model`` (its
+        caller feeds and closes it; it may still be live). Returns the video's number
+        among the media."""
         self._check_open()
         if isinstance(video, Session):
             if video.model is not self.model:
                 raise ConfigError("add_video: the session answers with another model; make it with this "
                                   "dialogue's model, so its memory holds features the model reads")
             return self._add(VIDEO, video, made_here=False)
-        session = Session(self.model, self.config)
+        session = Session(self.model, self.config, self.encoder)
         try:
-            session.ingest(str(video), progress=False)
+            session.ingest(str(video), progress=progress)
         except BaseException:
             session.close()
             raise
@@ -78,7 +82,7 @@ class Dialogue:
         file's path. Returns its number among the media."""
         self._check_open()
         frame = Frame(_pixels(image), t=0.0, index=0)
-        session = Session(self.model, replace(self.config, asr=False))
+        session = Session(self.model, replace(self.config, asr=False), self.encoder)
         try:
             session.push_frame(frame, wait=True)
             session.wait()
