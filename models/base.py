@@ -147,15 +147,22 @@ class AnswerStream:
         timings["prompt"] = time.perf_counter() - started
         tokens: list[int] = []
         text = ""
+        # Decode a short window, not the whole answer, per token: the text of
+        # tokens[prefix:] beyond that of tokens[prefix:read] is new. The window keeps
+        # one piece of context before the new tokens, so a tokenizer that spells a
+        # leading space from its neighbour decodes them as it would in the whole answer.
+        prefix = read = 0
         with self._routing(visual):
             for token in generate_tokens(model.lm, embeds, model.stop, self._generation):
                 if not tokens:
                     timings["first_token"] = time.perf_counter() - started
                 tokens.append(token)
-                decoded = model.tokenizer.decode(tokens, skip_special_tokens=True)
-                if len(decoded) > len(text) and not decoded.endswith("\ufffd"):  # whole characters only
-                    yield decoded[len(text):]
-                    text = decoded
+                before = model.tokenizer.decode(tokens[prefix:read], skip_special_tokens=True)
+                after = model.tokenizer.decode(tokens[prefix:], skip_special_tokens=True)
+                if len(after) > len(before) and not after.endswith("\ufffd"):  # whole characters only
+                    yield after[len(before):]
+                    text += after[len(before):]
+                    prefix, read = read, len(tokens)
             timings["answer"] = time.perf_counter() - started
             timings.setdefault("first_token", timings["answer"])
             shares = None

@@ -226,3 +226,29 @@ def test_an_encoder_only_language_model_is_refused(tmp_path):
                          vocab_size=50)).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="'bert' model, which vstream cannot answer with"):
         load_model(str(tmp_path))
+
+
+def test_streamed_text_is_the_decoded_answer(tmp_path, monkeypatch):
+    """The answer streams by decoding a short window per token; the pieces still add up
+    to the whole answer decoded at once."""
+    from tiny_models import tiny_llama
+
+    from vstream.models import base
+
+    model = load_model(str(tiny_llama(tmp_path / "llama")))
+    produced = []
+
+    def recording(*args, **kwargs):
+        for token in base_generate(*args, **kwargs):
+            produced.append(token)
+            yield token
+
+    base_generate = base.generate_tokens
+    monkeypatch.setattr(base, "generate_tokens", recording)
+    for seed in range(3):
+        produced.clear()
+        stream = model.stream(Context(), "say something", GenerationConfig(max_new_tokens=40, temperature=1.0,
+                                                                           seed=seed, attribute=False))
+        pieces = list(stream)
+        whole = model.tokenizer.decode(produced, skip_special_tokens=True)
+        assert "".join(pieces) == whole.rstrip("\ufffd") and len(produced) > 5
