@@ -18,9 +18,9 @@ stream at 1 fps in a fixed RAM budget and at a per-frame cost that does not grow
   at ``thumbnail_ends[i]``, and the newest ``thumbnail_ram_frames`` of them in a RAM ring of
   their own. A frame without an image has zero bytes.
 * **Index.** One key per frame (by default the mean of its tokens, float32 ``[D]``) in a
-  FAISS index from ``config.index``; FAISS ids are frame ids. An index that needs training
-  keeps the keys in a ``[train_size, D]`` buffer, searched exactly, until ``train_size``
-  frames have arrived, then trains on them.
+  ``KeyIndex`` (``vstream.memory.index``) from ``config.index``; its ids are frame ids. An
+  index that needs training searches the keys exactly until ``train_size`` frames have
+  arrived, then trains on them.
 
 Per frame, ``add`` costs a pwrite, a ring-slot copy and an index add (and a JPEG
 encode and a pwrite when it has an image); the times and thumbnail-end arrays double when full (amortised O(1), as FAISS's own storage). A lock makes ``add``,
@@ -33,33 +33,26 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
 import weakref
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from PIL import Image
 
 from vstream.errors import ConfigError, MemoryStateError
 from vstream.memory.config import BankConfig
+from vstream.memory.index import KeyIndex
 
 logger = logging.getLogger(__name__)
 
 FORMAT, VERSION = "vstream.feature_bank", 1
 _CHUNK_BYTES = 8 << 20  # bytes per read and write when features.bin is streamed in or out
-_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 _META_FIELDS = {"format": str, "version": int, "n": int, "dim": int, "grid": int, "dtype": str,
                 "trained": bool, "pending": int, "config": dict}
-
-
-def faiss_message(exc: Exception) -> str:
-    """FAISS's message without its ``Error in <signature> at <file>:<line>:`` prefix."""
-    return re.sub(r"^Error in .*? at \S+:\d+: ", "", str(exc)).strip()
 
 
 def _remove_spill(files: list[tuple[int, str]], temp_dir: str | None) -> None:
@@ -125,20 +118,9 @@ class FeatureBank:
         self._dtype = np.dtype(config.dtype)
         self.bytes_per_frame = self.tokens * dim * self._dtype.itemsize
         self._capacity = max(1, int(config.ram_mb * 2**20 // self.bytes_per_frame))
-        try:
-            index = faiss.index_factory(dim, config.index, _METRICS[config.metric])
-        except RuntimeError as exc:
-            raise ConfigError(f"BankConfig.index {config.index!r} is not a FAISS factory string: "
-                              f"{faiss_message(exc)}") from None
-        gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-        if config.device == "cuda" and not gpu_faiss:
-            raise ConfigError("BankConfig.device is 'cuda' but this faiss build has no GPU support or sees no "
-                              "GPU; install faiss-gpu or use device 'cpu'")
-        self._gpu = config.device == "cuda" or (config.device == "auto" and gpu_faiss and torch.cuda.is_available())
-        self._gpu_res = None
-        logger.debug("feature bank index on %s (device=%r, faiss GPU support: %s)",
-                     "cuda" if self._gpu else "cpu", config.device, gpu_faiss)
-        self._set_index(index, np.empty((0, dim), np.float32))
+        self._keys = KeyIndex(dim, config.index, config.metric, config.index_params, config.train_size,
+                              config.device, owner="BankConfig")
+        logger.debug("feature bank index on %s (device=%r)", "cuda" if self._keys.on_gpu else "cpu", config.device)
         self._ring = np.empty((self._capacity, self.tokens, dim), self._dtype)
         self._thumbnail_ring = [b""] * config.thumbnail_ram_frames  # frame i's JPEG in slot i % len
         self._times = np.empty(1024, np.float64)
@@ -156,49 +138,6 @@ class FeatureBank:
         (self._fd, path), (self._thumbnail_fd, thumbnail_path) = files
         self.spill_path, self.thumbnail_path = Path(path), Path(thumbnail_path)
         self._finalizer = weakref.finalize(self, _remove_spill, files, temp_dir)
-
-    def _set_index(self, index, pending: np.ndarray) -> None:
-        """Install a CPU ``index`` (moved to the GPU when chosen, ``index_params`` applied)
-        and, while it is untrained, the keys ``pending`` [n, D] of the frames so far."""
-        if self._gpu:
-            self._gpu_res = self._gpu_res or faiss.StandardGpuResources()
-            try:
-                index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
-            except RuntimeError as exc:
-                if self.config.device == "cuda":
-                    raise ConfigError(f"BankConfig.index {self.config.index!r} cannot run on the GPU: "
-                                      f"{faiss_message(exc)}") from None
-                logger.warning("feature bank index %r stays on the CPU: %s", self.config.index, faiss_message(exc))
-                self._gpu = False
-        if self.config.index_params:
-            space = faiss.GpuParameterSpace() if self._gpu else faiss.ParameterSpace()
-            try:
-                space.set_index_parameters(index, self.config.index_params)
-            except RuntimeError as exc:
-                raise ConfigError(f"BankConfig.index_params {self.config.index_params!r} do not apply to index "
-                                  f"{self.config.index!r}: {faiss_message(exc)}") from None
-        self._index, self._trained, self._pending = index, bool(index.is_trained), None
-        if not self._trained:
-            self._pending = np.empty((max(self.config.train_size, len(pending)), self.dim), np.float32)
-            self._pending[: len(pending)] = pending
-
-    def _index_add(self, keys: np.ndarray) -> None:
-        """Add the keys [B, D] of frames n..n+B-1, training the index once enough have arrived."""
-        if self._trained:
-            self._index.add(keys)
-            return
-        n = self._n  # until the index is trained, every frame's key is pending
-        if n + len(keys) < self.config.train_size:
-            self._pending[n : n + len(keys)] = keys
-            return
-        sample = np.concatenate([self._pending[:n], keys])
-        try:
-            self._index.train(sample)
-        except RuntimeError as exc:
-            raise ConfigError(f"training index {self.config.index!r} on {len(sample)} keys failed (raise "
-                              f"BankConfig.train_size, now {self.config.train_size}): {faiss_message(exc)}") from None
-        self._index.add(sample)
-        self._trained, self._pending = True, None
 
     def _batch(self, value, name: str, item: tuple[int, ...], rows: int | str, dtype) -> torch.Tensor:
         """``value`` [rows, *item] or [*item] (one row) as a finite CPU tensor of ``dtype``;
@@ -261,7 +200,7 @@ class FeatureBank:
             self._write_spill(rows, n)  # past the frames held: if a later step fails, nothing refers to it
             start = int(self._thumbnail_ends[n - 1]) if n else 0
             _pwrite_all(self._thumbnail_fd, b"".join(jpegs), start)
-            self._index_add(k.numpy())
+            self._keys.add(k.numpy())
             keep = max(0, b - self._capacity)  # a batch larger than the ring keeps its newest rows
             self._ring[np.arange(n + keep, n + b) % self._capacity] = rows[keep:]
             if n + b > len(self._times):
@@ -344,10 +283,7 @@ class FeatureBank:
         and the index's codes (estimated as ``ntotal * code_size``); 0 once closed."""
         if self._closed:
             return 0
-        code_size = getattr(self._index, "code_size", 0) or 4 * self.dim
-        pending = 0 if self._pending is None else self._pending.nbytes
-        thumbnails = sum(map(len, self._thumbnail_ring))
-        return self._ring.nbytes + thumbnails + pending + self._index.ntotal * code_size
+        return self._ring.nbytes + sum(map(len, self._thumbnail_ring)) + self._keys.nbytes()
 
     def features(self, ids) -> torch.Tensor:
         """``[len(ids), G*G, D]`` float32 features of the frames ``ids`` (a 1-D int sequence or tensor)."""
@@ -385,10 +321,7 @@ class FeatureBank:
             kk = min(k, self._n)
             if kk == 0 or len(q) == 0:
                 return torch.empty((len(q), kk), dtype=torch.int64), torch.empty((len(q), kk))
-            if self._trained:
-                scores, ids = self._index.search(q, kk)
-            else:
-                scores, ids = faiss.knn(q, self._pending[: self._n], kk, metric=_METRICS[self.config.metric])
+            scores, ids = self._keys.search(q, kk)
         scores[ids < 0] = np.inf if self.config.metric == "l2" else -np.inf
         return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(scores)
 
@@ -402,15 +335,12 @@ class FeatureBank:
             raise MemoryStateError(f"save: {folder} must be an existing empty directory")
         with self._lock:
             self._check_open()
-            n, trained = self._n, self._trained
-            pending = np.empty((0, self.dim), np.float32) if trained else self._pending[:n]
-            index = faiss.index_gpu_to_cpu(self._index) if self._gpu else self._index
+            n, trained, pending = self._n, self._keys.trained, self._keys.pending
             _write_synced(folder / "times.npy", lambda f: np.save(f, self._times[:n], allow_pickle=False))
             ends = self._thumbnail_ends[:n].copy()
             _write_synced(folder / "thumbnails.npy", lambda f: np.save(f, ends, allow_pickle=False))
             _write_synced(folder / "pending.npy", lambda f: np.save(f, pending, allow_pickle=False))
-            _write_synced(folder / "index.faiss",
-                          lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
+            _write_synced(folder / "index.faiss", self._keys.write)
             fds = os.dup(self._fd), os.dup(self._thumbnail_fd)  # close() may run meanwhile
         try:
             _write_synced(folder / "features.bin", lambda f: _copy_out(fds[0], f, n * self.bytes_per_frame))
@@ -440,10 +370,9 @@ class FeatureBank:
         if np.any(np.diff(times) < 0):
             raise MemoryStateError(f"{folder / 'times.npy'}: times decrease")
         pending = read_array(folder / "pending.npy", np.float32, (meta["pending"], dim))
-        index = _read_index(folder / "index.faiss", meta, _METRICS[saved.metric])
         bank = cls(dim, config)
         try:
-            bank._set_index(index, pending)
+            bank._keys.restore(folder / "index.faiss", pending, meta["trained"], n if meta["trained"] else 0)
             bank._restore(folder / "features.bin", times)
             bank._restore_thumbnails(folder)
         except BaseException:
@@ -505,7 +434,7 @@ class FeatureBank:
         with self._lock:
             self._closed = True
             self._finalizer()
-            self._ring, self._index, self._pending = self._ring[:0], None, None
+            self._ring, self._keys = self._ring[:0], None
             self._thumbnail_ring = []
 
     def __enter__(self):
@@ -578,17 +507,3 @@ def read_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     if not np.isfinite(array).all():
         raise MemoryStateError(f"{path}: holds non-finite values")
     return array
-
-
-def _read_index(path: Path, meta: dict, metric: int):
-    """The CPU index in ``path``, checked against bank.json."""
-    try:
-        index = faiss.read_index(str(path))
-    except (RuntimeError, MemoryError, ValueError) as exc:
-        raise MemoryStateError(f"{path}: not a readable FAISS index ({faiss_message(exc)})") from None
-    expected = (meta["dim"], metric, meta["trained"], meta["n"] if meta["trained"] else 0)
-    found = (index.d, index.metric_type, bool(index.is_trained), index.ntotal)
-    if found != expected:
-        raise MemoryStateError(f"{path}: index has (d, metric, trained, ntotal) = {found}, bank.json "
-                               f"says {expected}")
-    return index

@@ -37,18 +37,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import faiss
 import numpy as np
 import torch
 
 from vstream.config import JsonConfig, check_choice, check_int
 from vstream.errors import ConfigError, MemoryStateError
-from vstream.memory.bank import faiss_message, read_array
+from vstream.memory.bank import read_array
+from vstream.memory.index import METRICS, KeyIndex
 from vstream.memory.persist import open_snapshot, read_json, save_snapshot, write_json
 from vstream.types import TranscriptSegment, Word
 
 KIND, VERSION = "transcript", 1
-_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 _SEGMENT_KEYS, _WORD_KEYS = {"start", "end", "text", "words"}, {"text", "start", "end", "probability"}
 
 
@@ -85,7 +84,7 @@ class TranscriptConfig(JsonConfig):
         if not isinstance(self.index_params, str):
             raise ConfigError(f"TranscriptConfig.index_params must be a string such as 'nprobe=8', "
                               f"got {self.index_params!r}")
-        check_choice("TranscriptConfig", "metric", self.metric, tuple(_METRICS))
+        check_choice("TranscriptConfig", "metric", self.metric, tuple(METRICS))
         check_int("TranscriptConfig", "train_size", self.train_size, 1)
 
 
@@ -110,25 +109,15 @@ class TranscriptMemory:
         self.dim = dim
         cap = self.config.max_segments
         self._limit = cap + max(1, cap // 8)
-        try:
-            self._set_index(faiss.index_factory(dim, self.config.index, _METRICS[self.config.metric]))
-        except RuntimeError as exc:
-            raise ConfigError(f"TranscriptConfig.index {self.config.index!r} is not a FAISS factory string for "
-                              f"width {dim}: {faiss_message(exc)}") from None
+        # ids are row numbers (stale rows included until compaction); a trained index
+        # never waits for more segments than are kept
+        self._keys = KeyIndex(dim, self.config.index, self.config.metric, self.config.index_params,
+                              min(self.config.train_size, cap), owner="TranscriptConfig")
         self._emb = np.empty((min(self._limit, 256), dim), np.float32)
         self._spans = np.empty((len(self._emb), 2), np.float64)  # (start, end) seconds per row
         self._segments: list[TranscriptSegment] = []
         self._first = 0  # rows [0, _first) are stale, [_first, len(_segments)) kept
         self._lock = threading.RLock()
-
-    def _set_index(self, index) -> None:
-        if self.config.index_params:
-            try:
-                faiss.ParameterSpace().set_index_parameters(index, self.config.index_params)
-            except RuntimeError as exc:
-                raise ConfigError(f"TranscriptConfig.index_params {self.config.index_params!r} do not apply to "
-                                  f"index {self.config.index!r}: {faiss_message(exc)}") from None
-        self._index = index
 
     # -- writing ------------------------------------------------------------------------
 
@@ -179,16 +168,7 @@ class TranscriptMemory:
         self._emb[n : n + b] = rows
         self._spans[n : n + b] = _spans_of(segments)
         first = max(self._first, n + b - self.config.max_segments)
-        if self._index.is_trained:
-            self._index.add(rows)
-        elif n + b - first >= min(self.config.train_size, self.config.max_segments):
-            try:
-                self._index.train(self._emb[first : n + b])
-            except RuntimeError as exc:
-                raise ConfigError(f"training index {self.config.index!r} on {n + b - first} segments failed (raise "
-                                  f"TranscriptConfig.train_size, now {self.config.train_size}): "
-                                  f"{faiss_message(exc)}") from None
-            self._index.add(self._emb[: n + b])
+        self._keys.add(rows)
         self._segments.extend(segments)
         self._first = first
 
@@ -199,9 +179,8 @@ class TranscriptMemory:
             array[: n - first] = array[first:n]
         del self._segments[:first]
         self._first = 0
-        if self._index.is_trained:
-            self._index.reset()
-            self._index.add(self._emb[: n - first])
+        self._keys.reset()
+        self._keys.add(self._emb[: n - first])
 
     def _grow(self, rows: int) -> None:
         n = len(self._segments)
@@ -255,19 +234,14 @@ class TranscriptMemory:
             first, n = self._first, len(self._segments)
             if k == 0 or n == first:
                 return []
-            if self._index.is_trained:
-                scores, ids = self._index.search(q, min(k + first, n))
-            else:
-                scores, ids = faiss.knn(q, self._emb[first:n], min(k, n - first), metric=_METRICS[self.config.metric])
-                ids = ids + first
+            scores, ids = self._keys.search(q, min(k + first, n))
             hits = [(i, s) for i, s in zip(ids[0].tolist(), scores[0].tolist()) if i >= first]
             return [TranscriptHit(self._segments[i], s) for i, s in hits[:k]]
 
     def ram_bytes(self) -> int:
         """Bytes of the embedding and time arrays and the index's codes (not the segments' text)."""
         with self._lock:
-            code_size = getattr(self._index, "code_size", 0) or 4 * self.dim
-            return self._emb.nbytes + self._spans.nbytes + self._index.ntotal * code_size
+            return self._emb.nbytes + self._spans.nbytes + self._keys.nbytes()
 
     def __repr__(self) -> str:
         return (f"TranscriptMemory(segments={len(self)}, dim={self.dim}, max_segments={self.config.max_segments}, "
@@ -286,9 +260,10 @@ class TranscriptMemory:
         n = len(self._segments)
         write_json(folder / "segments.json", {"segments": [asdict(s) for s in self._segments]})
         np.save(folder / "embeddings.npy", self._emb[:n], allow_pickle=False)
-        faiss.write_index(self._index, str(folder / "index.faiss"))
+        with open(folder / "index.faiss", "wb") as f:
+            self._keys.write(f)
         return {"kind": KIND, "version": VERSION, "config": self.config.to_dict(), "dim": self.dim,
-                "count": n, "trained": bool(self._index.is_trained)}
+                "count": n, "trained": self._keys.trained}
 
     @classmethod
     def load(cls, path) -> TranscriptMemory:
@@ -310,12 +285,12 @@ class TranscriptMemory:
                                    f"{memory.config.max_segments}) or trained flag {trained!r}")
         segments = _read_segments(folder / "segments.json", count)
         rows = read_array(folder / "embeddings.npy", np.float32, (count, memory.dim))
-        index = _read_index(folder / "index.faiss", memory, count if trained else 0, trained)
+        pending = np.empty((0, memory.dim), np.float32) if trained else rows
+        memory._keys.restore(folder / "index.faiss", pending, trained, count if trained else 0)
         memory._grow(max(len(memory._emb), count))
         memory._emb[:count] = rows
         memory._spans[:count] = _spans_of(segments)
         memory._segments = segments
-        memory._set_index(index)
         return memory
 
 
@@ -358,19 +333,6 @@ def _read_segments(path: Path, count: int) -> list[TranscriptSegment]:
         previous = segment.start
         segments.append(segment)
     return segments
-
-
-def _read_index(path: Path, memory: TranscriptMemory, ntotal: int, trained: bool):
-    try:
-        index = faiss.read_index(str(path))
-    except (RuntimeError, MemoryError, ValueError) as exc:
-        raise MemoryStateError(f"{path}: not a readable FAISS index ({faiss_message(exc)})") from None
-    expected = (memory.dim, _METRICS[memory.config.metric], trained, ntotal, type(memory._index).__name__)
-    found = (index.d, index.metric_type, bool(index.is_trained), index.ntotal, type(index).__name__)
-    if found[:4] != expected[:4] or not isinstance(index, type(memory._index)):
-        raise MemoryStateError(f"{path}: index has (width, metric, trained, size, type) = {found}; the manifest "
-                               f"and config say {expected}")
-    return index
 
 
 def _describe(value: object) -> str:

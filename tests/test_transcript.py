@@ -196,7 +196,7 @@ def test_other_indexes_search_and_evict(index, tmp_path):
 
 def test_cap_below_train_size_still_trains():
     memory, segments, _ = filled(30, index="IVF2,Flat", max_segments=20, train_size=1024)
-    assert memory._index.is_trained and memory.segments == segments[-20:]
+    assert memory._keys.trained and memory.segments == segments[-20:]
 
 
 def test_failed_training_adds_nothing():
