@@ -132,13 +132,6 @@ class AnswerStream:
         for callback in self.on_answer:
             callback(self._answer)
 
-    @contextlib.contextmanager
-    def _routing(self, visual: torch.Tensor):
-        with contextlib.ExitStack() as stack:
-            for head in self._model.heads:
-                stack.enter_context(head.routing(visual))
-            yield
-
     def _generate(self) -> Iterator[str]:
         model, started = self._model, time.perf_counter()
         embeds, ranges, visual = model.embed(self._pieces, self._system, self._history)
@@ -152,7 +145,7 @@ class AnswerStream:
         # one piece of context before the new tokens, so a tokenizer that spells a
         # leading space from its neighbour decodes them as it would in the whole answer.
         prefix = read = 0
-        with self._routing(visual):
+        with model.routing(visual):
             for token in generate_tokens(model.lm, embeds, model.stop, self._generation):
                 if not tokens:
                     timings["first_token"] = time.perf_counter() - started
@@ -238,6 +231,15 @@ class ChatModel:
         """Attach a model head (``vstream.models.heads``): it sees every generation
         through ``head.routing(visual)``."""
         self.heads.append(head)
+
+    @contextlib.contextmanager
+    def routing(self, visual: torch.Tensor):
+        """Context for forwards of ``lm`` over a sequence whose memory tokens ``visual``
+        (``[1, L]`` bool) marks: every attached head's ``routing``."""
+        with contextlib.ExitStack() as stack:
+            for head in self.heads:
+                stack.enter_context(head.routing(visual))
+            yield
 
     def stream(self, context: Context, question: str, generation: GenerationConfig | None = None,
                history: Turns = ()) -> AnswerStream:

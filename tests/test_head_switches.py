@@ -203,3 +203,20 @@ def test_biglittle_example(folders):
     ratios = [line for line in out.splitlines() if line.startswith("keep ")]
     assert len(ratios) == 4 and "cosine to the big tower 1.000" in ratios[0]  # keep 1 is the big tower
     assert "answer with biglittle:" in out
+
+
+def test_generation_head_forwards_route_through_attached_heads(folders, clip):
+    """The multigranular head's forward sees the memory tokens as an answer does: moved
+    visual experts change the features it generates."""
+    from vstream.models.heads.multigranular import MultigranularHead, hidden_size_of, request
+
+    model = load_model(folders["onevision"])
+    with Session(model, SessionConfig(asr=False, generation=SHORT)) as session:
+        session.ingest(str(clip.path), progress=False)
+        context = session.context("show")
+        head = MultigranularHead(hidden_size_of(model), feature_dim=session.memory.dim)
+        plain = head.generate(model, context, request(2.0), 4)
+        experts = attach_head(model, "visual_experts")
+        assert torch.equal(head.generate(model, context, request(2.0), 4), plain)  # fresh experts: the base
+        perturb(experts)
+        assert not torch.allclose(head.generate(model, context, request(2.0), 4), plain)

@@ -172,10 +172,13 @@ class MultigranularHead(Head):
             raise ModelLoadError(f"this head was built for an LLM of hidden size {self.hidden_size}; "
                                  f"{model.name or 'the model'} has {hidden_size_of(model)}")
         pieces = user_pieces(context or Context(), prompt, visual=model.reads_memory_tokens)
-        embeds = model.embed(pieces).embeds.clone()  # made under inference mode; a clone can enter autograd
+        embedded = model.embed(pieces)
+        embeds = embedded.embeds.clone()  # made under inference mode; a clone can enter autograd
         self.net.to(model.device)
         queries = self.net.queries[str(level)].to(embeds.dtype).unsqueeze(0)
-        out = model.lm(inputs_embeds=torch.cat([embeds, queries], dim=1), output_hidden_states=True)
+        visual = torch.cat([embedded.visual, torch.zeros(1, level, dtype=torch.bool)], dim=1)  # queries are text
+        with model.routing(visual):  # attached heads (visual experts) see the memory tokens as in an answer
+            out = model.lm(inputs_embeds=torch.cat([embeds, queries], dim=1), output_hidden_states=True)
         return self.net.regressor(out.hidden_states[-1][:, -level:].float())
 
     def generate(self, model, context: Context | None, prompt: str, level: int) -> torch.Tensor:
