@@ -45,11 +45,13 @@ grid; SigLIP2 NaFlex towers are refused (their grid depends on the frame).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -77,6 +79,8 @@ class BigLittleConfig(JsonConfig):
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         batch_size: frames per forward pass (default 16).
         seed: seed of the projection's and the linear scorer's initialisation (default 0).
+        calibration: folder of a projection and linear scorer fitted by ``calibrate`` and
+            saved by ``save_calibration`` (default None: the seeded defaults).
     """
 
     big: str = ""
@@ -88,6 +92,7 @@ class BigLittleConfig(JsonConfig):
     device: str = "auto"
     batch_size: int = 16
     seed: int = 0
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("big", "little"):
@@ -109,6 +114,10 @@ class BigLittleConfig(JsonConfig):
             raise ConfigError(f"BigLittleConfig.device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
         check_int("BigLittleConfig", "batch_size", self.batch_size, 1)
         check_int("BigLittleConfig", "seed", self.seed, 0)
+        if isinstance(self.calibration, os.PathLike):
+            self.calibration = os.fspath(self.calibration)
+        if self.calibration is not None and not (isinstance(self.calibration, str) and self.calibration.strip()):
+            raise ConfigError(f"BigLittleConfig.calibration must be a folder or None, got {self.calibration!r}")
 
 
 def _attend(layer, hidden, context=None, want_probs: bool = False):
@@ -217,6 +226,8 @@ class BigLittleEncoder:
             self.scorer.to(self.device, self.dtype)
         self.projection.to(self.device, self.dtype)
         self._lock = threading.Lock()
+        if config.calibration is not None:
+            self.load_calibration(config.calibration)
 
     def __repr__(self) -> str:
         return (f"BigLittleEncoder(big={self.config.big!r}, little={self.config.little!r}, grid={self.grid}, "
@@ -311,3 +322,100 @@ class BigLittleEncoder:
         kept = self.select(scores)
         pixel_values = self._pixels(self.big, images) if kept.shape[1] else None
         return self._run_big(pixel_values, context, kept)
+
+    # -- calibration ------------------------------------------------------------------------
+
+    def calibrate(self, images: Sequence[np.ndarray], ridge: float = 1e-3) -> dict:
+        """Fit the projection and a linear scorer to sample frames (a few dozen from the
+        stream, or from footage like it), in closed form:
+
+        - the projection by ridge least squares from the little tower's features to the
+          big tower's, patch by patch, so a patch left to the little tower is as close
+          to the big tower's feature as a linear map can make it;
+        - the scorer (the encoder switches to ``scorer="linear"``) by least squares to
+          the log of each patch's remaining squared error, so the patches the projection
+          stands in for worst are the ones sent through the big tower.
+
+        Returns ``{"mse_before", "mse_after"}``: the mean squared error per patch between
+        the projected little features and the big tower's, on ``images``.
+        """
+        import torch
+        from torch import nn
+
+        batch = check_images(images)
+        if not batch:
+            raise EncoderError("calibrate: needs at least one frame")
+        big = self.big.encode(batch).reshape(-1, self.dim).double()
+        with self._lock, torch.inference_mode():
+            little = self._run_little(self._pixels(self.little, batch))[0].reshape(-1, self.little.dim).double()
+            before = float(((self.projection(little.to(self.dtype)).double() - big) ** 2).sum(-1).mean())
+        inputs = torch.cat([little, torch.ones(len(little), 1, dtype=little.dtype)], dim=1)
+        mapping = _ridge(inputs, big, ridge)  # [d + 1, D]
+        error = ((inputs @ mapping - big) ** 2).sum(-1)
+        weights = _ridge(inputs, torch.log(error + 1e-6 * float(error.mean()) + 1e-12).unsqueeze(1), ridge)
+        projection, scorer = nn.Linear(self.little.dim, self.dim), nn.Linear(self.little.dim, 1)
+        with torch.no_grad():
+            for layer, fitted in ((projection, mapping), (scorer, weights)):
+                layer.weight.copy_(fitted[:-1].T)
+                layer.bias.copy_(fitted[-1])
+        with self._lock:
+            self.projection = projection.to(self.device, self.dtype)
+            self.scorer = scorer.to(self.device, self.dtype)
+            self.config = replace(self.config, scorer="linear")
+        return {"mse_before": before, "mse_after": float(error.mean())}
+
+    def save_calibration(self, folder) -> Path:
+        """Write the projection and scorer (``calibration.safetensors``, ``calibration.json``
+        naming the towers) into ``folder``; ``BigLittleConfig(calibration=folder)`` loads them."""
+        from safetensors.torch import save_file
+        from torch import nn
+
+        if self.scorer is None or not isinstance(self.projection, nn.Linear):
+            raise EncoderError("save_calibration: nothing fitted yet (run calibrate first)")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{name}.{key}": value.detach().float().cpu().contiguous()
+                   for name, module in (("projection", self.projection), ("scorer", self.scorer))
+                   for key, value in module.state_dict().items()}
+        save_file(tensors, folder / "calibration.safetensors")
+        meta = {"big": self.config.big, "little": self.config.little, "little_dim": self.little.dim, "dim": self.dim}
+        (folder / "calibration.json").write_text(json.dumps(meta, indent=1))
+        return folder
+
+    def load_calibration(self, folder) -> None:
+        """Use the projection and scorer ``save_calibration`` wrote in ``folder``."""
+        import torch
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        from torch import nn
+
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "calibration.json").read_text())
+            tensors = load_file(folder / "calibration.safetensors")
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise EncoderError(f"BigLittleConfig.calibration {str(folder)!r}: no readable calibration ({exc})") from None
+        shapes = {"projection.weight": (self.dim, self.little.dim), "projection.bias": (self.dim,),
+                  "scorer.weight": (1, self.little.dim), "scorer.bias": (1,)}
+        found = {key: tuple(value.shape) for key, value in tensors.items()}
+        if found != shapes or not isinstance(meta, dict) or not all(torch.isfinite(v).all() for v in tensors.values()):
+            raise EncoderError(f"{folder / 'calibration.safetensors'}: fitted for a little tower of width "
+                               f"{meta.get('little_dim') if isinstance(meta, dict) else '?'} and a big one of width "
+                               f"{meta.get('dim') if isinstance(meta, dict) else '?'}; these are {self.little.dim} "
+                               f"and {self.dim} (or its tensors are damaged)")
+        projection, scorer = nn.Linear(self.little.dim, self.dim), nn.Linear(self.little.dim, 1)
+        projection.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("projection.")})
+        scorer.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("scorer.")})
+        self.projection = projection.to(self.device, self.dtype)
+        self.scorer = scorer.to(self.device, self.dtype)
+        self.config = replace(self.config, scorer="linear")
+
+
+def _ridge(inputs, targets, ridge: float):
+    """``W`` minimising ``|inputs @ W - targets|² + λ|W|²``, with ``λ`` = ``ridge`` times
+    the mean diagonal of ``inputsᵀ inputs`` (so it does not depend on the features' scale)."""
+    import torch
+
+    gram = inputs.T @ inputs
+    scale = ridge * float(gram.diagonal().mean())
+    return torch.linalg.solve(gram + scale * torch.eye(len(gram), dtype=gram.dtype), inputs.T @ targets)

@@ -150,3 +150,53 @@ def test_grids_must_match(towers):
 def test_config_round_trip():
     config = BigLittleConfig(big="a/b", little="c/d", keep_ratio=0.5, scorer="linear")
     assert BigLittleConfig.from_json(config.to_json()) == config
+
+
+def cosine_to_big(enc: BigLittleEncoder, frames) -> float:
+    reference = enc.big.encode(frames)
+    return float(torch.nn.functional.cosine_similarity(enc.encode(frames), reference, dim=-1).mean())
+
+
+def blocks(count: int, seed: int) -> list[np.ndarray]:
+    """Frames of 4×4 flat colour blocks: structure a patch's neighbours share, as in real footage."""
+    rng = np.random.default_rng(seed)
+    return [np.kron(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), np.ones((10, 12, 1), np.uint8))
+            for _ in range(count)]
+
+
+def test_calibration_fits_the_projection_and_scorer_and_helps_on_new_frames(towers, tmp_path):
+    enc = encoder(towers, keep_ratio=0.25)
+    train, held_out = blocks(12, seed=5), blocks(4, seed=6)
+    before = cosine_to_big(enc, held_out)
+    fit = enc.calibrate(train)
+    assert fit["mse_after"] < 0.5 * fit["mse_before"]  # least squares beats the seeded orthogonal map
+    assert enc.config.scorer == "linear" and enc.scorer is not None
+    after = cosine_to_big(enc, held_out)
+    assert after > before + 0.1  # on frames it was not fitted to
+    # the scorer ranks patches by how badly the projection stands in for them
+    with torch.inference_mode():
+        little = enc._run_little(enc._pixels(enc.little, train))[0]
+        error = ((enc.projection(little) - enc.big.encode(train)) ** 2).sum(-1)
+        predicted = enc.scorer(little).squeeze(-1)
+    chosen = error.gather(1, predicted.topk(enc.kept_count, dim=1).indices)
+    assert float(chosen.mean()) > 1.15 * float(error.mean())  # the big tower goes where the error is
+    enc.save_calibration(tmp_path / "calibration")
+    again = encoder(towers, keep_ratio=0.25, calibration=str(tmp_path / "calibration"))
+    torch.testing.assert_close(again.encode(held_out), enc.encode(held_out))
+
+
+def test_calibration_files_are_checked(towers, tmp_path):
+    with pytest.raises(EncoderError, match="nothing fitted"):
+        encoder(towers).save_calibration(tmp_path / "none")
+    with pytest.raises(EncoderError, match="no readable calibration"):
+        encoder(towers, calibration=str(tmp_path / "missing"))
+    fitted = encoder(towers)
+    fitted.calibrate(images(4))
+    fitted.save_calibration(tmp_path / "c")
+    with pytest.raises(EncoderError, match="these are 16 and 16"):  # fitted for a 32-wide big tower
+        encoder(towers, big="little_clip", little="little_siglip", calibration=str(tmp_path / "c"))
+    other = encoder(towers, little="little_siglip")  # same widths: loads
+    other.load_calibration(tmp_path / "c")
+    (tmp_path / "c" / "calibration.safetensors").write_bytes(b"junk")
+    with pytest.raises(EncoderError, match="no readable calibration"):
+        other.load_calibration(tmp_path / "c")

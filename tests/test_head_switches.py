@@ -197,12 +197,13 @@ def test_visual_experts_example(folders, tmp_path, clip):
     assert main(argv) == 0
 
 
-def test_biglittle_example(folders):
+def test_biglittle_example(folders, tmp_path):
     out = run_example("biglittle_encoder.py", "--big", folders["big"], "--little", folders["little"], "--model",
-                      folders["llama"], "--frames", "3", "--repeats", "1")
+                      folders["llama"], "--frames", "6", "--repeats", "1", "--calibration", str(tmp_path / "c"))
     ratios = [line for line in out.splitlines() if line.startswith("keep ")]
     assert len(ratios) == 4 and "cosine to the big tower 1.000" in ratios[0]  # keep 1 is the big tower
-    assert "answer with biglittle:" in out
+    assert "calibrated on 3 frames" in out and (tmp_path / "c" / "calibration.safetensors").is_file()
+    assert "answer with biglittle:" in out and "calibration=" in out
 
 
 def test_generation_head_forwards_route_through_attached_heads(folders, clip):
