@@ -269,17 +269,22 @@ def _ask(args) -> None:
             else:
                 if len(questions) > 1:
                     print(f"Q: {question}")
-                stream = qa.stream(question, **window)
-                for text in stream:
-                    print(text, end="", flush=True)
-                answer = stream.result()
-                print()
-                for evidence in answer.evidence[:5]:
-                    print(f"  {evidence.line()}")
+                answer = _print_streamed(qa.stream(question, **window))
             if generation_tools is not None:
                 saved = _show(args, qa, number, answer, *generation_tools)
                 if not args.json:
                     print(f"  saved {len(saved)} pictures to {args.show}")
+
+
+def _print_streamed(stream):
+    """Print an answer as it is generated, then its best evidence; return the ``Answer``."""
+    for text in stream:
+        print(text, end="", flush=True)
+    answer = stream.result()
+    print()
+    for evidence in answer.evidence[:5]:
+        print(f"  {evidence.line()}")
+    return answer
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -326,12 +331,7 @@ def _ask_media(args, media: list[str], questions: list[str], config) -> None:
                 continue
             if len(questions) > 1:
                 print(f"Q: {question}")
-            stream = dialogue.stream(question)
-            for text in stream:
-                print(text, end="", flush=True)
-            print()
-            for evidence in stream.result().evidence[:5]:
-                print(f"  {evidence.line()}")
+            _print_streamed(dialogue.stream(question))
 
 
 def _generation_tools(args, qa) -> tuple:
