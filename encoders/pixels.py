@@ -117,6 +117,12 @@ class PixelEncoder:
         thumbs = np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.BOX)) for image in batch])
         return torch.from_numpy(self._describe(thumbs.astype(np.float32) / 255.0))
 
+    def describe(self, means) -> list[str]:
+        """``[n, D]`` mean tokens -> the colour each one shows (``"red"``, ``"dark blue"``,
+        ``"grey"``...), named from the mean RGB in features 0-2."""
+        rgb = (np.asarray(means, np.float32)[:, :3] + 1.0) / 2.0
+        return [colour_name(*np.clip(row, 0.0, 1.0)) for row in rgb]
+
     def _describe(self, rgb: np.ndarray) -> np.ndarray:
         """``rgb [B, S, S, 3]`` in [0, 1] -> ``[B, grid², dim]`` per-cell features."""
         batch, size = rgb.shape[0], rgb.shape[1]
@@ -139,3 +145,21 @@ class PixelEncoder:
             parts.append(per_cell(saturation[..., None]).mean(axis=(2, 4)))
         features = np.concatenate(parts, axis=-1)  # [B, grid, grid, dim]
         return np.ascontiguousarray(features.reshape(batch, grid * grid, self.dim), dtype=np.float32)
+
+
+_HUES = ((15, "red"), (40, "orange"), (70, "yellow"), (165, "green"), (200, "cyan"), (255, "blue"), (290, "purple"),
+         (335, "magenta"), (360, "red"))  # (upper bound of the hue in degrees, name)
+
+
+def colour_name(red: float, green: float, blue: float) -> str:
+    """A plain name for an RGB colour in [0, 1]: black, grey or white when it has little
+    saturation, else its hue, "dark" when it is dim."""
+    import colorsys
+
+    hue, saturation, value = colorsys.rgb_to_hsv(red, green, blue)
+    if value < 0.15:
+        return "black"
+    if saturation < 0.25:
+        return "white" if value > 0.85 else "grey"
+    name = next(name for bound, name in _HUES if hue * 360 < bound)
+    return f"dark {name}" if value < 0.45 else name

@@ -43,6 +43,10 @@ def is_hub_id(name: str) -> bool:
 class FrameEncoder(Protocol):
     """A batch of frames in, a square patch grid of features per frame out.
 
+    An encoder whose features can be put in words may also have ``describe(means)``:
+    ``[n, D]`` mean tokens (of memory clusters) -> ``n`` short captions, which the
+    text-only path adds to its scene notes (``PixelEncoder`` names the colour).
+
     Attributes:
         grid: side of the square patch grid each frame becomes (``grid * grid`` tokens).
         dim: feature width ``D``.

@@ -27,22 +27,23 @@ class TextOnlyModel(ChatModel):
         return cls(lm, tokenizer, name or "embedded SmolLM2-135M-Instruct")
 
 
-def describe_scenes(clusters: list[tuple[float, float, float]], fps: float,
-                    min_gap: float = 2.0) -> list[tuple[float, float, str]]:
+def describe_scenes(clusters: list[tuple[float, float, float]], fps: float, min_gap: float = 2.0,
+                    captions: list[str] | None = None) -> list[tuple[float, float, str]]:
     """Lines about the visual memory from its clusters ``(start, end, frames)``.
 
     Each cluster is a view; a view whose span is longer (by ``min_gap`` seconds) than
     its frames fill at ``fps``, i.e. whose frames are spread out, is on screen more
-    than once ("recurs"). Views are lettered in order of first appearance. The lines
-    are short and alike on purpose: the prompt keeps about the same length however
-    long the stream.
+    than once ("recurs"). Views are lettered in order of first appearance, and carry
+    their ``captions`` (one per cluster, in the order given: what the frame encoder can
+    say of them, such as a colour) when there are any. The lines are short and alike on
+    purpose: the prompt keeps about the same length however long the stream.
     """
     lines = []
-    ordered = sorted(clusters)
-    for i, (start, end, frames) in enumerate(ordered):
-        label = _letters(i)
-        recurs = end - start > frames / fps + min_gap
-        lines.append((start, end, f"view {label}, recurs" if recurs else f"view {label}"))
+    captions = captions or [""] * len(clusters)
+    ordered = sorted(zip(clusters, captions), key=lambda pair: pair[0])
+    for i, ((start, end, frames), caption) in enumerate(ordered):
+        words = [f"view {_letters(i)}", caption, "recurs" if end - start > frames / fps + min_gap else ""]
+        lines.append((start, end, ", ".join(word for word in words if word)))
     return lines
 
 

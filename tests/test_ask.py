@@ -53,6 +53,9 @@ def test_text_only_model_answers_from_the_visual_memory_in_words(models, clip):
         context = qa.context("what happens?")
         assert context.memory is None and context.scenes  # the visual memory, said in words
         assert any(line.endswith("recurs") for _, _, line in context.scenes)  # red comes back at 30 s
+        colours = {line.split(", ")[1] for _, _, line in context.scenes}
+        assert {"red", "green"} <= colours  # the pixel encoder names each view's colour
+        assert all(("red" in line) == (start < 15 or end >= 30) for start, end, line in context.scenes)
         answer = qa.ask("what happens?")
         check_evidence(answer, clip.duration)
         assert {"prompt", "first_token", "answer", "retrieval"} <= set(answer.timings)

@@ -68,7 +68,7 @@ def test_placeholders_put_each_medium_where_the_question_refers_to_it(models, cl
         dialogue.add_image(RED)
         dialogue.add_video(clip.path)
         text = prompt_text(dialogue, "Is <image> the first view of <video>?")
-        assert text.startswith("Question: Is Image 1: view A\n the first view of Video 2:\nWhat the video shows:\n")
+        assert text.startswith("Question: Is Image 1: view A, red\n the first view of Video 2:\nWhat the video shows:\n")
         assert text.endswith("\n?")
         dialogue.ask("Is <image> the first view of <video>?")
         assert dialogue.history[0][0] == "Is Image 1 the first view of Video 2?"  # replayed with labels

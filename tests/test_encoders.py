@@ -368,3 +368,14 @@ def test_pixel_features_let_the_memory_find_scenes(scene_frames):
         repeat = int(np.flatnonzero(scene == 2)[0])
         hits = [hit.t for hit in memory.search(features[repeat].mean(0), k=len(times)) if hit.t < 6.0]
         assert hits[0] < 3.0  # the nearest frame before the repeat is from its first showing
+
+
+@pytest.mark.parametrize("rgb, name", [((220, 30, 30), "red"), ((30, 170, 60), "green"), ((30, 60, 220), "blue"),
+                                       ((230, 40, 200), "magenta"), ((230, 200, 40), "yellow"), ((128, 128, 128), "grey"),
+                                       ((250, 250, 250), "white"), ((5, 5, 5), "black"), ((100, 20, 20), "dark red")])
+def test_the_pixel_encoder_names_the_colour_of_its_features(rgb, name):
+    from vstream.encoders.pixels import PixelEncoder
+
+    encoder = PixelEncoder()
+    features = encoder.encode([np.full((48, 64, 3), rgb, np.uint8)])
+    assert encoder.describe(features.mean(dim=1).numpy()) == [name]

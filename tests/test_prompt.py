@@ -56,6 +56,8 @@ def test_evidence_is_ranked_by_attention_or_else_by_retrieval_score():
 def test_scene_notes_say_when_a_view_comes_back():
     lines = describe_scenes([(40.0, 60.0, 21.0), (0.0, 100.0, 30.0), (61.0, 80.0, 20.0)], fps=1.0)
     assert lines == [(0.0, 100.0, "view A, recurs"), (40.0, 60.0, "view B"), (61.0, 80.0, "view C")]
+    captioned = describe_scenes([(40.0, 60.0, 21.0), (0.0, 100.0, 30.0)], fps=1.0, captions=["red", "grey"])
+    assert captioned == [(0.0, 100.0, "view A, grey, recurs"), (40.0, 60.0, "view B, red")]  # captions follow
 
 
 @pytest.mark.parametrize("fields, message", [({"max_new_tokens": 0}, "max_new_tokens"),

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -385,12 +386,15 @@ class Session:
         query = self.text.encode([question])[0] if self.transcript is not None else None
         with self._write_lock:
             memory = self.memory.tokens() if self.model.reads_memory_tokens else None
-            clusters = None if self.model.reads_memory_tokens else self.memory.clusters()
+            clusters = None if self.model.reads_memory_tokens else self.memory.clusters(means=True)
             transcript = self._retrieve(query, start, end) if query is not None else []
             duration = self.memory.last_t if len(self.memory) else 0.0
         if memory is not None:
             return Context(memory=_within(memory, start, end), transcript=transcript, duration=duration)
-        scenes = describe_scenes([c for c in clusters if _overlaps(c[0], c[1], start, end)], self.config.fps)
+        clusters = [c for c in clusters if _overlaps(c[0], c[1], start, end)]
+        describe = getattr(self.encoder, "describe", None)  # words for the features, where the encoder has them
+        captions = describe(torch.stack([c[3] for c in clusters]).numpy()) if describe and clusters else None
+        scenes = describe_scenes([c[:3] for c in clusters], self.config.fps, captions=captions)
         return Context(scenes=scenes, transcript=transcript, duration=duration)
 
     def _retrieve(self, query, start, end) -> list:
