@@ -11,10 +11,12 @@ from tiny_models import tiny_llama
 import vstream
 from vstream.errors import ConfigError
 from vstream.evaluate.needle import (
+    HUM,
     MAGENTA,
     RED,
     NeedleCase,
     evidence_error,
+    feed,
     make_needle_clip,
     score_answer,
     speech_available,
@@ -59,10 +61,14 @@ def test_recurrence_shows_the_red_scene_count_times(tmp_path):
     assert red[int(case.span[0] * 2) + 1]
 
 
-def test_order_case_names_the_scene_that_comes_first(tmp_path):
-    path, case = make_needle_clip(tmp_path, "order", 60, "end", seed=1)
+@pytest.mark.parametrize("position, seed", [("start", 0), ("end", 0), ("end", 1)])
+def test_order_case_names_the_scene_that_comes_first(tmp_path, position, seed):
+    """Green comes first for even seeds, yellow for odd ones, wherever the needle is
+    (at the end of a clip the other scene goes before it)."""
+    path, case = make_needle_clip(tmp_path, "order", 60, position, seed=seed)
     colours = {"green": (20, 200, 40), "yellow": (240, 220, 20)}
     first, = case.expected
+    assert first == ("green" if seed % 2 == 0 else "yellow")
     second = next(name for name in colours if name != first)
     with vstream.open_source(str(path)) as source:
         seen = [name for t in np.arange(0.0, 60.0, 1.0) for name, rgb in colours.items()
@@ -70,7 +76,7 @@ def test_order_case_names_the_scene_that_comes_first(tmp_path):
     assert seen and seen[0] == first and second in seen
 
 
-def test_spoken_needle_is_heard_at_its_time(tmp_path):
+def test_spoken_needle_is_heard_at_its_time_over_a_hum(tmp_path):
     if not speech_available():
         pytest.skip("espeak-ng is not installed: spoken needles cannot be made (apt-get install espeak-ng)")
     path, case = make_needle_clip(tmp_path, "spoken", 60, "middle")
@@ -78,9 +84,11 @@ def test_spoken_needle_is_heard_at_its_time(tmp_path):
     assert 29 <= start <= 31 and 1.5 < end - start < 6
     with vstream.open_source(str(path)) as source:
         voiced = source.audio_between(start + 0.3, end - 0.3).samples
-        tone = source.audio_between(start - 6, start - 1).samples  # the quiet tone under nothing said
-    # Speech is louder than the background tone and varies where the tone is steady.
-    assert np.sqrt((voiced**2).mean()) > 1.2 * np.sqrt((tone**2).mean())
+        hum = source.audio_between(start - 6, start - 1).samples  # nothing said there
+    # The hum plays where nothing is said, at the first minute's pitch; speech is louder.
+    spectrum = np.abs(np.fft.rfft(hum))
+    assert np.fft.rfftfreq(len(hum), 1 / 16_000)[spectrum.argmax()] == pytest.approx(HUM[0], abs=1)
+    assert np.sqrt((voiced**2).mean()) > 1.2 * np.sqrt((hum**2).mean()) > 0.05
 
 
 def test_cases_check_themselves():
@@ -136,3 +144,17 @@ def test_harness_end_to_end_with_a_tiny_model(tmp_path):
     assert score_answer(case, answer) == (error <= case.tolerance)
     again_path, again = make_needle_clip(tmp_path, "visual", 30, "middle")  # cached: same clip, same case
     assert again_path == path and again == case
+
+
+def test_a_live_case_is_fed_up_to_its_question_only(tmp_path):
+    """A live case is asked when the stream reaches ``ask_at``: the session holds the
+    clip up to there, no further, and answers about the last seconds."""
+    path, case = make_needle_clip(tmp_path, "live", 60, "middle")
+    assert case.span == (30.0, 35.0) and case.ask_at == 40.0 and case.last == 30.0
+    model = load_model(str(tiny_llama(tmp_path / "llama")))
+    with Session(model, SessionConfig(asr=False, generation=GenerationConfig(max_new_tokens=4))) as session:
+        feed(session, path, case)
+        stats = session.stats
+        answer = session.ask(case.question, last=case.last)
+    assert stats.last_t == 40.0 and stats.frames_processed == 41  # 1 fps, 0 s to 40 s
+    assert evidence_error(case, answer) is not None

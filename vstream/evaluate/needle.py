@@ -6,12 +6,14 @@ right answer says, and where in the stream the needle is. Kinds:
 
 - ``spoken``: one fact sentence, spoken once (espeak-ng) at the needle time, among
   unrelated sentences spoken every ``DISTRACTOR_EVERY`` seconds, over a low hum whose
-  pitch changes every ``HUM_EVERY`` seconds;
+  pitch changes every ``HUM_EVERY`` seconds (``write_clip``'s tone: 0.15 of full scale
+  under speech, about as loud as the voice; ``write_clip`` adds no noise);
 - ``visual``: a magenta scene, on screen once for ``VISUAL_SECONDS`` seconds, among
   muted scenes that change every ``SCENE_EVERY`` seconds; asked "when", scored by the
   time of the answer's best frame evidence;
 - ``recurrence``: a red scene that appears ``count`` times; asked how many;
-- ``order``: a green and a yellow scene; asked which came first;
+- ``order``: a green and a yellow scene (green first for even seeds); asked which came
+  first;
 - ``live``: a magenta scene, asked about during the stream (at ``ask_at``, about the
   ``last`` seconds).
 
@@ -204,13 +206,14 @@ def make_needle_clip(folder: str | Path, kind: str, length: float, position: str
         extra = {"question": "How many times did the red screen appear?", "expected": (str(count), NUMBERS[count]),
                  "count": count}
     else:  # order
+        # Which colour comes first depends on the seed alone, never on the length or
+        # position: a model that always names one colour scores the same everywhere.
         first, second = ((GREEN, "green"), (YELLOW, "yellow")) if seed % 2 == 0 else ((YELLOW, "yellow"), (GREEN, "green"))
         t = needle_time(length, position, VISUAL_SECONDS)
-        later = t + max(min(length / 4, length - t - VISUAL_SECONDS - 1), VISUAL_SECONDS)
-        if later + VISUAL_SECONDS >= length:
-            later = t - max(length / 4, 2 * VISUAL_SECONDS)  # the second scene goes before
-            first, second = second, first
-            t, later = later, t
+        other = t + max(min(length / 4, length - t - VISUAL_SECONDS - 1), VISUAL_SECONDS)
+        if other + VISUAL_SECONDS >= length:
+            other = t - max(length / 4, 2 * VISUAL_SECONDS)  # no room after the needle: the other scene goes before
+        t, later = sorted((t, other))
         scenes = _insert(_insert(scenes, t, t + VISUAL_SECONDS, first[0]), later, later + VISUAL_SECONDS, second[0])
         span = (t, t + VISUAL_SECONDS)
         extra = {"question": "Which screen came first, the green one or the yellow one?", "expected": (first[1],)}
@@ -235,7 +238,7 @@ def feed(session, path: str | Path, case: NeedleCase) -> None:
     if case.ask_at is None:
         session.ingest(str(path), progress=False)
         return
-    with open_source(str(path), fps=session.config.fps) as source:
+    with open_source(str(path), fps=session.config.fps, audio=session.config.asr) as source:
         for item in source:
             if isinstance(item, Frame):
                 if item.t > case.ask_at:
