@@ -46,6 +46,11 @@ def test_synth_writes_a_clip_that_probes(tmp_path):
     out = tmp_path / "made.webm"
     assert run("synth", str(out), "--duration", "2", "--width", "96", "--height", "64").returncode == 0
     assert vstream.probe(str(out)).video.width == 96
+    noisy = run("synth", str(tmp_path / "noisy.mp4"), "--duration", "1", "--width", "96", "--height", "64",
+                "--noise", "0.01")
+    assert noisy.returncode == 0 and vstream.probe(str(tmp_path / "noisy.mp4")).audio is not None
+    bad = run("synth", str(tmp_path / "bad.mp4"), "--noise", "-1")
+    assert bad.returncode == 1 and "noise must be a number in [0, 1]" in bad.stderr
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path):

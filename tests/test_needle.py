@@ -13,6 +13,7 @@ from vstream.errors import ConfigError
 from vstream.evaluate.needle import (
     HUM,
     MAGENTA,
+    NOISE,
     RED,
     NeedleCase,
     evidence_error,
@@ -89,6 +90,10 @@ def test_spoken_needle_is_heard_at_its_time_over_a_hum(tmp_path):
     spectrum = np.abs(np.fft.rfft(hum))
     assert np.fft.rfftfreq(len(hum), 1 / 16_000)[spectrum.argmax()] == pytest.approx(HUM[0], abs=1)
     assert np.sqrt((voiced**2).mean()) > 1.2 * np.sqrt((hum**2).mean()) > 0.05
+    # and white noise under it: energy above 1 kHz, where a 100 Hz hum has none
+    spectrum = np.fft.rfft(hum)
+    spectrum[np.fft.rfftfreq(len(hum), 1 / 16_000) < 1000] = 0
+    assert np.fft.irfft(spectrum, len(hum)).std() > NOISE / 4
 
 
 def test_cases_check_themselves():

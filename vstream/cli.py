@@ -202,6 +202,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--height", type=int, default=240)
     synth.add_argument("--vfr", action="store_true", help="variable frame rate")
     synth.add_argument("--no-audio", action="store_true", help="video only")
+    synth.add_argument("--noise", type=float, default=0.0,
+                       help="standard deviation of white noise added to the audio, full scale 1 (default 0)")
     synth.set_defaults(run=_synth)
     return parser
 
@@ -517,6 +519,7 @@ def _synth(args) -> None:
         fps=args.fps,
         size=(args.width, args.height),
         audio=not args.no_audio,
+        noise=args.noise,
         frame_times=times,
         progress=args.duration >= 60,
     )

@@ -128,6 +128,7 @@ def write_clip(
     tones: list[tuple[float, float]] | None = None,
     scenes: list[tuple[float, tuple[int, int, int]]] | None = None,
     speech: list[tuple[float, str]] | None = None,
+    noise: float = 0.0,
     frame_times: np.ndarray | None = None,
     keyframe_interval: float = 2.0,
     crf: int = 20,
@@ -146,6 +147,8 @@ def write_clip(
         speech: ``[(start_seconds, text), ...]`` sentences spoken by espeak-ng over the
             tones (needs the espeak-ng program).
         scenes: ``[(start_seconds, (r, g, b)), ...]`` background colours; default grey.
+        noise: standard deviation of white noise added to the audio (default 0.0: none;
+            seeded, so a clip is the same each time it is written).
         frame_times: ``[N]`` explicit presentation times in seconds (variable frame rate).
         keyframe_interval: seconds between key frames.
         crf: x264 quality (lower is better).
@@ -157,6 +160,8 @@ def write_clip(
         raise ConfigError(f"write_clip: unsupported extension {ext!r} for {path}; use one of {sorted(_CODECS)}")
     if not (audio or video):
         raise ConfigError("write_clip: asked for neither audio nor video")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
+        raise ConfigError(f"write_clip: noise must be a number in [0, 1] (a standard deviation), got {noise!r}")
     width, height = size
     if width % 2 or height % 2 or width < 2 * BARCODE_BITS or height < 16:
         raise ConfigError(f"write_clip: size {size} must be even, at least {2 * BARCODE_BITS}x16")
@@ -178,7 +183,7 @@ def write_clip(
         if video:
             writers.append(_video_packets(container, video_codec, frame_times, size, scenes, keyframe_interval, crf, rate, time_base))
         if audio:
-            writers.append(_audio_packets(container, audio_codec, audio_rate, duration, tones, spoken))
+            writers.append(_audio_packets(container, audio_codec, audio_rate, duration, tones, spoken, noise))
         # Interleave the tracks in time order, as a real recording is, so a reader that
         # demuxes both from one container never buffers a whole track.
         bar = tqdm(total=int(duration), desc=f"writing {path.name}", unit="s", disable=not progress)
@@ -250,19 +255,20 @@ def speak(text: str, rate: int, voice: str = "en-us", words_per_minute: int = 15
     return np.interp(times, np.arange(len(pcm)) / native_rate, pcm).astype(np.float32)
 
 
-def _audio_packets(container, codec, rate, duration, tones, spoken):
+def _audio_packets(container, codec, rate, duration, tones, spoken, noise):
     """Add a mono audio stream; yield ``(t, packets)`` per encoder frame, then the tail."""
     stream = container.add_stream(codec, rate=rate)
     stream.layout = "mono"
-    return _encode_audio(stream, rate, duration, tones, spoken)
+    return _encode_audio(stream, rate, duration, tones, spoken, noise)
 
 
-def _encode_audio(stream, rate, duration, tones, spoken):
+def _encode_audio(stream, rate, duration, tones, spoken, noise):
     frame_size = stream.codec_context.frame_size or 1024
     total = int(duration * rate)
     starts = np.array([s for s, _ in tones])
     freqs = np.array([f for _, f in tones])
     phase = 0.0
+    rng = np.random.default_rng(0)
     for first in range(0, total, frame_size):
         n = min(frame_size, total - first)
         samples = np.zeros(n, np.float32)
@@ -275,6 +281,8 @@ def _encode_audio(stream, rate, duration, tones, spoken):
             phase = float(phases[-1] + step[-1]) % (2 * math.pi)
             # Quieter under speech, so the voice stays intelligible.
             samples += ((0.15 if spoken else 0.5) * np.sin(phases)).astype(np.float32)
+        if noise:
+            samples += rng.normal(0.0, noise, n).astype(np.float32)
         for start, voice, _ in spoken:
             offset = int(round(start * rate))
             lo, hi = max(first, offset), min(first + n, offset + len(voice))

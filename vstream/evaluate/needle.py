@@ -7,7 +7,7 @@ right answer says, and where in the stream the needle is. Kinds:
 - ``spoken``: one fact sentence, spoken once (espeak-ng) at the needle time, among
   unrelated sentences spoken every ``DISTRACTOR_EVERY`` seconds, over a low hum whose
   pitch changes every ``HUM_EVERY`` seconds (``write_clip``'s tone: 0.15 of full scale
-  under speech, about as loud as the voice; ``write_clip`` adds no noise);
+  under speech, about as loud as the voice) and low white noise (``NOISE``);
 - ``visual``: a magenta scene, on screen once for ``VISUAL_SECONDS`` seconds, among
   muted scenes that change every ``SCENE_EVERY`` seconds; asked "when", scored by the
   time of the answer's best frame evidence;
@@ -47,6 +47,9 @@ HUM = (100.0, 150.0, 120.0)
 """Pitches of the hum under a spoken clip, Hz, in turn."""
 HUM_EVERY = 60.0
 """Seconds between pitch changes of the hum."""
+NOISE = 0.003
+"""Standard deviation of the white noise under a spoken clip (full scale 1; the voice
+peaks near 0.5, so about 40 dB below it)."""
 TOLERANCE = 5.0
 """Evidence-time error in seconds under which a "when" answer counts as right."""
 
@@ -219,7 +222,7 @@ def make_needle_clip(folder: str | Path, kind: str, length: float, position: str
         extra = {"question": "Which screen came first, the green one or the yellow one?", "expected": (first[1],)}
     hum = [(i * HUM_EVERY, HUM[i % len(HUM)]) for i in range(int(length // HUM_EVERY) + 1)]
     info = write_clip(path, duration=length, fps=FPS, size=SIZE, scenes=sorted(scenes), speech=speech,
-                      tones=hum if speech else None, progress=length >= 600)
+                      tones=hum if speech else None, noise=NOISE if speech else 0.0, progress=length >= 600)
     if span is None:
         span = next((start, min(end, length)) for start, end, text in info.speech if text == FACTS[seed % len(FACTS)][0])
     case = NeedleCase(kind=kind, length=float(length), position=position, needle=span[0], span=span, seed=seed, **extra)
