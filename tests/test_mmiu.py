@@ -211,3 +211,14 @@ def test_a_torn_results_line_is_ended_before_appending(model, tmp_path):
     assert summary["overall"]["n"] == 3
     lines = out.read_text().splitlines()
     assert lines[0] == '{"qid": "torn' and len(lines) == 4  # every answer on a line of its own
+
+
+def test_vstream_eval_attaches_heads(model, tmp_path, capsys):
+    from vstream.cli import main
+
+    path = make_mmiu_set(tmp_path / "set", per_task=1)
+    argv = ["eval", str(path), str(path.parent), "--format", "mmiu", "--model", model.name, "--quiet",
+            "--max-new-tokens", "2", "--out", str(tmp_path / "out.jsonl")]
+    assert main([*argv, "--head", "visual_experts"]) == 0
+    assert main([*argv, "--head", "nope"]) == 1
+    assert "unknown head 'nope'" in capsys.readouterr().err

@@ -166,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
                                "mmiu (multi-image multiple choice; the folder holds its images)")
     evaluate.add_argument("--model", default=None,
                           help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--head", action="append", default=[], metavar="SPEC",
+                          help="attach a model head, e.g. visual_experts:weights=DIR (repeatable)")
     evaluate.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
     evaluate.add_argument("--out", default="results.jsonl",
                           help="results, one JSON line per question; rerunning skips what it holds (default results.jsonl)")
@@ -546,16 +548,14 @@ def _eval(args) -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    model, judge = args.model, None
+    # the evaluated model is loaded here when it carries heads or also judges
+    model = load_model(args.model, heads=args.head) if args.head or args.judge == "model" else args.model
+    judge = None
     if args.judge:
         kind, _, name = args.judge.partition(":")
         if kind != "model":
             raise vstream.ConfigError(f"--judge takes model or model:HUB_ID_OR_FOLDER, got {args.judge!r}")
-        if name:
-            judge = ModelJudge(load_model(name))
-        else:
-            model = load_model(args.model)
-            judge = ModelJudge(model)
+        judge = ModelJudge(load_model(name) if name else model)
     elif args.judge_endpoint:
         if not args.judge_model:
             raise vstream.ConfigError("--judge-endpoint needs --judge-model, the model name the server knows")
@@ -573,14 +573,15 @@ def _eval(args) -> None:
 
 def _eval_mmiu(args, tasks) -> None:
     from vstream.evaluate.mmiu import evaluate_mmiu, format_mmiu_summary, load_mmiu
-    from vstream.models import GenerationConfig
+    from vstream.models import GenerationConfig, load_model
 
     unused = [flag for flag, value in (("--judge", args.judge), ("--judge-endpoint", args.judge_endpoint),
                                        ("--answers", args.answers), ("--realtime", args.realtime)) if value]
     if unused:
         raise vstream.ConfigError(f"{', '.join(unused)}: not for --format mmiu (multiple choice over images)")
     questions = load_mmiu(args.annotations)
-    summary = evaluate_mmiu(questions, args.video_folder, args.model, args.out, limit=args.limit, tasks=tasks,
+    model = load_model(args.model, heads=args.head) if args.head else args.model
+    summary = evaluate_mmiu(questions, args.video_folder, model, args.out, limit=args.limit, tasks=tasks,
                             progress=not args.quiet, generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
     print(format_mmiu_summary(summary))
     print(f"results: {args.out}")
