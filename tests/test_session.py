@@ -189,3 +189,22 @@ def test_pushed_audio_becomes_a_transcript_and_windows_pick_its_lines(model):
         late = session.context("who boarded the train?", start=4.0, end=8.0)
         assert len(late.transcript) == 1  # whisper writes "7 people boarded the train."
         assert "people boarded the train" in late.transcript[0][0].text
+
+
+@pytest.mark.skipif(bool(REAL), reason=f"the embedded speech and text models are not installed: {', '.join(REAL)}")
+def test_weak_transcript_lines_do_not_drown_a_clear_match(model):
+    from vstream.types import TranscriptSegment
+
+    lines = ["The football match ended in a draw.", "The spare key is hidden under the blue flower pot.",
+             "Lunch will be served in the garden today.", "My sister likes to read long novels."]
+    segments = [TranscriptSegment(10.0 * i, 10.0 * i + 3, text) for i, text in enumerate(lines)]
+    for floor, expected in ((0.5, [lines[1]]), (0.0, lines)):
+        with Session(model, SessionConfig(asr=False, transcript_floor=floor)) as session:
+            session.add_transcript(segments)
+            kept = [segment.text for segment, _ in session.context("Where is the spare key hidden?").transcript]
+            assert sorted(kept) == sorted(expected)
+            # a question about a window still gets that window's own lines
+            window = [segment.text for segment, _ in session.context("What was said?", 0.0, 5.0).transcript]
+            assert lines[0] in window
+    with pytest.raises(ConfigError, match="transcript_floor"):
+        SessionConfig(transcript_floor=1.5)

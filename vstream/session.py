@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vstream.config import JsonConfig, check_int
+from vstream.config import JsonConfig, check_int, check_number
 from vstream.encoders import FrameEncoder, create_encoder
 from vstream.errors import ConfigError, MemoryStateError, VStreamError
 from vstream.ingest import FileSource, open_source, probe
@@ -61,6 +61,10 @@ class SessionConfig(JsonConfig):
             spec string (``"visual_experts:weights=experts/"``); a loaded ``ChatModel``
             comes with its own.
         transcript_lines: transcript lines retrieved per question (default 8).
+        transcript_floor: retrieved lines whose similarity to the question is under this
+            fraction of the best line's are left out (default 0.5; 0 keeps all), so a
+            clear match is not drowned among weak ones; a window's own lines still fill
+            in for a question about a window.
         batch_frames: frames encoded and written per batch (default 8).
         queue_frames: frames and audio chunks waiting for the writer (default 64);
             beyond that a live push drops the oldest frame.
@@ -72,6 +76,7 @@ class SessionConfig(JsonConfig):
     encoder: str = "pixels"
     heads: list[str] = field(default_factory=list)
     transcript_lines: int = 8
+    transcript_floor: float = 0.5
     batch_frames: int = 8
     queue_frames: int = 64
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -83,6 +88,7 @@ class SessionConfig(JsonConfig):
         if not (isinstance(self.heads, (list, tuple)) and all(isinstance(h, str) for h in self.heads)):
             raise ConfigError(f"SessionConfig.heads must be a list of head specs, got {self.heads!r}")
         self.heads = list(self.heads)
+        check_number("SessionConfig", "transcript_floor", self.transcript_floor, 0.0, 1.0, include_low=True)
         for name in ("transcript_lines", "batch_frames", "queue_frames"):
             check_int("SessionConfig", name, getattr(self, name), 1)
 
@@ -400,15 +406,24 @@ class Session:
     def _retrieve(self, query, start, end) -> list:
         k = self.config.transcript_lines
         if start is None and end is None:
-            return [(hit.segment, hit.score) for hit in self.transcript.search(query, k)]
-        hits = [(hit.segment, hit.score) for hit in self.transcript.search(query, 4 * k)
-                if _overlaps(hit.segment.start, hit.segment.end, start, end)][:k]
+            return self._relevant([(hit.segment, hit.score) for hit in self.transcript.search(query, k)])
+        hits = self._relevant([(hit.segment, hit.score) for hit in self.transcript.search(query, 4 * k)
+                               if _overlaps(hit.segment.start, hit.segment.end, start, end)])[:k]
         if len(hits) < k:  # the window's own lines, newest first, when retrieval found too few
             have = {id(s) for s, _ in hits}
             inside = self.transcript.between(start if start is not None else 0.0,
                                              end if end is not None else float("inf"))
             hits += [(s, 0.0) for s in reversed(inside) if id(s) not in have][: k - len(hits)]
         return hits
+
+    def _relevant(self, hits: list) -> list:
+        """``hits`` (best first, similarity scores) without those under
+        ``transcript_floor`` of the best one's score. A small model answers from the
+        line it is shown most of, so seven weak lines can outvote one strong match."""
+        floor = self.config.transcript_floor
+        if not hits or floor == 0 or self.transcript.config.metric != "ip" or hits[0][1] <= 0:
+            return hits
+        return [(segment, score) for segment, score in hits if score >= floor * hits[0][1]]
 
     def stream(self, question: str, start: float | None = None, end: float | None = None,
                last: float | None = None) -> AnswerStream:
