@@ -392,11 +392,16 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_timed_questions_see_only_the_stream_before_them(videos, model, tmp_path, spy):
-    questions = load_questions(FIXTURES["streaming"], "streaming")
+def run_streaming(fixture, videos, model, tmp_path):
+    """Evaluate a streaming-format fixture: its questions, result rows by qid, summary."""
+    questions = load_questions(fixture, "streaming")
     out = tmp_path / "results.jsonl"
     summary = evaluate(questions, videos, model, out, fps=FPS, progress=False, asr=False, generation=SHORT)
-    rows = {row["qid"]: row for row in _lines(out)}
+    return questions, {row["qid"]: row for row in _lines(out)}, summary
+
+
+def test_timed_questions_see_only_the_stream_before_them(videos, model, tmp_path, spy):
+    questions, rows, summary = run_streaming(FIXTURES["streaming"], videos, model, tmp_path)
     assert set(rows) == {q.qid for q in questions} and len(spy) == len(questions)
     for q in questions:
         row = rows[q.qid]
@@ -447,10 +452,7 @@ def test_open_ended_rows_are_scored_against_the_reference(videos, model, tmp_pat
 
 
 def test_ovobench_probes_are_asked_at_their_times_and_scored_per_probe(videos, model, tmp_path, spy):
-    questions = load_questions(FIXTURES["ovobench"], "streaming")
-    out = tmp_path / "results.jsonl"
-    summary = evaluate(questions, videos, model, out, fps=FPS, progress=False, asr=False, generation=SHORT)
-    rows = {row["qid"]: row for row in _lines(out)}
+    questions, rows, summary = run_streaming(FIXTURES["ovobench"], videos, model, tmp_path)
     assert set(rows) == {q.qid for q in questions} and len(spy) == len(questions)
     for q in questions:
         row = rows[q.qid]

@@ -67,18 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--end", type=float, help="only the stream up to this many seconds")
     ask.add_argument("--last", type=float, help="only the last this many seconds of the stream")
     _client_flags(ask)
-    ask.add_argument("--model", default=None,
-                     help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
-    ask.add_argument("--encoder", default="pixels",
-                     help="frame encoder when the model has no vision tower: pixels (default), a vision model, or "
-                          "an encoder with its settings: biglittle:big=MODEL,little=MODEL,keep_ratio=0.25")
-    ask.add_argument("--head", action="append", default=[], metavar="SPEC",
-                     help="attach a model head, e.g. visual_experts:weights=DIR (repeatable)")
-    ask.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe the audio")
-    ask.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
-    ask.add_argument("--max-new-tokens", type=int, default=160, help="longest answer in tokens (default 160)")
-    ask.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
-    ask.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _model_flags(ask)
+    _session_flags(ask)
+    _generation_flags(ask, max_new_tokens=160)
     ask.add_argument("--save-memory", metavar="DIR", help="save the memories after ingesting")
     ask.add_argument("--load-memory", metavar="DIR", help="answer from memories saved by --save-memory")
     ask.add_argument("--json", action="store_true", help="print one JSON object per question")
@@ -98,8 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a ZeroMQ stream server: many streams, one model")
     serve.add_argument("--bind", default="tcp://127.0.0.1:5555",
                        help="tcp://HOST:PORT (port * picks a free one) or ipc://PATH (default tcp://127.0.0.1:5555)")
-    serve.add_argument("--model", default=None,
-                       help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
+    _model_flags(serve)
     serve.add_argument("--token", default=os.environ.get("VSTREAM_TOKEN"),
                        help="shared secret every request must carry (default: $VSTREAM_TOKEN; none if unset)")
     serve.add_argument("--curve-secret", metavar="FILE",
@@ -122,19 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--sources", default="url",
                        help="comma-separated kinds of source clients may ask the server to read: url, file, "
                             "camera, or none (default url)")
-    serve.add_argument("--encoder", default="pixels",
-                       help="frame encoder when the model has no vision tower: pixels (default), a vision model, "
-                            "or an encoder with its settings: biglittle:big=MODEL,little=MODEL,keep_ratio=0.25")
-    serve.add_argument("--head", action="append", default=[], metavar="SPEC",
-                       help="attach a model head, e.g. visual_experts:weights=DIR (repeatable)")
-    serve.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe audio")
-    serve.add_argument("--fps", type=float, default=1.0, help="frames per second read from server-side sources")
+    _session_flags(serve)
     serve.add_argument("--batch-frames", type=int, default=8, help="frames encoded per batch (default 8)")
     serve.add_argument("--queue-frames", type=int, default=64,
                        help="frames and audio chunks waiting per stream; beyond that the oldest is dropped (default 64)")
-    serve.add_argument("--max-new-tokens", type=int, default=160, help="longest answer in tokens (default 160)")
-    serve.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
-    serve.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _generation_flags(serve, max_new_tokens=160)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     serve.set_defaults(run=_serve)
 
@@ -164,17 +146,14 @@ def _parser() -> argparse.ArgumentParser:
                           help="annotation format: videomme (also MVBench-style), egoschema, streaming "
                                "(StreamingBench, OVO-Bench: asked at a time), vstreamqa (open-ended, at a time), "
                                "mmiu (multi-image multiple choice; the folder holds its images)")
-    evaluate.add_argument("--model", default=None,
-                          help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
-    evaluate.add_argument("--head", action="append", default=[], metavar="SPEC",
-                          help="attach a model head, e.g. visual_experts:weights=DIR (repeatable)")
+    _model_flags(evaluate)
     evaluate.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
     evaluate.add_argument("--out", default="results.jsonl",
                           help="results, one JSON line per question; rerunning skips what it holds (default results.jsonl)")
     evaluate.add_argument("--limit", type=int, default=None, help="only the first N questions")
     evaluate.add_argument("--tasks", default=None, help="only these comma-separated tasks")
     evaluate.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe the audio")
-    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    _generation_flags(evaluate, max_new_tokens=32)
     evaluate.add_argument("--realtime", action="store_true",
                           help="read each clip at its own pace, as if live, instead of as fast as possible "
                                "(the same answers when the model keeps up; frames it falls behind on are dropped)")
@@ -210,6 +189,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--head", action="append", default=[], metavar="SPEC",
+                        help="attach a model head, e.g. visual_experts:weights=DIR (repeatable)")
+
+
+def _session_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoder", default="pixels",
+                        help="frame encoder when the model has no vision tower: pixels (default), a vision model, or "
+                             "an encoder with its settings: biglittle:big=MODEL,little=MODEL,keep_ratio=0.25")
+    parser.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe the audio")
+    parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
+
+
+def _generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"longest answer in tokens (default {max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def _generation(args):
+    from vstream.models import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+
+
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=os.environ.get("VSTREAM_TOKEN"),
                         help="the server's shared secret (default: $VSTREAM_TOKEN)")
@@ -241,13 +248,12 @@ def _ask(args) -> None:
     window = {"start": args.start, "end": args.end, "last": args.last}
     if args.server or args.stream:
         return _ask_server(args, window)
-    from vstream.models import GenerationConfig
     from vstream.session import Session, SessionConfig
 
     media, questions = ([], args.inputs) if args.load_memory else _split_media(args.inputs)
     if not questions or not all(q.strip() for q in questions):
         raise vstream.ConfigError("vstream ask needs a video and at least one non-empty question")
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    generation = _generation(args)
     config = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, heads=args.head,
                            generation=generation)
     if len(media) > 1 or (media and _is_image(media[0])):
@@ -387,7 +393,7 @@ def _ask_server(args, window: dict) -> None:
 
 
 def _serve(args) -> None:
-    from vstream.models import GenerationConfig, load_model
+    from vstream.models import load_model
     from vstream.server import Server, ServerConfig
     from vstream.session import SessionConfig
 
@@ -403,7 +409,7 @@ def _serve(args) -> None:
             curve_clients = tuple(key.decode() for key in zmq.auth.load_certificates(args.curve_clients))
     elif args.curve_clients:
         raise vstream.ConfigError("--curve-clients needs --curve-secret")
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    generation = _generation(args)
     session = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, batch_frames=args.batch_frames,
                             queue_frames=args.queue_frames, generation=generation)
     sources = tuple(kind.strip() for kind in args.sources.split(",") if kind.strip() not in ("", "none"))
@@ -530,7 +536,7 @@ def _synth(args) -> None:
 
 def _eval(args) -> None:
     from vstream.evaluate import HTTPJudge, ModelJudge, evaluate, format_summary, load_questions, published_figures
-    from vstream.models import GenerationConfig, load_model
+    from vstream.models import load_model
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     if args.format == "mmiu":
@@ -565,7 +571,7 @@ def _eval(args) -> None:
         judge = HTTPJudge(args.judge_endpoint, args.judge_model, api_key=key)
     summary = evaluate(questions, args.video_folder, model, args.out, fps=args.fps, limit=args.limit,
                        tasks=tasks, progress=not args.quiet, asr=args.asr,
-                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens), realtime=args.realtime,
+                       generation=_generation(args), realtime=args.realtime,
                        judge=judge)
     print(format_summary(summary, benchmark))
     print(f"results: {args.out}")
@@ -573,7 +579,7 @@ def _eval(args) -> None:
 
 def _eval_mmiu(args, tasks) -> None:
     from vstream.evaluate.mmiu import evaluate_mmiu, format_mmiu_summary, load_mmiu
-    from vstream.models import GenerationConfig, load_model
+    from vstream.models import load_model
 
     unused = [flag for flag, value in (("--judge", args.judge), ("--judge-endpoint", args.judge_endpoint),
                                        ("--answers", args.answers), ("--realtime", args.realtime)) if value]
@@ -582,6 +588,6 @@ def _eval_mmiu(args, tasks) -> None:
     questions = load_mmiu(args.annotations)
     model = load_model(args.model, heads=args.head) if args.head else args.model
     summary = evaluate_mmiu(questions, args.video_folder, model, args.out, limit=args.limit, tasks=tasks,
-                            progress=not args.quiet, generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+                            progress=not args.quiet, generation=_generation(args))
     print(format_mmiu_summary(summary))
     print(f"results: {args.out}")
