@@ -208,3 +208,16 @@ def test_weak_transcript_lines_do_not_drown_a_clear_match(model):
             assert lines[0] in window
     with pytest.raises(ConfigError, match="transcript_floor"):
         SessionConfig(transcript_floor=1.5)
+
+
+def test_a_live_push_after_the_end_marker_never_evicts_it():
+    """The end marker (finish) stays queued however many frames are pushed after it, so
+    ``wait`` always sees the recogniser flushed."""
+    from vstream.ingest.queue import ItemQueue
+
+    queue, marker = ItemQueue(2, drop=True), object()
+    queue.put(frames(1)[0])
+    queue.finish(marker)
+    evicted = [queue.put(frame) for frame in frames(4, start=1.0)]
+    assert all(e is not marker for e in evicted)
+    assert any(queue.get(0.1) is marker for _ in range(len(queue)))

@@ -267,7 +267,7 @@ class Session:
                     self._stats.source_error = str(exc)
         finally:
             if not self._closed:
-                self._queue.put(_END, wait=True)
+                self._queue.finish(_END)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the source (if any) has ended and everything queued is in the
@@ -278,7 +278,7 @@ class Session:
             if reader.is_alive():
                 return False
         elif not self._idle.is_set() or self._asr_worker is not None:
-            self._queue.put(_END, wait=True)  # pushed items: the recogniser decodes what it holds
+            self._queue.finish(_END)  # pushed items: the recogniser decodes what it holds
             self._idle.clear()
         return self._idle.wait(timeout)
 
@@ -342,10 +342,11 @@ class Session:
             with self._stats_lock:
                 self._stats.frames_processed += len(frames)
                 self._stats.last_t = frames[-1].t
-        if any(item is _END for item in batch) and self._asr_worker is not None:
+        ended = any(item is _END for item in batch)
+        if ended and self._asr_worker is not None:
             self._asr_worker.close()  # decode what is held
         self._collect_transcript()
-        if any(item is _END for item in batch):
+        if ended:
             self._asr_worker = self._reader = None
 
     def _recogniser(self):

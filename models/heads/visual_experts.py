@@ -60,11 +60,13 @@ class VisualExpertsConfig(JsonConfig):
 class _Routing:
     """The mask of the forward in progress, shared by the model's expert FFNs:
     ``given`` [B, L] bool for the whole sequence (set by ``visual_mask``), ``active``
-    [B, n] bool for the n tokens of the current call (None: all text)."""
+    [B, n] bool for the n tokens of the current call (None: all text), and whether they
+    are all visual. Worked out once per forward, so no layer checks the mask itself."""
 
     def __init__(self):
         self.given = None
         self.active = None
+        self.all_visual = False
 
 
 def _modality_ffn(text, visual, routing):
@@ -82,9 +84,9 @@ def _modality_ffn(text, visual, routing):
 
         def forward(self, hidden):
             mask = routing.active
-            if mask is None or not bool(mask.any()):
+            if mask is None:
                 return self.text(hidden)
-            if bool(mask.all()):
+            if routing.all_visual:
                 return self.visual(hidden)
             return torch.where(mask.unsqueeze(-1), self.visual(hidden), self.text(hidden))
 
@@ -213,6 +215,9 @@ class VisualExperts(Head):
         active = torch.zeros(batch, count, dtype=torch.bool)
         inside = given[:, past:past + count]
         active[:, :inside.shape[1]] = inside
+        if not bool(active.any()):  # all text, as every generated token: the text FFNs alone
+            return
+        self._routing.all_visual = bool(active.all())
         self._routing.active = active.to(tokens.device)
 
     def _end(self, module, args, output):

@@ -26,6 +26,7 @@ class ItemQueue:
         self.maxsize = maxsize
         self.drop = drop
         self._items: deque[Any] = deque()
+        self._markers: list[Any] = []  # end markers queued by finish: never evicted
         self._cond = threading.Condition()
         self._closed = False
 
@@ -61,6 +62,7 @@ class ItemQueue:
         """Append the end marker past the size bound, so ending never waits."""
         with self._cond:
             self._items.append(marker)
+            self._markers.append(marker)
             self._cond.notify_all()
 
     def get(self, timeout: float) -> Any:
@@ -72,6 +74,7 @@ class ItemQueue:
             if self._closed:
                 raise Closed()
             item = self._items.popleft()
+            self._markers = [m for m in self._markers if m is not item]
             self._cond.notify_all()
             return item
 
@@ -80,6 +83,7 @@ class ItemQueue:
         with self._cond:
             self._closed = True
             self._items.clear()
+            self._markers.clear()
             self._cond.notify_all()
 
     def __len__(self) -> int:
@@ -87,7 +91,8 @@ class ItemQueue:
 
     def _evict(self) -> Any:
         for i, item in enumerate(self._items):
-            if not isinstance(item, AudioChunk):  # a frame, decoded or still in the decoder's buffer
+            # a frame, decoded or still in the decoder's buffer; never an end marker
+            if not isinstance(item, AudioChunk) and not any(item is m for m in self._markers):
                 del self._items[i]
                 return item
         return self._items.popleft()
