@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vstream.config import JsonConfig, check_choice, check_int
+from vstream.config import JsonConfig, check_choice, check_int, check_number
 from vstream.encoders.registry import check_images, encode_batched, register_encoder
 from vstream.errors import ConfigError, EncoderError
 
@@ -102,9 +102,7 @@ class BigLittleConfig(JsonConfig):
                 setattr(self, name, value)
             if not (isinstance(value, str) and value.strip()):
                 raise ConfigError(f"BigLittleConfig.{name} must name a hub id or a local folder, got {value!r}")
-        ratio = self.keep_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise ConfigError(f"BigLittleConfig.keep_ratio must be a number in [0, 1], got {ratio!r}")
+        check_number("BigLittleConfig", "keep_ratio", self.keep_ratio, 0.0, 1.0, include_low=True)
         check_choice("BigLittleConfig", "scorer", self.scorer, ("attention", "linear"))
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer == 0:
             raise ConfigError(f"BigLittleConfig.layer must be a nonzero int (-2: the penultimate layer), "

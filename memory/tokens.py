@@ -37,6 +37,10 @@ class MemoryTokens:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def select(self, indices: list[int]) -> MemoryTokens:
+        """The tokens at ``indices``, in that order, with their kinds and spans."""
+        return MemoryTokens(self.tokens[indices], [self.kinds[i] for i in indices], [self.spans[i] for i in indices])
+
     def counts(self) -> dict[str, int]:
         """Tokens per kind, in order of first appearance."""
         return dict(Counter(self.kinds))

@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from vstream.config import check_int
-from vstream.encoders import create_encoder
 from vstream.errors import ConfigError, DecodeError, SourceError, VStreamError
-from vstream.memory import MemoryTokens
-from vstream.models import Answer, AnswerStream, ChatModel, Context, load_model
+from vstream.models import Answer, AnswerStream, ChatModel, Context
 from vstream.models.prompt import IMAGE, VIDEO, Medium, label_question, media_label
-from vstream.session import Session, SessionConfig
+from vstream.session import Session, SessionConfig, model_and_encoder
 from vstream.types import Frame
 
 
@@ -47,9 +45,7 @@ class Dialogue:
                  max_turns: int = 4):
         check_int("Dialogue", "max_turns", max_turns, 0)
         self.config = config or SessionConfig()
-        self.model = model if isinstance(model, ChatModel) else load_model(model, heads=self.config.heads)
-        # one frame encoder for every medium: a vision tower loads once
-        self.encoder = self.model.frame_encoder or create_encoder(self.config.encoder)
+        self.model, self.encoder = model_and_encoder(model, self.config)  # one encoder for every medium
         self.max_turns = max_turns
         self._media: list[tuple[str, Session, bool]] = []  # (kind, session, made here: the dialogue closes it)
         self._turns: list[tuple[str, str]] = []
@@ -192,6 +188,5 @@ def _image_context(context: Context) -> Context:
     memory = context.memory
     if memory is None:
         return context
-    keep = [i for i, kind in enumerate(memory.kinds) if kind == "spatial"]
-    frame = MemoryTokens(memory.tokens[keep], [memory.kinds[i] for i in keep], [memory.spans[i] for i in keep])
+    frame = memory.select([i for i, kind in enumerate(memory.kinds) if kind == "spatial"])
     return Context(memory=frame, scenes=context.scenes, transcript=context.transcript, duration=context.duration)

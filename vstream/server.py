@@ -47,13 +47,12 @@ from zmq.utils import z85
 
 import vstream
 from vstream.config import JsonConfig, cache_dir, check_int, check_number
-from vstream.encoders import create_encoder
 from vstream.errors import ConfigError, ProtocolError, SourceError, VStreamError
 from vstream.ingest import SourceConfig
 from vstream.ingest.container import source_kind
-from vstream.models import ChatModel, load_model
+from vstream.models import ChatModel
 from vstream.protocol import VERSION, Limits, Message, decode, encode
-from vstream.session import Session, SessionConfig
+from vstream.session import Session, SessionConfig, model_and_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +195,8 @@ class Server:
 
     def __init__(self, config: ServerConfig | None = None, model: ChatModel | str | None = None):
         self.config = config or ServerConfig()
-        self.model = model if isinstance(model, ChatModel) else load_model(model, heads=self.config.session.heads)
         # one frame encoder for every stream: a vision tower is loaded once, not per stream
-        self.encoder = self.model.frame_encoder or create_encoder(self.config.session.encoder)
+        self.model, self.encoder = model_and_encoder(model, self.config.session)
         self.limits = Limits(self.config.max_header_bytes, self.config.max_frame_bytes)
         self.state_dir = Path(self.config.state_dir or cache_dir() / "streams")
         self.streams: dict[str, Stream] = {}

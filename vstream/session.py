@@ -83,8 +83,7 @@ class SessionConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         self.generation = GenerationConfig.from_dict(self.generation)
-        if not (isinstance(self.fps, (int, float)) and self.fps > 0):
-            raise ConfigError(f"SessionConfig.fps must be a positive number, got {self.fps!r}")
+        check_number("SessionConfig", "fps", self.fps, 0.0)
         if not (isinstance(self.heads, (list, tuple)) and all(isinstance(h, str) for h in self.heads)):
             raise ConfigError(f"SessionConfig.heads must be a list of head specs, got {self.heads!r}")
         self.heads = list(self.heads)
@@ -149,8 +148,7 @@ class Session:
     def __init__(self, model: ChatModel | str | None = None, config: SessionConfig | None = None,
                  encoder: FrameEncoder | None = None):
         self.config = config or SessionConfig()
-        self.model = model if isinstance(model, ChatModel) else load_model(model, heads=self.config.heads)
-        self.encoder = self.model.frame_encoder or encoder or create_encoder(self.config.encoder)
+        self.model, self.encoder = model_and_encoder(model, self.config, encoder)
         memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
         self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
         self.transcript = None
@@ -435,7 +433,8 @@ class Session:
         if last is not None:
             if not (isinstance(last, (int, float)) and last > 0):
                 raise ConfigError(f"last must be a positive number of seconds, got {last!r}")
-            start, end = max(0.0, self.stats.last_t - last), None
+            with self._stats_lock:
+                start, end = max(0.0, self._stats.last_t - last), None
         if start is not None and end is not None and end < start:
             raise ConfigError(f"the window ends ({end} s) before it starts ({start} s)")
         with self._stats_lock:
@@ -551,6 +550,15 @@ class Session:
         self.close()
 
 
+def model_and_encoder(model: ChatModel | str | None, config: SessionConfig,
+                      encoder: FrameEncoder | None = None) -> tuple[ChatModel, FrameEncoder]:
+    """The chat model (``model`` loaded by name with ``config.heads`` when it is not one)
+    and the frame encoder feeding its memories: the model's own tower, else ``encoder``,
+    else ``config.encoder`` built. What a session, a dialogue and a server each need once."""
+    chat = model if isinstance(model, ChatModel) else load_model(model, heads=config.heads)
+    return chat, chat.frame_encoder or encoder or create_encoder(config.encoder)
+
+
 def _overlaps(t0: float, t1: float, start: float | None, end: float | None) -> bool:
     return (start is None or t1 >= start) and (end is None or t0 <= end)
 
@@ -559,5 +567,4 @@ def _within(memory: MemoryTokens, start: float | None, end: float | None) -> Mem
     """The tokens whose span overlaps ``[start, end]``."""
     if start is None and end is None:
         return memory
-    keep = [i for i, (t0, t1) in enumerate(memory.spans) if _overlaps(t0, t1, start, end)]
-    return MemoryTokens(memory.tokens[keep], [memory.kinds[i] for i in keep], [memory.spans[i] for i in keep])
+    return memory.select([i for i, (t0, t1) in enumerate(memory.spans) if _overlaps(t0, t1, start, end)])

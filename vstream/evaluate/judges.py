@@ -169,8 +169,7 @@ class HTTPJudge(Judge):
             raise ConfigError(f"an HTTP judge needs the server's model name, got {model!r}")
         check_number("HTTPJudge", "timeout", timeout, 0.0)
         check_int("HTTPJudge", "retries", retries, 0)
-        if not (isinstance(backoff, (int, float)) and backoff >= 0):
-            raise ConfigError(f"HTTPJudge.backoff must be a number >= 0, got {backoff!r}")
+        check_number("HTTPJudge", "backoff", backoff, 0.0, include_low=True)
         url = endpoint.rstrip("/")
         if not url.endswith("/chat/completions"):
             url += "/chat/completions" if url.endswith("/v1") else "/v1/chat/completions"

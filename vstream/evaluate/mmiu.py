@@ -33,14 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vstream.dialogue import Dialogue
-from vstream.errors import ConfigError, SourceError
+from vstream.errors import ConfigError
 from vstream.evaluate.records import _OPTION_PREFIX, LETTERS, _letter, _options, _Record, _unique, read_records
-from vstream.evaluate.runner import format_summary, open_results, read_results, select, summarize
+from vstream.evaluate.runner import format_summary, run_resumable, select, summarize
 from vstream.evaluate.scoring import mc_prompt, parse_choice
-from vstream.models import ChatModel, GenerationConfig, load_model
+from vstream.models import ChatModel, GenerationConfig
 from vstream.models.prompt import IMAGE, label_question
 from vstream.session import SessionConfig
 
@@ -148,27 +147,17 @@ def evaluate_mmiu(questions: list[MMIUQuestion], image_folder, model: ChatModel 
         progress: show a progress bar over questions.
         generation: how answers are generated (default ``GenerationConfig()``).
     """
-    selected = select(questions, tasks, limit)
-    out_path = Path(out_path)
-    done = read_results(out_path)
-    todo = [q for q in selected if q.qid not in done]
     folder = Path(image_folder)
-    missing = sorted({image for q in todo for image in q.images if not (folder / image).is_file()})
-    if missing:
-        raise SourceError(f"{folder}: {len(missing)} image(s) missing, e.g. {', '.join(missing[:3])}")
-    if todo:
-        chat = model if isinstance(model, ChatModel) else load_model(model)
+
+    def answer(todo: list[MMIUQuestion]):
         config = SessionConfig(asr=False, generation=generation or GenerationConfig())
         # every question stands alone: no turns are replayed, and reset() drops its images after it
-        with Dialogue(chat, config, max_turns=0) as dialogue, open_results(out_path) as out, \
-                tqdm(total=len(todo), unit="q", desc="evaluating", disable=not progress) as bar:
+        with Dialogue(model, config, max_turns=0) as dialogue:
             for q in todo:
-                row = _ask(dialogue, folder, q)
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-                done[q.qid] = row
-                bar.update(1)
-    return summarize_mmiu([done[q.qid] for q in selected])
+                yield _ask(dialogue, folder, q)
+
+    selected = select(questions, tasks, limit)
+    return summarize_mmiu(run_resumable(selected, out_path, folder, lambda q: q.images, "image", answer, progress))
 
 
 def _ask(dialogue: Dialogue, folder: Path, q: MMIUQuestion) -> dict:

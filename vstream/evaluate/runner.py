@@ -102,30 +102,42 @@ def evaluate(questions: list[Question], video_folder, model: ChatModel | str | N
             behind on are dropped) instead of as fast as the session takes them.
         judge: also score open-ended answers with this ``Judge``.
     """
-    selected = select(questions, tasks, limit)
-    out_path = Path(out_path)
-    done = read_results(out_path)
-    todo = [q for q in selected if q.qid not in done]
     folder = Path(video_folder)
-    missing = sorted({q.video for q in todo if not (folder / q.video).is_file()})
-    if missing:
-        raise SourceError(f"{folder}: {len(missing)} video(s) missing, e.g. {', '.join(missing[:3])}")
-    if todo:
+
+    def answer(todo: list[Question]):
         chat = model if isinstance(model, ChatModel) else load_model(model)
         config = SessionConfig(fps=fps, asr=asr, generation=generation or GenerationConfig())
         by_video: dict[str, list[Question]] = defaultdict(list)
         for q in todo:
             by_video[q.video].append(q)
+        for video, video_questions in by_video.items():
+            with Session(chat, config) as session:
+                yield from _run_video(session, folder / video, video_questions, fps, asr, realtime, judge)
+
+    selected = select(questions, tasks, limit)
+    return summarize(run_resumable(selected, out_path, folder, lambda q: [q.video], "video", answer, progress))
+
+
+def run_resumable(selected: list, out_path, folder: Path, files, what: str, answer, progress: bool) -> list[dict]:
+    """The result lines of ``selected`` questions, in order: those ``out_path`` already
+    holds, and those ``answer(todo)`` yields for the rest, each appended to the file as
+    it comes. ``files(q)`` names a question's files under ``folder`` (``what`` they are,
+    for the message); any missing is refused before a model loads."""
+    out_path = Path(out_path)
+    done = read_results(out_path)
+    todo = [q for q in selected if q.qid not in done]
+    missing = sorted({name for q in todo for name in files(q) if not (folder / name).is_file()})
+    if missing:
+        raise SourceError(f"{folder}: {len(missing)} {what}(s) missing, e.g. {', '.join(missing[:3])}")
+    if todo:
         with open_results(out_path) as out, \
                 tqdm(total=len(todo), unit="q", desc="evaluating", disable=not progress) as bar:
-            for video, video_questions in by_video.items():
-                with Session(chat, config) as session:
-                    for row in _run_video(session, folder / video, video_questions, fps, asr, realtime, judge):
-                        out.write(json.dumps(row) + "\n")
-                        out.flush()
-                        done[row["qid"]] = row
-                        bar.update(1)
-    return summarize([done[q.qid] for q in selected])
+            for row in answer(todo):
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                done[row["qid"]] = row
+                bar.update(1)
+    return [done[q.qid] for q in selected]
 
 
 def _run_video(session: Session, path: Path, questions: list[Question], fps: float, asr: bool, realtime: bool,
