@@ -65,6 +65,16 @@ def _remove_spill(files: list[tuple[int, str]], temp_dir: str | None) -> None:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def encode_thumbnails(images, config: BankConfig) -> list[bytes]:
+    """The JPEG bytes a bank with ``config`` keeps for each of ``images`` (``[H, W, 3]``
+    uint8 arrays or PIL images; bytes pass through; ``b""`` for None, and for every image
+    when the bank keeps no thumbnails). A caller may make them before taking a lock."""
+    if not config.thumbnails:
+        return [b""] * len(images)
+    return [b"" if image is None else image if isinstance(image, bytes)
+            else encode_thumbnail(image, config.thumbnail_size, config.thumbnail_quality) for image in images]
+
+
 def encode_thumbnail(image, size: int, quality: int) -> bytes:
     """JPEG bytes of ``image`` (``[H, W, 3]`` uint8 array or PIL image) shrunk so its
     longest side is at most ``size`` pixels."""
@@ -221,9 +231,7 @@ class FeatureBank:
             got = type(thumbnails).__name__ if isinstance(thumbnails, (np.ndarray, Image.Image)) else len(thumbnails)
             raise MemoryStateError(f"thumbnails must be a sequence of {count} images (or None), one per frame, "
                                    f"got {got}")
-        c = self.config
-        return [b"" if image is None else image if isinstance(image, bytes)
-                else encode_thumbnail(image, c.thumbnail_size, c.thumbnail_quality) for image in thumbnails]
+        return encode_thumbnails(thumbnails, self.config)
 
     def _ring_thumbnails(self, jpegs: list[bytes], first: int) -> None:
         """Put the JPEGs of frames ``first``, ``first + 1``, ... in the thumbnail ring (the newest that fit)."""

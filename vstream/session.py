@@ -37,7 +37,7 @@ from vstream.errors import ConfigError, MemoryStateError, VStreamError
 from vstream.ingest import FileSource, open_source, probe
 from vstream.ingest.queue import Closed, ItemQueue
 from vstream.memory import BankConfig, MemoryTokens, StarConfig, StarMemory
-from vstream.memory.bank import encode_thumbnail
+from vstream.memory.bank import encode_thumbnails
 from vstream.memory.persist import read_json, write_json
 from vstream.models import Answer, AnswerStream, ChatModel, Context, GenerationConfig, describe_scenes, load_model
 from vstream.models.prompt import FRAME
@@ -332,9 +332,8 @@ class Session:
                 self._recogniser().submit(item)
         if frames:
             features = self.encoder.encode([f.image for f in frames])
-            bank = self.memory.config.bank  # thumbnails are made here, outside the lock a question waits on
-            thumbnails = [encode_thumbnail(f.image, bank.thumbnail_size, bank.thumbnail_quality)
-                          for f in frames] if bank.thumbnails else None
+            # thumbnails are made here, outside the lock a question waits on
+            thumbnails = encode_thumbnails([f.image for f in frames], self.memory.config.bank)
             with self._write_lock:
                 self.memory.extend(features, [f.t for f in frames], thumbnails=thumbnails)
             with self._stats_lock:

@@ -76,19 +76,20 @@ def list_heads() -> list[str]:
 
 def create_head(name: str, *args, **kwargs) -> Head:
     """A new head of kind ``name``; the arguments go to its constructor."""
+    return _head_class(name)(*args, **kwargs)
+
+
+def _head_class(name: str) -> type:
     _load_heads()
     if name not in _HEADS:
         raise ConfigError(f"unknown head {name!r}; known: {', '.join(sorted(_HEADS)) or '(none)'}")
-    return _HEADS[name](*args, **kwargs)
+    return _HEADS[name]
 
 
 def attach_head(chat_model, spec: str) -> Head:
     """Attach the head named by ``spec`` (``"name"`` or ``"name:key=value,..."``, see
     ``vstream.config.parse_spec``) to ``chat_model`` and return it."""
     name, options = parse_spec(spec)
-    _load_heads()
-    if name not in _HEADS:
-        raise ConfigError(f"unknown head {name!r}; known: {', '.join(sorted(_HEADS)) or '(none)'}")
-    head = _HEADS[name].attach(chat_model, **options)
+    head = _head_class(name).attach(chat_model, **options)
     chat_model.add_head(head)
     return head
