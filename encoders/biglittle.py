@@ -356,11 +356,15 @@ class BigLittleEncoder:
             for layer, fitted in ((projection, mapping), (scorer, weights)):
                 layer.weight.copy_(fitted[:-1].T)
                 layer.bias.copy_(fitted[-1])
+        self._use(projection, scorer)
+        return {"mse_before": before, "mse_after": float(error.mean())}
+
+    def _use(self, projection, scorer) -> None:
+        """Encode with a fitted ``projection`` and linear ``scorer`` from now on."""
         with self._lock:
             self.projection = projection.to(self.device, self.dtype)
             self.scorer = scorer.to(self.device, self.dtype)
             self.config = replace(self.config, scorer="linear")
-        return {"mse_before": before, "mse_after": float(error.mean())}
 
     def save_calibration(self, folder) -> Path:
         """Write the projection and scorer (``calibration.safetensors``, ``calibration.json``
@@ -404,9 +408,7 @@ class BigLittleEncoder:
         projection, scorer = nn.Linear(self.little.dim, self.dim), nn.Linear(self.little.dim, 1)
         projection.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("projection.")})
         scorer.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("scorer.")})
-        self.projection = projection.to(self.device, self.dtype)
-        self.scorer = scorer.to(self.device, self.dtype)
-        self.config = replace(self.config, scorer="linear")
+        self._use(projection, scorer)
 
 
 def _ridge(inputs, targets, ridge: float):

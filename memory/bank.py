@@ -418,7 +418,7 @@ class FeatureBank:
         ring; a bank saved before thumbnails existed has neither file and gets none."""
         n, index_path, data_path = self._n, folder / "thumbnails.npy", folder / "thumbnails.bin"
         if not (index_path.exists() or data_path.exists()):
-            self._thumbnail_ends = np.zeros(max(n, 1024), np.int64)
+            self._thumbnail_ends = np.zeros(n, np.int64)  # beside _times, which _restore left n long
             return
         ends = read_array(index_path, np.int64, (n,))
         if n and (ends[0] < 0 or np.any(np.diff(ends) < 0)):
@@ -432,7 +432,7 @@ class FeatureBank:
                     _pwrite_all(self._thumbnail_fd, f.read(min(_CHUNK_BYTES, size - start)), start)
         except OSError as exc:
             raise MemoryStateError(f"{data_path}: cannot be read ({exc})") from None
-        self._thumbnail_ends = np.concatenate([ends, np.zeros(max(0, len(self._times) - n), np.int64)])
+        self._thumbnail_ends = ends  # beside _times, which _restore left n long
         first = max(0, n - len(self._thumbnail_ring))
         self._ring_thumbnails([self._read_thumbnail(i) for i in range(first, n)], first)
 
