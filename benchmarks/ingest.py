@@ -51,7 +51,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # measure the vstream of this checkout
 
 import av  # noqa: E402
 import decord  # noqa: E402

@@ -31,15 +31,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # time compiled kernels, never the interpreter
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # measure the vstream of this checkout
 
 import torch
 

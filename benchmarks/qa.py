@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # measure the vstream of this checkout
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny checkpoints the tests build
 
 import torch

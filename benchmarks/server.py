@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # measure the vstream of this checkout
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny checkpoint and the server process the tests use
 
 import numpy as np

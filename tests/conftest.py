@@ -13,6 +13,10 @@ from vstream import synth
 # Triton kernels run on CPU through the interpreter; it must be chosen before triton
 # loads (nothing above imports it).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Child Pythons (python -m vstream, python -c, scripts) must not put their working
+# directory, the checkout root, on sys.path: its kernels/ folder would stand in for the
+# installed `kernels` package (kernels/__init__.py guards that case too; see test_install.py).
+os.environ["PYTHONSAFEPATH"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,73 @@
+"""The checkout root never shadows an installed package.
+
+The root holds ``kernels/`` (installed as ``vstream.kernels``); Hugging Face's ``kernels``
+package, which transformers imports, has the same top-level name. Whenever the root is
+on ``sys.path`` (``python -m``, ``python -c``, a REPL or notebook started there,
+``PYTHONPATH=.``), ``import kernels`` must still give the installed package and
+transformers must still load models. These tests start Pythons exactly that way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEECH = ROOT / "tests" / "data" / "speech.mp4"
+
+LOAD_AT_ROOT = """
+import json, sys
+import kernels
+from transformers import AutoModelForCausalLM
+import vstream.kernels
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print(json.dumps({"root_on_path": any(p in ("", ".", sys.argv[2]) for p in sys.path),
+                  "kernels": kernels.__file__, "has_cuda_properties": hasattr(kernels, "CUDAProperties"),
+                  "vstream_kernels": vstream.kernels.__file__, "model": type(model).__name__}))
+"""
+
+
+def python_at_root(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run this venv's Python with the checkout root as working directory, root on sys.path."""
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", **env}
+    environ.pop("PYTHONSAFEPATH", None)  # conftest sets it for the other tests' children
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environ, capture_output=True, text=True,
+                          timeout=240)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.mark.parametrize("env", [{}, {"PYTHONPATH": "."}], ids=["cwd", "PYTHONPATH=."])
+def test_python_c_at_the_root_imports_the_installed_kernels_and_loads_a_model(llama, env):
+    done = python_at_root("-c", LOAD_AT_ROOT, str(llama), str(ROOT), **env)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["root_on_path"]  # the case under test: the root really was importable
+    assert Path(seen["kernels"]).parent.parent.name == "site-packages" and seen["has_cuda_properties"]
+    assert Path(seen["vstream_kernels"]) == ROOT / "kernels" / "__init__.py"
+    assert seen["model"] == "LlamaForCausalLM"
+
+
+def test_python_m_vstream_at_the_root_answers_with_a_model(llama):
+    done = python_at_root("-m", "vstream", "ask", str(SPEECH), "What is said?", "--model", str(llama),
+                          "--no-asr", "--max-new-tokens", "4", "--json")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert isinstance(answer["answer"], str) and answer["evidence"][0]["kind"] == "frame"
+
+
+def test_kernels_is_not_importable_from_the_root_when_the_package_is_absent():
+    # -S leaves site-packages (and so the installed `kernels`) off sys.path; the root is on it
+    done = python_at_root("-S", "-c", "import kernels")
+    assert done.returncode == 1
+    assert "ModuleNotFoundError: No module named 'kernels' is installed" in done.stderr
+    assert "vstream's kernels stage" in done.stderr
