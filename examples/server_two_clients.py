@@ -27,6 +27,11 @@ def send(address: str, token: str, stream: str, video: str) -> None:
         print(f"[{stream}] sent {counts['frames']} frames, {counts['audio_seconds']:.0f} s of audio")
 
 
+def show(stream: str, reply: dict, label: str = "") -> None:
+    times = ", ".join(f"{e['start']:.0f}-{e['end']:.0f} s" for e in reply["evidence"][:2])
+    print(f"[{stream}] {label}{reply['answer']!r} (evidence {times})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("left")
@@ -53,13 +58,11 @@ def main() -> None:
                 while any(thread.is_alive() for thread in senders):
                     time.sleep(args.every)
                     for stream in streams:
-                        reply = asker.ask(stream, args.question)
-                        times = ", ".join(f"{e['start']:.0f}-{e['end']:.0f} s" for e in reply["evidence"][:2])
-                        print(f"[{stream}] {reply['answer']!r} (evidence {times})")
+                        show(stream, asker.ask(stream, args.question))
                 for thread in senders:
                     thread.join()
                 for stream in streams:
-                    print(f"[{stream}] final: {asker.ask(stream, args.question)['answer']!r}")
+                    show(stream, asker.ask(stream, args.question), "final: ")
         finally:
             server.stop()
             loop.join()

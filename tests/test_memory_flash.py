@@ -49,9 +49,16 @@ def test_synopsis_is_in_time_order_and_details_come_from_the_heaviest_clusters()
         memory.extend(frames[:216], times[:216])  # 27 whole chunks: nothing pending
         assert memory.pending_count == 0
         out = memory.tokens()
-        mean_time = memory.time_sum[:8] / memory.weights[:8]
-        expected = memory.centroids[:8][torch.argsort(mean_time)].reshape(8 * 4, -1)
-        assert torch.equal(out.tokens[[kind == "synopsis" for kind in out.kinds]], expected)
+        # 8 scenes, 8 clusters: each cluster is one whole scene, so in time order the synopsis
+        # is scene 0, 1, ..., 7, each the mean of its frames pooled by hand to 2×2
+        blocks = frames[:216].reshape(216, 2, 4, 2, 4, -1).mean(dim=(2, 4)).reshape(216, 4, -1)
+        expected = torch.cat([blocks[scene[:216] == i].mean(dim=0) for i in range(8)])
+        synopsis = [kind == "synopsis" for kind in out.kinds]
+        torch.testing.assert_close(out.tokens[synopsis], expected, rtol=1e-4, atol=1e-4)
+        spans = [span for span, is_synopsis in zip(out.spans, synopsis) if is_synopsis][::4]
+        first = [times[int(torch.nonzero(scene[:216] == i)[0])] for i in range(8)]
+        last = [times[int(torch.nonzero(scene[:216] == i)[-1])] for i in range(8)]
+        assert spans == list(zip(first, last))
         detail = {scene_of(s, scene) for kind, (s, _) in zip(out.kinds, out.spans) if kind == "detail"}
         heaviest = set(sorted(range(len(LENGTHS)), key=lambda i: -LENGTHS[i])[:3])
         assert detail == heaviest
@@ -101,7 +108,11 @@ def test_identical_points_do_not_break_the_start():
     chosen = kmeans_plus_plus(points, torch.ones(10), 3, seed=0)
     assert len(set(chosen.tolist())) == 3
     assign = weighted_kmeans(points, torch.ones(10), 3, iters=5, seed=0)
-    assert assign.shape == (10,)
+    assert assign.shape == (10,) and len(set(assign.tolist())) == 1 and 0 <= int(assign[0]) < 3
+    # two distinct points, many copies each: never split a copy from its twins, never mix the two
+    twins = torch.cat([torch.zeros(6, 4), torch.ones(4, 4)])
+    assign = weighted_kmeans(twins, torch.ones(10), 3, iters=5, seed=0)
+    assert len(set(assign[:6].tolist())) == 1 and len(set(assign[6:].tolist())) == 1 and assign[0] != assign[6]
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from tiny_models import CHATML, tiny_clip, tiny_flash_vstream, tiny_llava_onevision
 
@@ -157,7 +158,7 @@ def small_memory() -> StarMemory:
     return StarMemory(StarConfig(temporal_length=6, abstract_length=5, abstract_chunk=5, bank=BankConfig(ram_mb=4)))
 
 
-def test_llava_onevision_answers_from_frames_end_to_end(onevision):
+def test_llava_onevision_answers_from_frames_end_to_end(onevision, folders):
     assert isinstance(onevision, LlavaOnevisionModel) and onevision.reads_memory_tokens
     vlm = onevision.lm.model
     assert onevision.frame_encoder.tower is vlm.vision_tower  # its own tower, not a second copy
@@ -166,7 +167,13 @@ def test_llava_onevision_answers_from_frames_end_to_end(onevision):
     tokens = memory.tokens()
     projected = onevision.project(tokens.tokens)
     assert projected.shape == (len(tokens), onevision.lm.config.text_config.hidden_size)
-    torch.testing.assert_close(projected, vlm.multi_modal_projector(tokens.tokens))
+    # the checkpoint's projector, applied by hand from its file: linear_2(gelu(linear_1(x)))
+    (weights,) = folders["onevision"].glob("*.safetensors")
+    w = safetensors.torch.load_file(weights)
+    hidden = torch.nn.functional.gelu(tokens.tokens @ w["multi_modal_projector.linear_1.weight"].T
+                                      + w["multi_modal_projector.linear_1.bias"])
+    expected = hidden @ w["multi_modal_projector.linear_2.weight"].T + w["multi_modal_projector.linear_2.bias"]
+    torch.testing.assert_close(projected, expected, rtol=1e-4, atol=1e-5)
     check_answer(onevision, memory)
 
 

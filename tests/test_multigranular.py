@@ -115,20 +115,27 @@ def test_queries_and_regression_have_the_level_shapes(model, kind):
         MultigranularHead(hidden + 1, feature_dim=D).generate(model, None, "x", 1)
 
 
-def test_training_lowers_the_loss_and_leaves_the_llm_unchanged(model):
+def test_training_reaches_the_mean_frame_and_leaves_the_llm_unchanged(model):
+    """The best a head can do without telling requests apart is the mean frame; training
+    must get near that from an untrained head's far worse loss. (The tiny random LLM's
+    hidden states hardly differ between requests, ~0.5 % of their norm, so this test
+    does not ask the head to tell frames apart.)"""
     memory, _, _ = filled(6)
+    levels = [1, 4, 16]
+    truth = [pyramid(memory.bank.features([i])[0]) for i in range(6)]
 
-    def loss(head) -> float:  # over every frame and level, on the requests training uses
-        truth = [pyramid(memory.bank.features([i])[0]) for i in range(6)]
-        return float(np.mean([head.loss(head.generate(model, None, request(float(i)), n), truth[i][n].unsqueeze(0))
-                              for i in range(6) for n in head.config.levels]))
+    def loss(predict) -> float:  # over every frame and level, on the requests training uses
+        return float(np.mean([head.loss(predict(i, n), truth[i][n].unsqueeze(0)) for i in range(6) for n in levels]))
 
     before = {k: v.clone() for k, v in model.lm.state_dict().items()}
-    head = MultigranularHead(hidden_size_of(model), feature_dim=D, levels=[1, 4, 16], lr=1e-2)
-    untrained = loss(head)
+    head = MultigranularHead(hidden_size_of(model), feature_dim=D, levels=levels, lr=1e-2)
+    mean_frame = {n: torch.stack([frame[n] for frame in truth]).mean(dim=0, keepdim=True) for n in levels}
+    best_constant = loss(lambda i, n: mean_frame[n])
+    untrained = loss(lambda i, n: head.generate(model, None, request(float(i)), n))
+    assert untrained > 1.6 * best_constant
     for _ in range(40):
         head.train_step(model, memory, frames=2)
-    assert loss(head) < 0.7 * untrained
+    assert loss(lambda i, n: head.generate(model, None, request(float(i)), n)) < 1.25 * best_constant
     after = model.lm.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ConfigError, match="wide"):
@@ -236,14 +243,27 @@ def test_a_bank_saved_before_thumbnails_still_loads(tmp_path):
 
 
 @pytest.mark.parametrize("level", [1, 4, 16, 64, 256])
-def test_retrieval_decoder_returns_the_thumbnail_of_the_exact_frame(level):
-    memory, features, _ = filled(12, grid=4)
+def test_retrieval_decoder_returns_the_thumbnail_of_the_nearest_frame(level):
+    memory, features, pictures = filled(12, grid=4)
     decoder = create_decoder("retrieval", memory)
+    side = min(int(level**0.5), 4)  # finer than the bank's 4x4: compared at 4x4
+
+    def by_hand(grid_16: torch.Tensor) -> torch.Tensor:  # [..., 256, D] -> [..., side*side, D] block means
+        g = 16 // side
+        return grid_16.reshape(-1, side, g, side, g, D).mean(dim=(2, 4)).reshape(-1, side * side, D)
+
+    stored = by_hand(features)  # what the bank holds, pooled by hand (before its float16 rounding)
+    noise = torch.Generator().manual_seed(level)
     for i in (0, 5, 11):
-        query = pyramid(features[i])[level].unsqueeze(0)  # finer than the bank's 4x4: pooled down to it
-        assert decoder.nearest(query) == [i]
-        (picture,) = decoder.decode(query)
-        assert np.array_equal(np.asarray(picture), np.asarray(memory.bank.thumbnails([i])[0]))
+        # a query that is no stored frame: frame i with noise, or a blend of two frames
+        for query_16 in (features[i] + 0.5 * torch.randn(256, D, generator=noise),
+                         0.65 * features[i] + 0.35 * features[(i + 3) % 12]):
+            query = pyramid(query_16)[level].unsqueeze(0)
+            expected = int(((stored - by_hand(query_16)) ** 2).sum(dim=(1, 2)).argmin())
+            assert expected == i  # these queries stay nearest their own frame at every level
+            assert decoder.nearest(query) == [expected]
+            (picture,) = decoder.decode(query)
+            assert closest(picture, pictures) == i
     assert decoder.nearest(torch.stack([pyramid(features[i])[level] for i in (3, 3)])) == [3, 3]
     with pytest.raises(ConfigError, match="square"):
         decoder.decode(torch.randn(1, 5, D))
