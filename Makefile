@@ -36,7 +36,7 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/memory.py
-	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/kernel_speed.py
 	$(BIN)/python benchmarks/biglittle.py
 	$(BIN)/python benchmarks/qa.py
 

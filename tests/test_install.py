@@ -9,6 +9,7 @@ transformers must still load models. These tests start Pythons exactly that way.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -37,7 +38,7 @@ def python_at_root(*args: str, **env: str) -> subprocess.CompletedProcess:
     """Run this venv's Python with the checkout root as working directory, root on sys.path."""
     environ = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", **env}
     environ.pop("PYTHONSAFEPATH", None)  # conftest sets it for the other tests' children
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environ, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environ, capture_output=True, text=True, check=False,
                           timeout=240)
 
 
@@ -71,3 +72,17 @@ def test_kernels_is_not_importable_from_the_root_when_the_package_is_absent():
     assert done.returncode == 1
     assert "ModuleNotFoundError: No module named 'kernels' is installed" in done.stderr
     assert "vstream's kernels stage" in done.stderr
+
+
+def test_no_script_folder_or_stage_folder_shadows_an_installed_module():
+    """``python benchmarks/x.py`` puts benchmarks/ first on sys.path (pytest does the same
+    with tests/): a file there named like an installed module (benchmarks/kernels.py
+    once was) stands in for it. The root's stage folders must not collide either; only
+    kernels/ does, and it guards itself (above)."""
+    installed = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    scripts = [path for folder in ("benchmarks", "examples", "tests") for path in (ROOT / folder).glob("*.py")]
+    assert len(scripts) > 40
+    assert [str(path.relative_to(ROOT)) for path in scripts if path.stem in installed] == []
+    stages = {path.name for path in ROOT.iterdir() if (path / "__init__.py").is_file()}
+    assert stages == {"vstream", "encoders", "memory", "kernels", "models"}
+    assert stages & installed == {"vstream", "kernels"}  # vstream is this package itself

@@ -1,14 +1,19 @@
 """Kernels benchmark: each Triton kernel against its PyTorch reference, at the shapes the
-STAR memory runs them at.
+memories really call them with (default configs, a CLIP ViT-L/14 or SigLIP tower, the
+session's 8-frame writer batches).
 
-| case | shapes |
-|---|---|
-| pool (CLIP) | 64 frames of 16x16 patches x 1024 -> 8x8 |
-| pool (SigLIP) | 64 frames of 27x27 patches x 1152 -> 8x8 |
-| nearest (bank) | 25 centroids x 1024 against 36000 bank keys (x = centroids, y = keys) |
-| nearest (wide) | 26 x 16384 against 25 x 16384 (25 temporal centroids + 1 frame at 4x4) |
-| kmeans_step | 128 points x 16384, K = 120 |
-| attention | S = 25 slots, T = 25 entries, h = 32, D = 1024 |
+| case | call in the memory | shapes |
+|---|---|---|
+| pool (CLIP) | every batch: patches to the base grid | 8 frames of 16x16 patches x 1024 -> 8x8 |
+| pool (SigLIP) | the same, LLaVA-OneVision's tower | 8 frames of 27x27 patches x 1152 -> 8x8 |
+| pool (temporal) | every batch: base grid to STAR's temporal grid | 8 x 8x8 x 1024 -> 4x4 |
+| nearest | every read: a retrieved centroid re-ranks its 16 candidates | 1 x 16384 vs 16 x 16384 |
+| kmeans_step | Flash, every 8 frames: 120 centroids + 8 frames, projected | 128 x 64, K = 120 |
+| attention | STAR, every 25 frames: the abstract update | S = 25, T = 25, h = 32, D = 1024 |
+
+STAR's per-frame temporal update (the Ward merge of 25 centroids and the new frame at
+4x4 x 1024) and the bank's search (FAISS) are not kernels and are not timed here;
+``benchmarks/memory.py`` times whole updates and reads.
 
 Each public function is timed under ``use_backend("reference")`` and, on CUDA,
 ``use_backend("triton")`` (the wrapper's checks included, as a caller pays them): one
@@ -23,8 +28,8 @@ reports the reference times instead:
     RESULT device=cpu pool_ref_ms=... pool_siglip_ref_ms=... nearest_ref_ms=... ...
     RESULT device=<cuda name> pool_speedup=<ref/triton> ... attention_speedup=...
 
-Run: ``python benchmarks/kernels.py [--repeat N] [--dtype float32|float16|bfloat16]``.
-Under 2 minutes on 2 CPU cores.
+Run: ``python benchmarks/kernel_speed.py [--repeat N] [--dtype float32|float16|bfloat16]``.
+Seconds on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -51,21 +56,20 @@ def cases(device: str, dtype: torch.dtype) -> list[tuple[str, str, Callable, int
         return torch.randn(*shape, generator=g, device=device).to(dtype)
 
     size = torch.tensor([], dtype=dtype).element_size()
-    clip, siglip = randn(64, 256, 1024), randn(64, 729, 1152)
-    centroids, bank = randn(25, 1024), randn(36000, 1024)
-    wide_x, wide_y = randn(26, 16384), randn(25, 16384)
-    points, weights, start = randn(128, 16384), torch.rand(128, generator=g, device=device), randn(120, 16384)
+    clip, siglip, base = randn(8, 256, 1024), randn(8, 729, 1152), randn(8, 64, 1024)
+    centroid, candidates = randn(1, 16384), randn(16, 16384)
+    points, weights, start = randn(128, 64), torch.rand(128, generator=g, device=device), randn(120, 64)
     memory, queries, keys, values = randn(25, 1024), randn(25, 32), randn(25, 32), randn(25, 1024)
     return [
-        ("pool", "64x16x16x1024 -> 8x8", lambda: pool_grid(clip, 8),
-         (clip.numel() + 64 * 64 * 1024) * size),
-        ("pool_siglip", "64x27x27x1152 -> 8x8", lambda: pool_grid(siglip, 8),
-         (siglip.numel() + 64 * 64 * 1152) * size),
-        ("nearest", "25x1024 vs 36000x1024", lambda: nearest(centroids, bank),
-         (centroids.numel() + bank.numel()) * size + 25 * 12),
-        ("nearest_wide", "26x16384 vs 25x16384", lambda: nearest(wide_x, wide_y),
-         (wide_x.numel() + wide_y.numel()) * size + 26 * 12),
-        ("kmeans", "128x16384, K=120", lambda: kmeans_step(points, weights, start),
+        ("pool", "8x16x16x1024 -> 8x8", lambda: pool_grid(clip, 8),
+         (clip.numel() + 8 * 64 * 1024) * size),
+        ("pool_siglip", "8x27x27x1152 -> 8x8", lambda: pool_grid(siglip, 8),
+         (siglip.numel() + 8 * 64 * 1152) * size),
+        ("pool_temporal", "8x8x8x1024 -> 4x4", lambda: pool_grid(base, 4),
+         (base.numel() + 8 * 16 * 1024) * size),
+        ("nearest", "1x16384 vs 16x16384", lambda: nearest(centroid, candidates),
+         (centroid.numel() + candidates.numel()) * size + 12),
+        ("kmeans", "128x64, K=120", lambda: kmeans_step(points, weights, start),
          (points.numel() + 2 * start.numel()) * size + 128 * (4 + 8) + 120 * 4),
         ("attention", "S=25 T=25 h=32 D=1024", lambda: semantic_attention(memory, queries, keys, values, 0.2),
          (2 * memory.numel() + queries.numel() + keys.numel() + values.numel()) * size),
@@ -106,12 +110,12 @@ def main() -> None:
         torch.set_num_threads(1)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"device: {name}, dtype: {args.dtype}, best of {repeat}")
-    print(f"{'case':<13} {'shape':<24} {'ref ms':>9} {'ref GB/s':>9} {'triton ms':>10} {'triton GB/s':>11} "
+    print(f"{'case':<14} {'shape':<24} {'ref ms':>9} {'ref GB/s':>9} {'triton ms':>10} {'triton GB/s':>11} "
           f"{'speedup':>8} {'max err':>9}")
     result = [f"device={name.replace(' ', '_')}"]
     for key, shape, call, nbytes in cases(device, DTYPES[args.dtype]):
         ref, ref_ms = best_ms(call, "reference", repeat, cuda)
-        line = f"{key:<13} {shape:<24} {ref_ms:9.3f} {nbytes / ref_ms / 1e6:9.1f} "
+        line = f"{key:<14} {shape:<24} {ref_ms:9.3f} {nbytes / ref_ms / 1e6:9.1f} "
         if cuda:
             out, tri_ms = best_ms(call, "triton", repeat, cuda)
             line += (f"{tri_ms:10.3f} {nbytes / tri_ms / 1e6:11.1f} {ref_ms / tri_ms:8.2f} "
