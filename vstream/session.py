@@ -251,6 +251,19 @@ class Session:
                                         name="vstream-session-reader", daemon=True)
         self._reader.start()
 
+    @classmethod
+    def from_source(cls, uri: str, model: ChatModel | str | None = None, config: SessionConfig | None = None,
+                    encoder: FrameEncoder | None = None, **settings) -> Session:
+        """A new session already reading ``uri`` (``start_source(uri, **settings)``); a
+        source that cannot be opened closes the session and raises."""
+        session = cls(model, config, encoder)
+        try:
+            session.start_source(uri, **settings)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
     def _read_loop(self, source, wait: bool) -> None:
         try:
             with source:
