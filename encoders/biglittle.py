@@ -34,9 +34,10 @@ the output is the projected little features.
 Projection. ``nn.Identity`` when the widths are equal; otherwise ``nn.Linear(d, D)``,
 zero bias, weight a seeded (semi-)orthogonal matrix: for ``d < D`` its columns are
 orthonormal, so it is an isometry that keeps the little features' norms and distances.
-A least-squares fit to the big features would need paired features of real frames,
-which an encoder built from two checkpoints does not have; training it is left to the
-user (``projection`` and ``scorer`` are ordinary modules).
+That is only a start: an encoder built from two checkpoints has no paired features, so
+``calibrate(frames)`` makes them from sample frames and fits the projection (and a
+linear scorer) by ridge least squares; ``save_calibration`` / ``calibration=DIR`` keep
+the fit (``projection`` and ``scorer`` are ordinary modules, to train further if wanted).
 
 Both towers load through ``VisionEncoder`` (same ``layer``, ``dtype``, ``device``) and
 each preprocesses frames with its own image processor. They must have the same patch
