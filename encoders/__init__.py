@@ -3,7 +3,8 @@ transcript segments, text to vectors.
 
 - ``create_encoder("pixels" | "vision" | hub id | folder)``, ``list_encoders()``: frame
   encoders (``FrameEncoder``: ``grid``, ``dim``, ``encode(images) -> [B, grid*grid, D]``):
-  ``PixelEncoder`` (no weights) and ``VisionEncoder`` (CLIP, SigLIP, or a VLM's tower).
+  ``PixelEncoder`` (no weights), ``VisionEncoder`` (CLIP, SigLIP, or a VLM's tower) and
+  ``ImageNetEncoder`` (MobileNetV2 with ImageNet labels, offline).
 - ``WhisperASR`` / ``ASRWorker``: speech to ``TranscriptSegment``s, beside the frame path.
 - ``TextEmbedder``: sentence embeddings (all-MiniLM-L6-v2 by default).
 
@@ -20,6 +21,7 @@ _LAZY = {
     "ASRConfig": "asr", "ASRWorker": "asr", "WhisperASR": "asr",
     "TextConfig": "text", "TextEmbedder": "text",
     "BigLittleConfig": "biglittle", "BigLittleEncoder": "biglittle",
+    "ImageNetConfig": "imagenet", "ImageNetEncoder": "imagenet",
 }
 
 __all__ = [  # noqa: PLE0604 - the lazy names are strings too

@@ -4,7 +4,7 @@ batch of images, and the JSON round trip of the encoders' configs.
 
 A frame encoder turns a batch of RGB frames into a square grid of patch features per
 frame, the input the memory takes (``StreamMemory.add`` wants ``[P, D]``, P a square
-grid). Two are built in:
+grid). Built in:
 
 - ``"pixels"`` (``PixelEncoder``): parameter-free pooled colour statistics, for when no
   vision model is given;
@@ -79,7 +79,7 @@ def register_encoder(name: str):
 def _load_builtins() -> None:
     # The built-in encoders register themselves when their modules load; they import
     # this module, so they are imported here, on first use, not at the top.
-    from vstream.encoders import biglittle, pixels, vision  # noqa: F401
+    from vstream.encoders import biglittle, imagenet, pixels, vision  # noqa: F401
 
 
 def list_encoders() -> list[str]:

@@ -55,7 +55,8 @@ class SessionConfig(JsonConfig):
         fps: frames sampled per second from a source the session reads (default 1.0).
         asr: transcribe audio (default True).
         encoder: frame encoder when the model brings no vision tower: ``"pixels"``
-            (default), a vision model's hub id or folder, or a registered encoder
+            (default), ``"imagenet"`` (MobileNetV2 with ImageNet labels, whose words
+            go into the scene notes), a vision model's hub id or folder, or a registered encoder
             with its fields in one string (``"biglittle:big=...,little=...,keep_ratio=0.25"``).
         heads: model heads attached when the session loads its model by name, each a
             spec string (``"visual_experts:weights=experts/"``); a loaded ``ChatModel``

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from vstream.errors import ConfigError
@@ -65,7 +66,7 @@ class ClipInfo:
     tones: list[tuple[float, float]]
     duration: float
     size: tuple[int, int]
-    scenes: list[tuple[float, tuple[int, int, int]]] = field(default_factory=list)
+    scenes: list[tuple[float, tuple[int, int, int] | np.ndarray]] = field(default_factory=list)
     speech: list[tuple[float, float, str]] = field(default_factory=list)
     """``[(start, end, text), ...]`` seconds, of each spoken sentence."""
 
@@ -126,7 +127,7 @@ def write_clip(
     audio: bool = True,
     video: bool = True,
     tones: list[tuple[float, float]] | None = None,
-    scenes: list[tuple[float, tuple[int, int, int]]] | None = None,
+    scenes: list[tuple[float, tuple[int, int, int] | np.ndarray]] | None = None,
     speech: list[tuple[float, str]] | None = None,
     noise: float = 0.0,
     frame_times: np.ndarray | None = None,
@@ -146,7 +147,10 @@ def write_clip(
             ``[]`` for silence.
         speech: ``[(start_seconds, text), ...]`` sentences spoken by espeak-ng over the
             tones (needs the espeak-ng program).
-        scenes: ``[(start_seconds, (r, g, b)), ...]`` background colours; default grey.
+        scenes: ``[(start_seconds, (r, g, b) or picture), ...]``: from each start on, frames
+            show that background colour (under the bar code and the moving square), or
+            that picture (an ``[H, W, 3]`` uint8 array, resized to ``size``, shown as it
+            is); default grey.
         noise: standard deviation of white noise added to the audio (default 0.0: none;
             seeded, so a clip is the same each time it is written).
         frame_times: ``[N]`` explicit presentation times in seconds (variable frame rate).
@@ -230,9 +234,12 @@ def _video_packets(container, codec, frame_times, size, scenes, keyframe_interva
 def _encode_video(stream, frame_times, size, scenes, time_base):
     width, height = size
     scene_starts = [s for s, _ in scenes]
+    pictures = {i: np.asarray(Image.fromarray(np.asarray(look, np.uint8)).resize(size, Image.BILINEAR))
+                for i, (_, look) in enumerate(scenes) if isinstance(look, np.ndarray)}
     for index, t in enumerate(frame_times):
-        background = scenes[max(np.searchsorted(scene_starts, t, side="right") - 1, 0)][1]
-        frame = av.VideoFrame.from_ndarray(draw_frame(index, t, width, height, background), format="rgb24")
+        scene = max(np.searchsorted(scene_starts, t, side="right") - 1, 0)
+        image = pictures[scene] if scene in pictures else draw_frame(index, t, width, height, scenes[scene][1])
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = int(round(t / time_base))
         frame.time_base = time_base
         yield t, stream.encode(frame)
