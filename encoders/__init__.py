@@ -6,6 +6,7 @@ transcript segments, text to vectors.
   ``PixelEncoder`` (no weights), ``VisionEncoder`` (CLIP, SigLIP, or a VLM's tower) and
   ``ImageNetEncoder`` (MobileNetV2 with ImageNet labels, offline).
 - ``WhisperASR`` / ``ASRWorker``: speech to ``TranscriptSegment``s, beside the frame path.
+- ``ScreenReader`` / ``OCRWorker``: the text on screen (PP-OCRv4), read where the picture changed.
 - ``TextEmbedder``: sentence embeddings (all-MiniLM-L6-v2 by default).
 
 The classes load on first use, so importing this package does not import torch.
@@ -22,6 +23,7 @@ _LAZY = {
     "TextConfig": "text", "TextEmbedder": "text",
     "BigLittleConfig": "biglittle", "BigLittleEncoder": "biglittle",
     "ImageNetConfig": "imagenet", "ImageNetEncoder": "imagenet",
+    "OCRConfig": "ocr", "OCRWorker": "ocr", "ScreenReader": "ocr",
 }
 
 __all__ = [  # noqa: PLE0604 - the lazy names are strings too

@@ -1,5 +1,7 @@
 """The transcript memory: timed transcript segments with a FAISS index over their embeddings.
 
+A session keeps two: what was said (speech) and what was on screen (OCR), built alike.
+
 It answers "which lines were about X" (``search``), "what was said between t0 and t1"
 (``between``) and "what was said last" (``recent``) over a stream of any length, in
 bounded memory.
@@ -33,7 +35,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -189,6 +191,19 @@ class TranscriptMemory:
             new = np.empty((rows, *old.shape[1:]), old.dtype)
             new[:n] = old[:n]
             setattr(self, name, new)
+
+    def stretch_last(self, end: float) -> None:
+        """Move the newest segment's end to ``end`` seconds (never earlier than it is): a
+        text still on screen, or a line still being spoken, lasts longer than first known."""
+        if not (isinstance(end, numbers.Real) and math.isfinite(end)):
+            raise MemoryStateError(f"stretch_last: end must be finite seconds, got {end!r}")
+        with self._lock:
+            if len(self._segments) == self._first:
+                raise MemoryStateError("stretch_last: the memory holds no segment")
+            last = self._segments[-1]
+            if end > last.end:
+                self._segments[-1] = replace(last, end=float(end))
+                self._spans[len(self._segments) - 1, 1] = end
 
     # -- reading ------------------------------------------------------------------------
 

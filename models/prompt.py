@@ -47,7 +47,7 @@ MEDIA_SYSTEM_PROMPT = (
     "Answer the question about the images and videos from what each of them shows and says. Name the image or "
     "video you answer from. Be brief."
 )
-FRAME, TRANSCRIPT = "frame", "transcript"
+FRAME, TRANSCRIPT, SCREEN = "frame", "transcript", "screen"
 IMAGE, VIDEO = "image", "video"
 PLACEHOLDER = re.compile(r"<(image|video)>")  # InternLM-XComposer-style references to the media, in order
 
@@ -55,7 +55,7 @@ PLACEHOLDER = re.compile(r"<(image|video)>")  # InternLM-XComposer-style referen
 @dataclass(frozen=True)
 class Evidence:
     """A part of the stream the answer drew on: ``start``/``end`` seconds, ``kind``
-    ``"frame"`` or ``"transcript"``, ``score`` (its share of the answer's attention,
+    ``"frame"``, ``"transcript"`` or ``"screen"`` (text read on screen), ``score`` (its share of the answer's attention,
     or its retrieval score when attention was not measured), and ``source``: which of
     several media it is from (``"video 1"``, ``"image 2"``), None for a single stream."""
 
@@ -95,12 +95,15 @@ class Context:
             that read words only.
         transcript: ``(segment, score)`` pairs: transcript lines retrieved for the
             question, best first.
+        screen: ``(segment, score)`` pairs: texts read on screen retrieved for the
+            question, best first.
         duration: seconds of stream seen so far.
     """
 
     memory: MemoryTokens | None = None
     scenes: list[tuple[float, float, str]] | None = None
     transcript: list | None = None
+    screen: list | None = None
     duration: float = 0.0
 
 
@@ -159,7 +162,8 @@ def memory_pieces(memory: MemoryTokens, source: str | None = None) -> list[Piece
 
 def context_pieces(context: Context, visual: bool, source: str | None = None) -> list[Piece]:
     """What a stream's ``context`` shows and says: its memory tokens (``visual``: the
-    model reads them), scene notes and transcript lines, or a line saying it is empty.
+    model reads them), scene notes, texts read on screen and transcript lines, or a line
+    saying it is empty.
     Evidence pieces carry ``source``."""
     pieces: list[Piece] = []
     if visual and context.memory is not None and len(context.memory):
@@ -171,11 +175,12 @@ def context_pieces(context: Context, visual: bool, source: str | None = None) ->
         for start, end, description in context.scenes:
             pieces.append(Piece(text=f"{span(start, end)} {description}\n", evidence=(start, end, FRAME),
                                 source=source))
-    if context.transcript:
-        pieces.append(Piece(text="Transcript:\n"))
-        for segment, score in sorted(context.transcript, key=lambda hit: hit[0].start):
-            pieces.append(Piece(text=f'{span(segment.start, segment.end)} "{segment.text}"\n',
-                                evidence=(segment.start, segment.end, TRANSCRIPT), prior=float(score), source=source))
+    for title, hits, kind in (("On screen", context.screen, SCREEN), ("Transcript", context.transcript, TRANSCRIPT)):
+        if hits:
+            pieces.append(Piece(text=f"{title}:\n"))
+            for segment, score in sorted(hits, key=lambda hit: hit[0].start):
+                pieces.append(Piece(text=f'{span(segment.start, segment.end)} "{segment.text}"\n',
+                                    evidence=(segment.start, segment.end, kind), prior=float(score), source=source))
     if not pieces:
         pieces.append(Piece(text="Nothing has been seen or heard yet.\n"))
     return pieces

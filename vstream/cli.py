@@ -202,6 +202,8 @@ def _session_flags(parser: argparse.ArgumentParser) -> None:
                              "(MobileNetV2 with ImageNet labels, offline), a vision model, or an encoder with its "
                              "settings: biglittle:big=MODEL,little=MODEL,keep_ratio=0.25")
     parser.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe the audio")
+    parser.add_argument("--ocr", action="store_true",
+                        help="read the text on screen where the picture changes (PP-OCRv4, offline)")
     parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
 
 
@@ -255,7 +257,7 @@ def _ask(args) -> None:
     if not questions or not all(q.strip() for q in questions):
         raise vstream.ConfigError("vstream ask needs a video and at least one non-empty question")
     generation = _generation(args)
-    config = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, heads=args.head,
+    config = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, ocr=args.ocr, heads=args.head,
                            generation=generation)
     if len(media) > 1 or (media and _is_image(media[0])):
         return _ask_media(args, media, questions, config)
@@ -411,7 +413,8 @@ def _serve(args) -> None:
     elif args.curve_clients:
         raise vstream.ConfigError("--curve-clients needs --curve-secret")
     generation = _generation(args)
-    session = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, batch_frames=args.batch_frames,
+    session = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, ocr=args.ocr,
+                            batch_frames=args.batch_frames,
                             queue_frames=args.queue_frames, generation=generation)
     sources = tuple(kind.strip() for kind in args.sources.split(",") if kind.strip() not in ("", "none"))
     config = ServerConfig(bind=args.bind, token=args.token, curve_secret_key=curve_secret,

@@ -58,10 +58,13 @@ class SessionConfig(JsonConfig):
             (default), ``"imagenet"`` (MobileNetV2 with ImageNet labels, whose words
             go into the scene notes), a vision model's hub id or folder, or a registered encoder
             with its fields in one string (``"biglittle:big=...,little=...,keep_ratio=0.25"``).
+        ocr: read the text on screen (PP-OCRv4, offline) where the picture changes, into
+            a screen-text memory searched with every question (default False).
         heads: model heads attached when the session loads its model by name, each a
             spec string (``"visual_experts:weights=experts/"``); a loaded ``ChatModel``
             comes with its own.
         transcript_lines: transcript lines retrieved per question (default 8).
+        screen_lines: on-screen texts retrieved per question (default 4).
         transcript_floor: retrieved lines whose similarity to the question is under this
             fraction of the best line's are left out (default 0.5; 0 keeps all), so a
             clear match is not drowned among weak ones; a window's own lines still fill
@@ -75,8 +78,10 @@ class SessionConfig(JsonConfig):
     fps: float = 1.0
     asr: bool = True
     encoder: str = "pixels"
+    ocr: bool = False
     heads: list[str] = field(default_factory=list)
     transcript_lines: int = 8
+    screen_lines: int = 4
     transcript_floor: float = 0.5
     batch_frames: int = 8
     queue_frames: int = 64
@@ -89,7 +94,9 @@ class SessionConfig(JsonConfig):
             raise ConfigError(f"SessionConfig.heads must be a list of head specs, got {self.heads!r}")
         self.heads = list(self.heads)
         check_number("SessionConfig", "transcript_floor", self.transcript_floor, 0.0, 1.0, include_low=True)
-        for name in ("transcript_lines", "batch_frames", "queue_frames"):
+        if not isinstance(self.ocr, bool):
+            raise ConfigError(f"SessionConfig.ocr must be True or False, got {self.ocr!r}")
+        for name in ("transcript_lines", "screen_lines", "batch_frames", "queue_frames"):
             check_int("SessionConfig", name, getattr(self, name), 1)
 
 
@@ -104,6 +111,9 @@ class SessionStats:
         audio_seconds: seconds of audio pushed.
         audio_dropped: seconds of audio dropped (the writer's queue or the recogniser's).
         transcript_segments: lines in the transcript memory.
+        screen_segments: texts in the screen-text memory.
+        ocr_frames: frames whose picture changed and were read for text.
+        ocr_dropped: changed frames not read because the reader fell behind a live source.
         memory_tokens: tokens the visual memory reads out as.
         lag_seconds: stream seconds between the newest item pushed and the newest
             frame in the memory.
@@ -118,6 +128,9 @@ class SessionStats:
     audio_seconds: float = 0.0
     audio_dropped: float = 0.0
     transcript_segments: int = 0
+    screen_segments: int = 0
+    ocr_frames: int = 0
+    ocr_dropped: int = 0
     memory_tokens: int = 0
     lag_seconds: float = 0.0
     last_t: float = 0.0
@@ -152,8 +165,9 @@ class Session:
         self.model, self.encoder = model_and_encoder(model, self.config, encoder)
         memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
         self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
-        self.transcript = None
-        self._text = self._asr = self._asr_worker = None
+        self.transcript = self.screen = None  # what was said; what was on screen
+        self._text = self._asr = self._asr_worker = self._ocr = self._ocr_worker = None
+        self._reading_file = False  # a file read at the writer's pace: the OCR reads every changed frame
         self._stats = SessionStats()
         self._newest = 0.0  # time of the newest item pushed
         self._last_frame_t = -math.inf  # time of the newest frame pushed: the memory takes frames in order
@@ -247,6 +261,7 @@ class Session:
         settings.setdefault("audio", self.config.asr)
         self._source = open_source(uri, **settings)
         wait = isinstance(self._source, FileSource) and not settings.get("realtime", False)
+        self._reading_file = wait
         self._idle.clear()  # the writer sets it once the reader has ended and the queue is empty
         self._reader = threading.Thread(target=self._read_loop, args=(self._source, wait),
                                         name="vstream-session-reader", daemon=True)
@@ -344,6 +359,9 @@ class Session:
         for item in batch:
             if isinstance(item, AudioChunk):
                 self._recogniser().submit(item)
+        if frames and self.config.ocr:
+            for frame in frames:
+                self._screen_reader().submit(frame)
         if frames:
             features = self.encoder.encode([f.image for f in frames])
             # thumbnails are made here, outside the lock a question waits on
@@ -354,11 +372,12 @@ class Session:
                 self._stats.frames_processed += len(frames)
                 self._stats.last_t = frames[-1].t
         ended = any(item is _END for item in batch)
-        if ended and self._asr_worker is not None:
-            self._asr_worker.close()  # decode what is held
+        for worker in (self._asr_worker, self._ocr_worker) if ended else ():
+            if worker is not None:
+                worker.close()  # finish what is held
         self._collect_transcript()
         if ended:
-            self._asr_worker = self._reader = None
+            self._asr_worker = self._ocr_worker = self._reader = None
 
     def _recogniser(self):
         if self._asr_worker is None:
@@ -368,9 +387,22 @@ class Session:
             self._asr_worker = ASRWorker(self._asr, drop=False)  # the session's queue is where drops happen
         return self._asr_worker
 
+    def _screen_reader(self):
+        if self._ocr_worker is None:
+            from vstream.encoders.ocr import OCRWorker, ScreenReader
+
+            self._ocr = self._ocr or ScreenReader()
+            self._ocr_worker = OCRWorker(self._ocr, drop=not self._reading_file)
+        return self._ocr_worker
+
     def _collect_transcript(self) -> None:
         if self._asr_worker is not None:
             self.add_transcript(self._asr_worker.segments())
+        if self._ocr_worker is not None:
+            self.add_screen_text(self._ocr_worker.collect())
+            stats = self._ocr_worker.stats
+            with self._stats_lock:
+                self._stats.ocr_frames, self._stats.ocr_dropped = stats.read, stats.dropped
 
     def add_transcript(self, segments) -> None:
         """Add transcript segments (``TranscriptSegment``, in time order)."""
@@ -387,6 +419,23 @@ class Session:
         with self._stats_lock:
             self._stats.transcript_segments = len(self.transcript)
 
+    def add_screen_text(self, screen) -> None:
+        """Add what an ``OCRWorker`` read (``ScreenText``): stretch the newest text to its
+        current end, then add the texts opened since."""
+        from vstream.memory.transcript import TranscriptMemory
+
+        embeddings = self.text.encode([s.text for s in screen.segments]) if screen.segments else None
+        with self._write_lock:
+            if screen.previous_end is not None and self.screen is not None and len(self.screen):
+                self.screen.stretch_last(screen.previous_end)
+            if embeddings is not None:
+                if self.screen is None:
+                    self.screen = TranscriptMemory(self.text.dim)
+                self.screen.extend(screen.segments, embeddings)
+        if embeddings is not None:
+            with self._stats_lock:
+                self._stats.screen_segments = len(self.screen)
+
     @property
     def text(self):
         """The text embedder, loaded on first use."""
@@ -401,39 +450,44 @@ class Session:
     def context(self, question: str, start: float | None = None, end: float | None = None) -> Context:
         """A snapshot of what the model reads for ``question``, within ``[start, end]``
         seconds when given."""
-        query = self.text.encode([question])[0] if self.transcript is not None else None
+        searched = self.transcript is not None or self.screen is not None
+        query = self.text.encode([question])[0] if searched else None
         with self._write_lock:
             memory = self.memory.tokens() if self.model.reads_memory_tokens else None
             clusters = None if self.model.reads_memory_tokens else self.memory.clusters(means=True)
-            transcript = self._retrieve(query, start, end) if query is not None else []
+            transcript = self._retrieve(self.transcript, self.config.transcript_lines, query, start, end)
+            screen = self._retrieve(self.screen, self.config.screen_lines, query, start, end)
             duration = self.memory.last_t if len(self.memory) else 0.0
         if memory is not None:
-            return Context(memory=_within(memory, start, end), transcript=transcript, duration=duration)
+            return Context(memory=_within(memory, start, end), transcript=transcript, screen=screen,
+                           duration=duration)
         clusters = [c for c in clusters if _overlaps(c[0], c[1], start, end)]
         describe = getattr(self.encoder, "describe", None)  # words for the features, where the encoder has them
         captions = describe(torch.stack([c[3] for c in clusters]).numpy()) if describe and clusters else None
         scenes = describe_scenes([c[:3] for c in clusters], self.config.fps, captions=captions)
-        return Context(scenes=scenes, transcript=transcript, duration=duration)
+        return Context(scenes=scenes, transcript=transcript, screen=screen, duration=duration)
 
-    def _retrieve(self, query, start, end) -> list:
-        k = self.config.transcript_lines
+    def _retrieve(self, texts, k: int, query, start, end) -> list:
+        """The ``k`` lines of the timed-text memory ``texts`` (transcript or screen) best
+        matching ``query``, as ``(segment, score)``, within ``[start, end]`` when given."""
+        if texts is None or query is None:
+            return []
         if start is None and end is None:
-            return self._relevant([(hit.segment, hit.score) for hit in self.transcript.search(query, k)])
-        hits = self._relevant([(hit.segment, hit.score) for hit in self.transcript.search(query, 4 * k)
-                               if _overlaps(hit.segment.start, hit.segment.end, start, end)])[:k]
+            return self._relevant(texts, [(hit.segment, hit.score) for hit in texts.search(query, k)])
+        hits = self._relevant(texts, [(hit.segment, hit.score) for hit in texts.search(query, 4 * k)
+                                      if _overlaps(hit.segment.start, hit.segment.end, start, end)])[:k]
         if len(hits) < k:  # the window's own lines, newest first, when retrieval found too few
             have = {id(s) for s, _ in hits}
-            inside = self.transcript.between(start if start is not None else 0.0,
-                                             end if end is not None else float("inf"))
+            inside = texts.between(start if start is not None else 0.0, end if end is not None else float("inf"))
             hits += [(s, 0.0) for s in reversed(inside) if id(s) not in have][: k - len(hits)]
         return hits
 
-    def _relevant(self, hits: list) -> list:
+    def _relevant(self, texts, hits: list) -> list:
         """``hits`` (best first, similarity scores) without those under
         ``transcript_floor`` of the best one's score. A small model answers from the
         line it is shown most of, so seven weak lines can outvote one strong match."""
         floor = self.config.transcript_floor
-        if not hits or floor == 0 or self.transcript.config.metric != "ip" or hits[0][1] <= 0:
+        if not hits or floor == 0 or texts.config.metric != "ip" or hits[0][1] <= 0:
             return hits
         return [(segment, score) for segment, score in hits if score >= floor * hits[0][1]]
 
@@ -506,7 +560,10 @@ class Session:
             self.memory.save(folder / "visual")
             if self.transcript is not None:
                 self.transcript.save(folder / "transcript")
+            if self.screen is not None:
+                self.screen.save(folder / "screen")
             write_json(folder / "session.json", {"transcript": self.transcript is not None,
+                                                 "screen": self.screen is not None,
                                                  "encoder_grid": self.encoder.grid, "encoder_dim": self.encoder.dim,
                                                  "stats": self.stats.to_dict()})
 
@@ -526,10 +583,12 @@ class Session:
         with session._write_lock:
             session.memory.close()
             session.memory = memory
-            if meta.get("transcript"):
-                from vstream.memory.transcript import TranscriptMemory
+            from vstream.memory.transcript import TranscriptMemory
 
+            if meta.get("transcript"):
                 session.transcript = TranscriptMemory.load(folder / "transcript")
+            if meta.get("screen"):
+                session.screen = TranscriptMemory.load(folder / "screen")
         saved = meta.get("stats") if isinstance(meta.get("stats"), dict) else {}
         with session._stats_lock:
             for name in ("frames_in", "frames_dropped", "frames_processed", "audio_seconds", "audio_dropped",
@@ -537,6 +596,7 @@ class Session:
                 if isinstance(saved.get(name), (int, float)):
                     setattr(session._stats, name, saved[name])
             session._stats.transcript_segments = len(session.transcript) if session.transcript is not None else 0
+            session._stats.screen_segments = len(session.screen) if session.screen is not None else 0
             session._newest = session._last_frame_t = session._stats.last_t
         return session
 
@@ -551,8 +611,9 @@ class Session:
         self._writer.join(10)
         if self._reader is not None:
             self._reader.join(10)
-        if self._asr_worker is not None:
-            self._asr_worker.close(flush=False)
+        for worker in (self._asr_worker, self._ocr_worker):
+            if worker is not None:
+                worker.close(flush=False)
         self.memory.close()
         self._idle.set()
 
