@@ -270,7 +270,7 @@ def test_vision_config_checks_and_round_trips():
 
 
 def test_registry():
-    assert list_encoders() == ["biglittle", "pixels", "vision"]
+    assert list_encoders() == ["biglittle", "imagenet", "pixels", "vision"]
     encoder = create_encoder("pixels", grid=8, color_stats=False)
     assert isinstance(encoder, PixelEncoder) and isinstance(encoder, FrameEncoder)
     assert (encoder.grid, encoder.dim) == (8, 3)
