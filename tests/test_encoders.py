@@ -275,7 +275,7 @@ def test_registry():
     assert isinstance(encoder, PixelEncoder) and isinstance(encoder, FrameEncoder)
     assert (encoder.grid, encoder.dim) == (8, 3)
     assert create_encoder("pixels", PixelConfig(grid=4)).grid == 4
-    with pytest.raises(EncoderError, match="unknown encoder 'pixel'; known: biglittle, pixels, vision"):
+    with pytest.raises(EncoderError, match="unknown encoder 'pixel'; known: biglittle, imagenet, pixels, vision"):
         create_encoder("pixel")
     with pytest.raises(ConfigError):
         create_encoder("pixels", PixelConfig(), grid=4)
