@@ -56,6 +56,11 @@ _STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3
 FEATURE_DIM, CLASSES = 1280, 1000
 
 
+def available() -> bool:
+    """Whether the weights and the class names are installed (nothing is imported)."""
+    return all(importlib.util.find_spec(name) is not None for name in (WEIGHTS_PACKAGE, NAMES_PACKAGE))
+
+
 def package_file(package: str, relative: str) -> Path:
     """A data file of an installed package, found without importing the package.
 

@@ -9,9 +9,12 @@ full ``opencv-python``; ``opencv-python-headless`` is enough and is what vstream
 
 Which frames are read. Reading costs about half a second per frame on one core, so a
 frame is read only when its picture changed: each frame is shrunk to a 32×32 grey
-thumbnail, and a frame whose mean absolute difference from the last frame read is under
+thumbnail, and a frame whose mean absolute difference from the last picture is under
 ``OCRConfig.change`` (default 0.03 of full scale) is taken to show the same text. The
-first frame is always read.
+first frame is always read. Footage that changes all the time (a camera, a moving
+shot) would still make every frame a new picture, so reads are at least
+``min_interval`` seconds of stream apart (default 5): a picture that changes sooner
+waits, and the newest picture is read once the interval is over.
 
 Segments. A segment is one text on screen with the time span it stayed there: it opens
 at the first frame that shows it and its end follows every later frame while the
@@ -28,8 +31,10 @@ counting them (``OCRStats.dropped``).
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import logging
+import math
 import re
 import threading
 from dataclasses import dataclass, field, replace
@@ -51,14 +56,21 @@ _LETTERS = re.compile(r"[\W_]+")
 _worker_ids = itertools.count(1)
 
 
+def available() -> bool:
+    """Whether the OCR package and what it runs on are installed (nothing is imported)."""
+    return all(importlib.util.find_spec(name) is not None for name in (PACKAGE, "onnxruntime", "cv2"))
+
+
 @dataclass
 class OCRConfig(JsonConfig):
     """Reading the text on screen.
 
     Attributes:
-        min_score: recognition confidence below which a line is left out (default 0.6).
+        min_score: recognition confidence below which a line is left out (default 0.6);
+            a line with fewer than two letters or digits is left out too.
         change: mean absolute difference (0-1) of 32×32 grey thumbnails above which a
             frame counts as a new picture and is read (default 0.03).
+        min_interval: seconds of stream between two reads at least (default 5.0).
         max_side: frames larger than this many pixels on their longer side are shrunk
             to it first (default 1280).
         threads: onnxruntime threads (default 1).
@@ -67,6 +79,7 @@ class OCRConfig(JsonConfig):
 
     min_score: float = 0.6
     change: float = 0.03
+    min_interval: float = 5.0
     max_side: int = 1280
     threads: int = 1
     queue_frames: int = 8
@@ -74,6 +87,7 @@ class OCRConfig(JsonConfig):
     def __post_init__(self) -> None:
         check_number("OCRConfig", "min_score", self.min_score, 0.0, 1.0, include_low=True)
         check_number("OCRConfig", "change", self.change, 0.0, 1.0, include_low=True)
+        check_number("OCRConfig", "min_interval", self.min_interval, 0.0, include_low=True)
         check_int("OCRConfig", "max_side", self.max_side, 32)
         check_int("OCRConfig", "threads", self.threads, 1)
         check_int("OCRConfig", "queue_frames", self.queue_frames, 1)
@@ -114,8 +128,8 @@ class ScreenReader:
             logger.warning("OCR failed on a %sx%s frame; it counts as having no text", *image.shape[:2],
                            exc_info=True)
             return ""
-        lines = [(box, text.strip()) for box, text, score in found or [] if score >= self.config.min_score
-                 and text.strip()]
+        lines = [(box, text.strip()) for box, text, score in found or []
+                 if score >= self.config.min_score and sum(c.isalnum() for c in text) >= 2]  # not a lone mark
         # top to bottom by each box's top edge (rows within half a line height), then left to right
         lines.sort(key=lambda line: (round(min(y for _, y in line[0]) / 16), min(x for x, _ in line[0])))
         return " / ".join(text for _, text in lines)
@@ -180,6 +194,8 @@ class OCRWorker:
         self._stats = OCRStats()
         self._previous: np.ndarray | None = None  # thumbnail of the newest picture
         self._picture: _Picture | None = None  # the newest picture: unchanged frames extend it
+        self._waiting: tuple[np.ndarray, _Picture] | None = None  # a new picture too soon after the last read
+        self._last_read = -math.inf  # stream time of the newest picture queued for reading
         self._open: _Text | None = None  # the text of the newest picture read, if any
         self._new: list[_Text] = []  # texts opened since the last collect
         self._handed: _Text | None = None  # the newest text collect handed out
@@ -197,13 +213,22 @@ class OCRWorker:
         changed = self._previous is None or float(np.abs(small - self._previous).mean()) > self.reader.config.change
         with self._lock:
             self._stats.frames += 1
-            if not changed:
+            if changed:
+                self._picture = _Picture(frame.t)
+                self._waiting = (frame.image, self._picture)
+            else:
                 self._picture.end = frame.t
-                return
-            self._picture = picture = _Picture(frame.t)
-        self._previous = small
+        if changed:
+            self._previous = small
+        if self._waiting is not None and frame.t - self._last_read >= self.reader.config.min_interval:
+            self._read_waiting()
+
+    def _read_waiting(self) -> None:
+        """Queue the waiting picture for reading."""
+        image, picture = self._waiting
+        self._waiting, self._last_read = None, picture.start
         try:
-            evicted = self._queue.put((frame.image, picture))
+            evicted = self._queue.put((image, picture))
         except Closed:
             self._raise()
             raise EncoderError("OCRWorker stopped") from None
@@ -229,6 +254,8 @@ class OCRWorker:
     def close(self, flush: bool = True, timeout: float | None = None) -> None:
         """Stop the thread: read the frames waiting (``flush``), or drop them."""
         if not self._closed:
+            if flush and self._waiting is not None:
+                self._read_waiting()
             self._closed = True
             if flush:
                 self._queue.finish(_END)

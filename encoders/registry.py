@@ -11,8 +11,9 @@ grid). Built in:
 - ``"vision"`` (``VisionEncoder``): the vision tower of a transformers model (CLIP,
   SigLIP, or the tower of a supported VLM), named by hub id or local folder.
 
-``create_encoder`` takes a registered name, or anything else that names a model (a hub
-id ``"org/name"`` or a local folder), which builds a ``VisionEncoder`` for it. Importing
+``create_encoder`` takes a registered name, ``"auto"`` (``"imagenet"`` when its weights
+are installed, else ``"pixels"``), or anything else that names a model (a hub id
+``"org/name"`` or a local folder), which builds a ``VisionEncoder`` for it. Importing
 this module does not import torch or transformers.
 """
 
@@ -82,6 +83,13 @@ def _load_builtins() -> None:
     from vstream.encoders import biglittle, imagenet, pixels, vision  # noqa: F401
 
 
+def default_encoder() -> str:
+    """What ``"auto"`` names: ``"imagenet"`` when its packages are installed, else ``"pixels"``."""
+    from vstream.encoders import imagenet
+
+    return "imagenet" if imagenet.available() else "pixels"
+
+
 def list_encoders() -> list[str]:
     """Names of the registered frame encoders."""
     _load_builtins()
@@ -107,6 +115,8 @@ def create_encoder(name_or_model: str, config=None, **fields) -> FrameEncoder:
     if not isinstance(name_or_model, (str, os.PathLike)):
         raise EncoderError(f"create_encoder: expected an encoder name or a model id/folder, got {name_or_model!r}")
     name = os.fspath(name_or_model)
+    if name == "auto":
+        name = default_encoder()
     if name.partition(":")[0] in _REGISTRY and ":" in name:
         if config is not None or fields:
             raise ConfigError(f"create_encoder({name!r}): the string already gives the fields; pass no others")

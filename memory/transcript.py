@@ -225,10 +225,11 @@ class TranscriptMemory:
             return self._segments[max(self._first, len(self._segments) - n) :]
 
     def between(self, start: float, end: float) -> list[TranscriptSegment]:
-        """Kept segments overlapping ``[start, end]`` seconds (touching counts), oldest first."""
+        """Kept segments overlapping ``[start, end]`` seconds (touching counts; ``end`` may be
+        ``math.inf``: up to now), oldest first."""
         if not (isinstance(start, numbers.Real) and isinstance(end, numbers.Real)
-                and math.isfinite(start) and math.isfinite(end) and start <= end):
-            raise MemoryStateError(f"between: needs finite seconds start <= end, got {start!r}, {end!r}")
+                and math.isfinite(start) and not math.isnan(end) and start <= end):
+            raise MemoryStateError(f"between: needs seconds start <= end (start finite), got {start!r}, {end!r}")
         with self._lock:
             first, n = self._first, len(self._segments)
             spans = self._spans[first:n]

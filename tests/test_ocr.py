@@ -69,7 +69,7 @@ def test_same_text_ignores_spaces_case_and_punctuation():
 def test_the_worker_reads_changed_pictures_only_and_keeps_a_text_once_with_its_span(reader):
     invoice, tinted = slide(INVOICE), slide(INVOICE, background=(225, 235, 250))
     pictures = [invoice] * 3 + [tinted] * 3 + [GREY] * 2 + [slide(["Gate 12B"])] * 2
-    worker = OCRWorker(reader, drop=False)
+    worker = OCRWorker(ScreenReader(OCRConfig(min_interval=0)), drop=False)
     for i, image in enumerate(pictures[:5]):
         worker.submit(Frame(image, float(i), i))
     deadline = time.monotonic() + 30
@@ -89,9 +89,17 @@ def test_the_worker_reads_changed_pictures_only_and_keeps_a_text_once_with_its_s
         worker.submit(Frame(GREY, 10.0, 10))
 
 
+def test_footage_that_changes_all_the_time_is_read_every_min_interval_seconds(reader):
+    worker = OCRWorker(reader, drop=False)  # min_interval 5 s
+    for i in range(20):  # a new picture every second: a moving camera
+        worker.submit(Frame(np.full((64, 64, 3), 12 * i, np.uint8), float(i), i))
+    worker.close()
+    assert worker.stats.frames == 20 and worker.stats.read == 5  # at 0, 5, 10, 15 s, and the newest (19 s) at close
+
+
 def test_a_live_worker_drops_changed_frames_it_cannot_keep_up_with(reader, monkeypatch):
     release = threading.Event()
-    slow = ScreenReader(OCRConfig(queue_frames=1))
+    slow = ScreenReader(OCRConfig(queue_frames=1, min_interval=0))
     monkeypatch.setattr(slow, "read", lambda image: (release.wait(10), "")[1])
     worker = OCRWorker(slow, drop=True)
     for i in range(6):  # six different pictures while the reader is stuck on the first
@@ -104,13 +112,14 @@ def test_a_live_worker_drops_changed_frames_it_cannot_keep_up_with(reader, monke
 
 def test_bad_settings_and_a_missing_package(monkeypatch):
     for fields, message in [({"min_score": 2}, "min_score must be"), ({"change": -0.1}, "change must be"),
+                            ({"min_interval": -1}, "min_interval must be"),
                             ({"max_side": 8}, "max_side must be"), ({"queue_frames": 0}, "queue_frames must be")]:
         with pytest.raises(ConfigError, match=message):
             OCRConfig(**fields)
     monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # as if it were not installed
     with pytest.raises(EncoderError, match="pip install --no-deps rapidocr-onnxruntime"):
         ScreenReader()
-    with pytest.raises(ConfigError, match="ocr must be True or False"):
+    with pytest.raises(ConfigError, match="ocr must be True, False or .auto."):
         SessionConfig(ocr="yes")
 
 

@@ -197,13 +197,15 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _session_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoder", default="pixels",
-                        help="frame encoder when the model has no vision tower: pixels (default), imagenet "
-                             "(MobileNetV2 with ImageNet labels, offline), a vision model, or an encoder with its "
-                             "settings: biglittle:big=MODEL,little=MODEL,keep_ratio=0.25")
+    parser.add_argument("--encoder", default="auto",
+                        help="frame encoder when the model has no vision tower: auto (default: imagenet when "
+                             "installed, else pixels), imagenet (MobileNetV2 with ImageNet labels, offline), pixels "
+                             "(colours), a vision model, or an encoder with its settings: "
+                             "biglittle:big=MODEL,little=MODEL,keep_ratio=0.25")
     parser.add_argument("--no-asr", dest="asr", action="store_false", help="do not transcribe the audio")
-    parser.add_argument("--ocr", action="store_true",
-                        help="read the text on screen where the picture changes (PP-OCRv4, offline)")
+    parser.add_argument("--ocr", action=argparse.BooleanOptionalAction, default="auto",
+                        help="read the text on screen where the picture changes (PP-OCRv4, offline); "
+                             "default: when installed")
     parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
 
 

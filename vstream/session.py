@@ -54,12 +54,15 @@ class SessionConfig(JsonConfig):
     Attributes:
         fps: frames sampled per second from a source the session reads (default 1.0).
         asr: transcribe audio (default True).
-        encoder: frame encoder when the model brings no vision tower: ``"pixels"``
-            (default), ``"imagenet"`` (MobileNetV2 with ImageNet labels, whose words
-            go into the scene notes), a vision model's hub id or folder, or a registered encoder
+        encoder: frame encoder when the model brings no vision tower: ``"auto"``
+            (default: ``"imagenet"`` when its weights are installed, else ``"pixels"``),
+            ``"imagenet"`` (MobileNetV2 with ImageNet labels, whose words go into the
+            scene notes), ``"pixels"`` (colours, no weights), a vision model's hub id or
+            folder, or a registered encoder
             with its fields in one string (``"biglittle:big=...,little=...,keep_ratio=0.25"``).
         ocr: read the text on screen (PP-OCRv4, offline) where the picture changes, into
-            a screen-text memory searched with every question (default False).
+            a screen-text memory searched with every question: True, False, or ``"auto"``
+            (default: when the OCR package is installed).
         heads: model heads attached when the session loads its model by name, each a
             spec string (``"visual_experts:weights=experts/"``); a loaded ``ChatModel``
             comes with its own.
@@ -77,8 +80,8 @@ class SessionConfig(JsonConfig):
 
     fps: float = 1.0
     asr: bool = True
-    encoder: str = "pixels"
-    ocr: bool = False
+    encoder: str = "auto"
+    ocr: bool | str = "auto"
     heads: list[str] = field(default_factory=list)
     transcript_lines: int = 8
     screen_lines: int = 4
@@ -94,8 +97,8 @@ class SessionConfig(JsonConfig):
             raise ConfigError(f"SessionConfig.heads must be a list of head specs, got {self.heads!r}")
         self.heads = list(self.heads)
         check_number("SessionConfig", "transcript_floor", self.transcript_floor, 0.0, 1.0, include_low=True)
-        if not isinstance(self.ocr, bool):
-            raise ConfigError(f"SessionConfig.ocr must be True or False, got {self.ocr!r}")
+        if not (isinstance(self.ocr, bool) or self.ocr == "auto"):
+            raise ConfigError(f"SessionConfig.ocr must be True, False or 'auto', got {self.ocr!r}")
         for name in ("transcript_lines", "screen_lines", "batch_frames", "queue_frames"):
             check_int("SessionConfig", name, getattr(self, name), 1)
 
@@ -168,6 +171,7 @@ class Session:
         self.transcript = self.screen = None  # what was said; what was on screen
         self._text = self._asr = self._asr_worker = self._ocr = self._ocr_worker = None
         self._reading_file = False  # a file read at the writer's pace: the OCR reads every changed frame
+        self._reads_screen = reads_screen(self.config)
         self._stats = SessionStats()
         self._newest = 0.0  # time of the newest item pushed
         self._last_frame_t = -math.inf  # time of the newest frame pushed: the memory takes frames in order
@@ -359,7 +363,7 @@ class Session:
         for item in batch:
             if isinstance(item, AudioChunk):
                 self._recogniser().submit(item)
-        if frames and self.config.ocr:
+        if frames and self._reads_screen:
             for frame in frames:
                 self._screen_reader().submit(frame)
         if frames:
@@ -622,6 +626,15 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def reads_screen(config: SessionConfig) -> bool:
+    """Whether a session with ``config`` reads the text on screen (``ocr="auto"``: when installed)."""
+    if config.ocr != "auto":
+        return config.ocr
+    from vstream.encoders import ocr
+
+    return ocr.available()
 
 
 def model_and_encoder(model: ChatModel | str | None, config: SessionConfig,
