@@ -63,9 +63,9 @@ def install_espeak() -> bool:
     return speech_available()
 
 
-def run_case(path: Path, case, max_new_tokens: int) -> dict:
+def run_case(path: Path, case, max_new_tokens: int, encoder: str, ocr: bool) -> dict:
     """Feed ``path`` into a session (up to ``ask_at`` for a live case), ask the case's question; the scored row."""
-    config = SessionConfig(generation=GenerationConfig(max_new_tokens=max_new_tokens))
+    config = SessionConfig(encoder=encoder, ocr=ocr, generation=GenerationConfig(max_new_tokens=max_new_tokens))
     started = time.perf_counter()
     with Session(None, config) as session:
         feed(session, path, case)
@@ -111,6 +111,10 @@ def main() -> None:
     parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=list(POSITIONS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one case of each kind per seed")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--encoder", default="pixels",
+                        help="frame encoder (default pixels: the colour needles ask for colours; auto, imagenet)")
+    parser.add_argument("--ocr", action=argparse.BooleanOptionalAction, default=False,
+                        help="read the text on screen (default off: no needle is text yet)")
     parser.add_argument("--cache", default=str(ROOT / ".bench" / "needle"), help="folder for the generated clips")
     args = parser.parse_args()
 
@@ -127,7 +131,7 @@ def main() -> None:
             for seed in args.seeds:
                 for kind in kinds:
                     path, case = make_needle_clip(args.cache, kind, length, position, seed)
-                    row = run_case(path, case, args.max_new_tokens)
+                    row = run_case(path, case, args.max_new_tokens, args.encoder, args.ocr)
                     rows.append(row)
                     error = "-" if row["error"] is None else f"{row['error']:.1f}"
                     print(f"{kind:10} {length:8.0f} {position:8} {seed:4} {case.needle:8.1f} {row['correct']!s:7} "

@@ -49,7 +49,7 @@ def check_evidence(answer, duration: float) -> None:
 
 
 def test_text_only_model_answers_from_the_visual_memory_in_words(models, clip):
-    with Session(models["llama"], SessionConfig(asr=False, generation=SHORT)) as qa:
+    with Session(models["llama"], SessionConfig(asr=False, encoder="pixels", generation=SHORT)) as qa:
         stats = qa.ingest(str(clip.path), progress=False)
         assert stats.frames_processed == 40 and stats.frames_dropped == 0 and stats.transcript_segments == 0
         context = qa.context("what happens?")
@@ -84,7 +84,8 @@ def test_save_and_load_memory_answer_alike(models, clip, tmp_path):
     with Session.load(tmp_path / "saved", models["llama"], SessionConfig(asr=False, generation=SHORT)) as qa:
         again = qa.ask("what happens?")
     assert again.text == first.text and again.evidence == first.evidence
-    with pytest.raises(MemoryStateError, match="saved with a 16x16 x 8 frame encoder; this one gives 8x8 x 48"):
+    # saved with the default encoder (MobileNetV2, 8x8 x 1280); OneVision's own tower gives 8x8 x 48
+    with pytest.raises(MemoryStateError, match="saved with a 8x8 x 1280 frame encoder; this one gives 8x8 x 48"):
         Session.load(tmp_path / "saved", models["onevision"], SessionConfig(asr=False))
 
 

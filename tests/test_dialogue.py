@@ -22,7 +22,7 @@ from vstream.types import Frame
 
 torch.set_num_threads(1)
 
-CONFIG = SessionConfig(asr=False, generation=GenerationConfig(max_new_tokens=4))
+CONFIG = SessionConfig(asr=False, encoder="pixels", generation=GenerationConfig(max_new_tokens=4))  # colour notes
 RED = np.full((32, 32, 3), (220, 30, 30), np.uint8)
 BLUE = np.full((32, 32, 3), (30, 60, 220), np.uint8)
 

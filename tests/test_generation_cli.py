@@ -33,7 +33,7 @@ def clip(make_clip):
 
 def ask(clip, llama, *flags: str) -> int:
     return main(["ask", str(clip.path), "what is shown?", "and then?", "--model", llama, "--no-asr", "--quiet",
-                 "--max-new-tokens", "4", *flags])
+                 "--encoder", "pixels", "--max-new-tokens", "4", *flags])  # the heads here regress 8-wide features
 
 
 def test_show_saves_evidence_frames_and_a_generated_picture_per_answer(clip, llama, tmp_path, capsys):
