@@ -134,8 +134,9 @@ def test_between_and_recent():
     assert memory.between(10.0, 11.0) == segments[2:]  # touching counts
     assert memory.between(np.float32(2.5), 2.5) == [segments[1]]
     assert memory.between(20, 30) == [] and memory.between(0, 100) == segments[1:]
+    assert memory.between(10.5, float("inf")) == segments[3:]  # up to now
     assert memory.recent(2) == segments[3:] and memory.recent(0) == [] and memory.recent(99) == segments[1:]
-    for bad in ((5, 4), (float("nan"), 1), (0, float("inf")), ("0", 1)):
+    for bad in ((5, 4), (float("nan"), 1), (0, float("nan")), (float("inf"), float("inf")), ("0", 1)):
         with pytest.raises(MemoryStateError):
             memory.between(*bad)
     for bad in (-1, 1.5, None):
