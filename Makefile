@@ -41,6 +41,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/kernel_speed.py
 	$(BIN)/python benchmarks/biglittle.py
+	$(BIN)/python benchmarks/seeing.py
 	$(BIN)/python benchmarks/qa.py
 
 # Resolve afresh (no lock), test, then write the lock: the versions pip chose, local
