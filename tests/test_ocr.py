@@ -156,3 +156,19 @@ def test_vstream_ask_answers_what_the_slide_said_with_the_embedded_models(slides
     assert "38.50" in answer["answer"]
     best = answer["evidence"][0]
     assert (best["kind"], best["start"], best["end"]) == ("screen", 10.0, 19.0)
+
+
+def test_sessions_share_one_reader_as_the_server_does(slides_clip, tmp_path, reader, monkeypatch):
+    from vstream.encoders import ocr
+    from vstream.models import load_model
+
+    model = load_model(str(tiny_llama(tmp_path / "llama")))
+    reads = []
+    real_read = reader.read
+    monkeypatch.setattr(reader, "read", lambda image: reads.append(1) or real_read(image))
+    monkeypatch.setattr(ocr.ScreenReader, "__init__", lambda *a: pytest.fail("a second reader was loaded"))
+    config = SessionConfig(asr=False, encoder="pixels", ocr=True)
+    with Session(model, config, screen_reader=reader) as first, Session(model, config, screen_reader=reader) as second:
+        for session in (first, second):
+            session.ingest(str(slides_clip.path), progress=False)
+        assert [len(s.screen) for s in (first, second)] == [1, 1] and len(reads) == 6

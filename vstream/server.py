@@ -47,12 +47,13 @@ from zmq.utils import z85
 
 import vstream
 from vstream.config import JsonConfig, cache_dir, check_int, check_number
+from vstream.encoders.ocr import ScreenReader
 from vstream.errors import ConfigError, ProtocolError, SourceError, VStreamError
 from vstream.ingest import SourceConfig
 from vstream.ingest.container import source_kind
 from vstream.models import ChatModel
 from vstream.protocol import VERSION, Limits, Message, decode, encode
-from vstream.session import Session, SessionConfig, model_and_encoder
+from vstream.session import Session, SessionConfig, model_and_encoder, reads_screen
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +196,9 @@ class Server:
 
     def __init__(self, config: ServerConfig | None = None, model: ChatModel | str | None = None):
         self.config = config or ServerConfig()
-        # one frame encoder for every stream: a vision tower is loaded once, not per stream
+        # one frame encoder and one OCR for every stream: each model is loaded once, not per stream
         self.model, self.encoder = model_and_encoder(model, self.config.session)
+        self.screen_reader = ScreenReader() if reads_screen(self.config.session) else None
         self.limits = Limits(self.config.max_header_bytes, self.config.max_frame_bytes)
         self.state_dir = Path(self.config.state_dir or cache_dir() / "streams")
         self.streams: dict[str, Stream] = {}
@@ -344,12 +346,12 @@ class Server:
             if not (self.state_dir / resume / "session.json").is_file():
                 raise ProtocolError(f"no saved stream {resume!r} in the state folder", "not_found", message.id)
             session, stream_id = Session.load(self.state_dir / resume, self.model, self.config.session,
-                                                       self.encoder), resume
+                                              self.encoder, self.screen_reader), resume
         else:
             stream_id = secrets.token_hex(8)
             while (self.state_dir / stream_id).exists():
                 stream_id = secrets.token_hex(8)
-            session = Session(self.model, self.config.session, self.encoder)
+            session = Session(self.model, self.config.session, self.encoder, self.screen_reader)
         now = time.monotonic()
         stream = Stream(stream_id, session, source, seen=now, frame_bucket=TokenBucket(self.config.max_fps, now),
                         audio_bucket=TokenBucket(self.config.max_audio_speed, now))

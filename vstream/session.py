@@ -165,17 +165,20 @@ class Session:
         config: ``SessionConfig``.
         encoder: a frame encoder to use (and share with other sessions) instead of
             building ``config.encoder``; ignored when the model brings its own tower.
+        screen_reader: a ``ScreenReader`` to share with other sessions (it reads one
+            frame at a time) instead of loading one when the session first reads text.
     """
 
     def __init__(self, model: ChatModel | str | None = None, config: SessionConfig | None = None,
-                 encoder: FrameEncoder | None = None):
+                 encoder: FrameEncoder | None = None, screen_reader=None):
         self.config = config or SessionConfig()
         self.model, self.encoder = model_and_encoder(model, self.config, encoder)
         memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
         self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
         self.transcript = self.screen = self.shown = None  # what was said; text on screen; what was recognised
         self._shown_open: TranscriptSegment | None = None  # the labels of the newest frames, still on screen
-        self._text = self._asr = self._asr_worker = self._ocr = self._ocr_worker = None
+        self._text = self._asr = self._asr_worker = self._ocr_worker = None
+        self._ocr = screen_reader
         self._reading_file = False  # a file read at the writer's pace: the OCR reads every changed frame
         self._reads_screen = reads_screen(self.config)
         self._stats = SessionStats()
@@ -616,11 +619,11 @@ class Session:
 
     @classmethod
     def load(cls, folder, model: ChatModel | str | None = None, config: SessionConfig | None = None,
-             encoder: FrameEncoder | None = None) -> Session:
+             encoder: FrameEncoder | None = None, screen_reader=None) -> Session:
         """A session holding the memories ``save`` wrote into ``folder``."""
         folder = Path(folder)
         meta = read_json(folder / "session.json")
-        session = cls(model, config, encoder)
+        session = cls(model, config, encoder, screen_reader)
         grid, dim = session.encoder.grid, session.encoder.dim
         if (meta.get("encoder_grid"), meta.get("encoder_dim")) != (grid, dim):
             session.close()
