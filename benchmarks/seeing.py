@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from vstream import synth
 from vstream.encoders import create_encoder
@@ -35,18 +34,6 @@ from vstream.session import Session, SessionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (640, 360)
-FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
-
-
-def slide(lines: list[str]) -> np.ndarray:
-    image = Image.new("RGB", SIZE, (250, 250, 245))
-    font = ImageFont.truetype(str(FONT), 40) if FONT.is_file() else ImageFont.load_default(size=40)
-    draw = ImageDraw.Draw(image)
-    for i, line in enumerate(lines):
-        draw.text((40, 80 + 70 * i), line, fill=(10, 10, 10), font=font)
-    return np.asarray(image)
-
-
 def best_ms(call, repeat: int, per: int = 1) -> float:
     call()  # warm up
     best = float("inf")
@@ -65,7 +52,7 @@ def write_stream(minutes: int) -> Path:
     path.parent.mkdir(exist_ok=True)
     scenes = []
     for start in range(0, 60 * minutes, 30):
-        scenes.append((float(start), slide([f"Slide {start // 30 + 1}", f"Code {1000 + 7 * start}"])))
+        scenes.append((float(start), synth.text_slide([f"Slide {start // 30 + 1}", f"Code {1000 + 7 * start}"])))
         scenes.append((float(start + 5), (90, 90, 90)))
     partial = path.with_suffix(".partial.mp4")
     synth.write_clip(partial, duration=60.0 * minutes, fps=1, size=SIZE, audio=False, scenes=scenes, progress=True)
@@ -90,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {platform.machine()}, torch {torch.__version__}, 1 thread")
-    frames = [slide(["Invoice 4721", "Total: $38.50"])] * 8
+    frames = [synth.text_slide(["Invoice 4721", "Total: $38.50"])] * 8
     imagenet, pixels, reader = create_encoder("imagenet"), create_encoder("pixels"), ScreenReader()
     imagenet_ms = best_ms(lambda: imagenet.encode(frames), args.repeat, per=8)
     pixels_ms = best_ms(lambda: pixels.encode(frames), args.repeat, per=8)

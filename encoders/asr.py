@@ -53,14 +53,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, replace
-from itertools import count
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vstream.config import JsonConfig, check_int, check_number
+from vstream.encoders.worker import QueueWorker
 from vstream.errors import ConfigError, EncoderError
-from vstream.ingest.queue import Closed, ItemQueue
 from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, TranscriptSegment, Word
 
 if TYPE_CHECKING:
@@ -420,11 +419,7 @@ class WhisperASR:
         return start, max(start, end)
 
 
-_END = object()
-_worker_ids = count()
-
-
-class ASRWorker:
+class ASRWorker(QueueWorker):
     """Runs a ``WhisperASR`` on its own thread (name ``vstream-asr-<n>``).
 
     ``submit`` never waits longer than a queue put: when ``config.queue_chunks`` chunks
@@ -438,27 +433,16 @@ class ASRWorker:
 
     def __init__(self, asr: WhisperASR, drop: bool = True):
         self.asr = asr
-        self._queue = ItemQueue(asr.config.queue_chunks, drop=drop)
         self._ready: list[TranscriptSegment] = []
         self._lock = threading.Lock()
-        self._error: BaseException | None = None
-        self._closed = False
         self._dropped = (0, 0.0)
-        self._thread = threading.Thread(target=self._run, name=f"vstream-asr-{next(_worker_ids)}", daemon=True)
-        self._thread.start()
+        super().__init__(asr.config.queue_chunks, drop, "vstream-asr")
 
     def submit(self, chunk: AudioChunk) -> None:
         """Queue one chunk for recognition."""
-        self._raise()
-        if self._closed:
-            raise EncoderError("ASRWorker.submit after close()")
         if not isinstance(chunk, AudioChunk):
             raise EncoderError(f"ASRWorker.submit takes an AudioChunk, got {type(chunk).__name__}")
-        try:
-            evicted = self._queue.put(chunk)
-        except Closed:
-            self._raise()
-            raise EncoderError("ASRWorker stopped") from None
+        evicted = self._put(chunk)
         if evicted is not None:
             with self._lock:
                 self._dropped = (self._dropped[0] + 1, self._dropped[1] + evicted.duration)
@@ -476,41 +460,12 @@ class ASRWorker:
         with self._lock:
             return replace(self.asr.stats, dropped_chunks=self._dropped[0], dropped_seconds=self._dropped[1])
 
-    def close(self, flush: bool = True, timeout: float | None = None) -> None:
-        """Stop the thread: decode the backlog and what is held (``flush``), or drop it."""
-        if not self._closed:
-            self._closed = True
-            if flush:
-                self._queue.finish(_END)
-            else:
-                self._queue.close()
-        self._thread.join(timeout)
-        self._raise()
+    def _handle(self, chunk: AudioChunk) -> None:
+        new = self.asr.push(chunk)
+        with self._lock:
+            self._ready.extend(new)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close(flush=exc_info[0] is None)
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        try:
-            while True:
-                try:
-                    item = self._queue.get(timeout=0.5)
-                except TimeoutError:
-                    continue
-                except Closed:
-                    return
-                new = self.asr.flush() if item is _END else self.asr.push(item)
-                with self._lock:
-                    self._ready.extend(new)
-                if item is _END:
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's next call
-            self._error = exc
-            self._queue.close()
+    def _finish(self) -> None:
+        new = self.asr.flush()
+        with self._lock:
+            self._ready.extend(new)

@@ -31,7 +31,6 @@ mean tokens: the label of a cluster is the label of its frames' average.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import re
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vstream.config import JsonConfig, check_int
+from vstream.config import JsonConfig, check_int, package_folder
 from vstream.encoders.registry import encode_batched, register_encoder
 from vstream.errors import ConfigError, EncoderError
 
@@ -60,7 +59,7 @@ FEATURE_DIM, CLASSES = 1280, 1000
 
 def available() -> bool:
     """Whether the weights and the class names are installed (nothing is imported)."""
-    return all(importlib.util.find_spec(name) is not None for name in (WEIGHTS_PACKAGE, NAMES_PACKAGE))
+    return all(package_folder(name) is not None for name in (WEIGHTS_PACKAGE, NAMES_PACKAGE))
 
 
 def package_file(package: str, relative: str) -> Path:
@@ -70,11 +69,11 @@ def package_file(package: str, relative: str) -> Path:
         EncoderError: the package is not installed (naming the command that installs
             it), or the file is missing from it.
     """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder(package)
+    if folder is None:
         raise EncoderError(f"the imagenet encoder needs the package {package!r}, which is not installed: "
                            f"{_INSTALL.get(package, 'pip install ' + package)} (or choose --encoder pixels)")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    path = folder / relative
     if not path.is_file():
         raise EncoderError(f"the package {package!r} is installed but has no {relative} ({path}); reinstall it")
     return path

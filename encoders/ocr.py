@@ -31,8 +31,6 @@ counting them (``OCRStats.dropped``).
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import logging
 import math
 import re
@@ -42,23 +40,21 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
-from vstream.config import JsonConfig, check_int, check_number
+from vstream.config import JsonConfig, check_int, check_number, package_folder
+from vstream.encoders.worker import QueueWorker
 from vstream.errors import ConfigError, EncoderError
-from vstream.ingest.queue import Closed, ItemQueue
 from vstream.types import Frame, TranscriptSegment
 
 logger = logging.getLogger(__name__)
 
 PACKAGE = "rapidocr_onnxruntime"
 INSTALL = "pip install --no-deps rapidocr-onnxruntime (with onnxruntime, opencv-python-headless, pyclipper, shapely)"
-_END = object()
 _LETTERS = re.compile(r"[\W_]+")
-_worker_ids = itertools.count(1)
 
 
 def available() -> bool:
     """Whether the OCR package and what it runs on are installed (nothing is imported)."""
-    return all(importlib.util.find_spec(name) is not None for name in (PACKAGE, "onnxruntime", "cv2"))
+    return all(package_folder(name) is not None for name in (PACKAGE, "onnxruntime", "cv2"))
 
 
 @dataclass
@@ -182,14 +178,13 @@ def thumbnail(image: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(image).convert("L").resize((32, 32), Image.BOX), np.float32) / 255.0
 
 
-class OCRWorker:
+class OCRWorker(QueueWorker):
     """Reads the text of a stream's changed frames on a thread (``vstream-ocr-<n>``); see
     the module docstring. ``submit`` is called with every frame in time order; an error
     on the thread is raised by the next call."""
 
     def __init__(self, reader: ScreenReader, drop: bool = True):
         self.reader = reader
-        self._queue = ItemQueue(reader.config.queue_frames, drop=drop)
         self._lock = threading.Lock()  # guards the pictures' ends, the texts and the stats
         self._stats = OCRStats()
         self._previous: np.ndarray | None = None  # thumbnail of the newest picture
@@ -199,16 +194,13 @@ class OCRWorker:
         self._open: _Text | None = None  # the text of the newest picture read, if any
         self._new: list[_Text] = []  # texts opened since the last collect
         self._handed: _Text | None = None  # the newest text collect handed out
-        self._error: BaseException | None = None
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"vstream-ocr-{next(_worker_ids)}", daemon=True)
-        self._thread.start()
+        super().__init__(reader.config.queue_frames, drop, "vstream-ocr")
 
     def submit(self, frame: Frame) -> None:
         """Note ``frame`` (frames come in time order); queue it for reading if its picture changed."""
         self._raise()
         if self._closed:
-            raise EncoderError("OCRWorker.submit after close()")
+            raise EncoderError("OCRWorker.submit after close()")  # before the frame is counted
         small = thumbnail(frame.image)
         changed = self._previous is None or float(np.abs(small - self._previous).mean()) > self.reader.config.change
         with self._lock:
@@ -227,11 +219,7 @@ class OCRWorker:
         """Queue the waiting picture for reading."""
         image, picture = self._waiting
         self._waiting, self._last_read = None, picture.start
-        try:
-            evicted = self._queue.put((image, picture))
-        except Closed:
-            self._raise()
-            raise EncoderError("OCRWorker stopped") from None
+        evicted = self._put((image, picture))
         if evicted is not None:
             with self._lock:
                 self._stats.dropped += 1
@@ -252,38 +240,15 @@ class OCRWorker:
             return replace(self._stats)
 
     def close(self, flush: bool = True, timeout: float | None = None) -> None:
-        """Stop the thread: read the frames waiting (``flush``), or drop them."""
-        if not self._closed:
-            if flush and self._waiting is not None:
-                self._read_waiting()
-            self._closed = True
-            if flush:
-                self._queue.finish(_END)
-            else:
-                self._queue.close()
-        self._thread.join(timeout)
-        self._raise()
+        """Stop the thread: read the frames waiting (``flush``, the newest picture too
+        even when its interval is not over), or drop them."""
+        if flush and not self._closed and self._waiting is not None:
+            self._read_waiting()
+        super().close(flush, timeout)
 
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        try:
-            while True:
-                try:
-                    item = self._queue.get(timeout=0.5)
-                except TimeoutError:
-                    continue
-                except Closed:
-                    return
-                if item is _END:
-                    return
-                image, picture = item
-                self._take(self.reader.read(image), picture)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's next call
-            self._error = exc
-            self._queue.close()
+    def _handle(self, item: tuple[np.ndarray, _Picture]) -> None:
+        image, picture = item
+        self._take(self.reader.read(image), picture)
 
     def _take(self, text: str, picture: _Picture) -> None:
         """The text read on a changed ``picture``: the open text goes on, or a new one opens."""

@@ -1,6 +1,7 @@
 """The transcript memory: timed transcript segments with a FAISS index over their embeddings.
 
-A session keeps two: what was said (speech) and what was on screen (OCR), built alike.
+A session keeps three, built alike: what was said (speech), what was written on screen
+(OCR) and what the frame encoder recognised (its labels).
 
 It answers "which lines were about X" (``search``), "what was said between t0 and t1"
 (``between``) and "what was said last" (``recent``) over a stream of any length, in

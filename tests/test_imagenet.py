@@ -7,9 +7,7 @@ coffee, a motorbike, a cameraman), read as files without importing scikit-image.
 
 from __future__ import annotations
 
-import importlib.util
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from PIL import Image
 from tiny_models import tiny_llama
 
 from vstream import synth
+from vstream.config import package_folder
 from vstream.encoders import create_encoder, list_encoders
 from vstream.encoders import imagenet as imagenet_module
 from vstream.encoders.imagenet import ImageNetConfig, ImageNetEncoder, package_file
@@ -27,15 +26,14 @@ from vstream.session import Session, SessionConfig
 torch.set_num_threads(1)
 
 MISSING = [name for name in (imagenet_module.WEIGHTS_PACKAGE, imagenet_module.NAMES_PACKAGE, "skimage")
-           if importlib.util.find_spec(name) is None]
+           if package_folder(name) is None]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)}")
 
 CATS = {"tabby cat", "domestic cat", "tiger cat"}
 
 
 def photo(name: str) -> np.ndarray:
-    folder = Path(next(iter(importlib.util.find_spec("skimage").submodule_search_locations))) / "data"
-    return np.asarray(Image.open(folder / name).convert("RGB"))
+    return np.asarray(Image.open(package_folder("skimage") / "data" / name).convert("RGB"))
 
 
 @pytest.fixture(scope="module")

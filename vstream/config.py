@@ -3,6 +3,7 @@ config dataclasses, and the cache folder. Importable without torch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import asdict, fields
@@ -15,6 +16,15 @@ def cache_dir() -> Path:
     """Where vstream keeps models it converted once (whisper, the embedded LLM):
     ``$VSTREAM_CACHE``, default ``~/.cache/vstream``."""
     return Path(os.environ.get("VSTREAM_CACHE") or Path.home() / ".cache" / "vstream")
+
+
+def package_folder(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it (the packages that
+    ship model files may import what is not installed, or be slow to import), or None."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def check_int(owner: str, name: str, value: object, minimum: int) -> None:

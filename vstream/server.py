@@ -47,13 +47,12 @@ from zmq.utils import z85
 
 import vstream
 from vstream.config import JsonConfig, cache_dir, check_int, check_number
-from vstream.encoders.ocr import ScreenReader
 from vstream.errors import ConfigError, ProtocolError, SourceError, VStreamError
 from vstream.ingest import SourceConfig
 from vstream.ingest.container import source_kind
 from vstream.models import ChatModel
 from vstream.protocol import VERSION, Limits, Message, decode, encode
-from vstream.session import Session, SessionConfig, model_and_encoder, reads_screen
+from vstream.session import Session, SessionConfig, model_and_encoder, shared_screen_reader
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +197,7 @@ class Server:
         self.config = config or ServerConfig()
         # one frame encoder and one OCR for every stream: each model is loaded once, not per stream
         self.model, self.encoder = model_and_encoder(model, self.config.session)
-        self.screen_reader = ScreenReader() if reads_screen(self.config.session) else None
+        self.screen_reader = shared_screen_reader(self.config.session)
         self.limits = Limits(self.config.max_header_bytes, self.config.max_frame_bytes)
         self.state_dir = Path(self.config.state_dir or cache_dir() / "streams")
         self.streams: dict[str, Stream] = {}

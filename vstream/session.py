@@ -422,42 +422,37 @@ class Session:
 
     def add_transcript(self, segments) -> None:
         """Add transcript segments (``TranscriptSegment``, in time order)."""
-        segments = [s for s in segments if s.text]
-        if not segments:
-            return
-        from vstream.memory.transcript import TranscriptMemory
-
-        embeddings = self.text.encode([s.text for s in segments])
-        with self._write_lock:
-            if self.transcript is None:
-                self.transcript = TranscriptMemory(self.text.dim)
-            self.transcript.extend(segments, embeddings)
-        with self._stats_lock:
-            self._stats.transcript_segments = len(self.transcript)
+        self._add_timed("transcript", [s for s in segments if s.text])
 
     def add_screen_text(self, screen) -> None:
         """Add what an ``OCRWorker`` read (``ScreenText``): stretch the newest text to its
         current end, then add the texts opened since."""
+        self._add_timed("screen", screen.segments, screen.previous_end)
+
+    def _add_timed(self, name: str, segments: list, previous_end: float | None = None) -> None:
+        """Into the timed-text memory ``name`` (``transcript``, ``screen``, ``shown``; made on
+        first use): stretch its newest segment to ``previous_end`` when given, then add
+        ``segments`` with their embeddings, and count them in ``stats.<name>_segments``."""
         from vstream.memory.transcript import TranscriptMemory
 
-        embeddings = self.text.encode([s.text for s in screen.segments]) if screen.segments else None
+        embeddings = self.text.encode([s.text for s in segments]) if segments else None
         with self._write_lock:
-            if screen.previous_end is not None and self.screen is not None and len(self.screen):
-                self.screen.stretch_last(screen.previous_end)
+            texts = getattr(self, name)
+            if previous_end is not None and texts is not None and len(texts):
+                texts.stretch_last(previous_end)
             if embeddings is not None:
-                if self.screen is None:
-                    self.screen = TranscriptMemory(self.text.dim)
-                self.screen.extend(screen.segments, embeddings)
-        if embeddings is not None:
+                if texts is None:
+                    texts = TranscriptMemory(self.text.dim)
+                    setattr(self, name, texts)
+                texts.extend(segments, embeddings)
+        if segments:
             with self._stats_lock:
-                self._stats.screen_segments = len(self.screen)
+                setattr(self._stats, f"{name}_segments", len(texts))
 
     def _add_shown(self, frames: list[Frame], labels: list[list[tuple[str, float]]]) -> None:
         """Keep what the encoder recognised as timed text: one segment per run of frames
         with the same best label (the text: the first frame's labels, ``"espresso"``,
         ``"domestic cat, tabby cat"``), since the lesser labels flicker between frames."""
-        from vstream.memory.transcript import TranscriptMemory
-
         new, stretch = [], None  # segments opened in this batch; the new end of one already kept
         for frame, found in zip(frames, labels):
             words = ", ".join(name for name, _ in found)
@@ -472,17 +467,7 @@ class Session:
                 new.append(self._shown_open)
             else:
                 self._shown_open = None
-        embeddings = self.text.encode([s.text for s in new]) if new else None
-        with self._write_lock:
-            if stretch is not None and self.shown is not None and len(self.shown):
-                self.shown.stretch_last(stretch)
-            if embeddings is not None:
-                if self.shown is None:
-                    self.shown = TranscriptMemory(self.text.dim)
-                self.shown.extend(new, embeddings)
-        if new:
-            with self._stats_lock:
-                self._stats.shown_segments = len(self.shown)
+        self._add_timed("shown", new, stretch)
 
     @property
     def text(self):
@@ -683,6 +668,16 @@ def reads_screen(config: SessionConfig) -> bool:
     from vstream.encoders import ocr
 
     return ocr.available()
+
+
+def shared_screen_reader(config: SessionConfig):
+    """A ``ScreenReader`` for sessions with ``config`` to share (None when they read no
+    text): what a server holds once for all its streams, as it holds one frame encoder."""
+    if not reads_screen(config):
+        return None
+    from vstream.encoders.ocr import ScreenReader
+
+    return ScreenReader()
 
 
 def model_and_encoder(model: ChatModel | str | None, config: SessionConfig,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from vstream.errors import ConfigError
@@ -94,6 +94,22 @@ def draw_frame(index: int, t: float, width: int, height: int, background: tuple[
     y = band + (height - band - side) // 2
     image[y : y + side, x : x + side] = 255
     return image
+
+
+_SLIDE_FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")  # Debian's fonts-dejavu-core
+
+
+def text_slide(lines: list[str], size: tuple[int, int] = (640, 360),
+               background: tuple[int, int, int] = (250, 250, 245)) -> np.ndarray:
+    """A slide ``[height, width, 3]`` uint8: ``lines`` of dark text 40 px high, one under
+    the other (DejaVu Sans where installed, else PIL's built-in font); a scene for
+    ``write_clip`` that OCR can read."""
+    image = Image.new("RGB", size, background)
+    font = ImageFont.truetype(str(_SLIDE_FONT), 40) if _SLIDE_FONT.is_file() else ImageFont.load_default(size=40)
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        draw.text((40, 80 + 70 * i), line, fill=(10, 10, 10), font=font)
+    return np.asarray(image)
 
 
 def read_index(image: np.ndarray) -> int:
