@@ -44,6 +44,7 @@ import torch
 from vstream.evaluate.needle import (
     KINDS,
     POSITIONS,
+    WHEN,
     evidence_error,
     feed,
     make_needle_clip,
@@ -63,17 +64,22 @@ def install_espeak() -> bool:
     return speech_available()
 
 
-def run_case(path: Path, case, max_new_tokens: int, encoder: str, ocr: bool) -> dict:
-    """Feed ``path`` into a session (up to ``ask_at`` for a live case), ask the case's question; the scored row."""
+def run_clip(path: Path, cases: list, max_new_tokens: int, encoder: str, ocr) -> list[dict]:
+    """Feed ``path`` into one session (up to ``ask_at`` for a live case), ask each case's
+    question of it; the scored rows."""
     config = SessionConfig(encoder=encoder, ocr=ocr, generation=GenerationConfig(max_new_tokens=max_new_tokens))
     started = time.perf_counter()
+    rows = []
     with Session(None, config) as session:
-        feed(session, path, case)
+        feed(session, path, cases[0])
         ingest_s = time.perf_counter() - started
-        answer = session.ask(case.question, last=case.last)
-    return {"kind": case.kind, "length": case.length, "position": case.position,
-            "correct": score_answer(case, answer), "error": evidence_error(case, answer),
-            "ingest_s": ingest_s, "answer": answer.text.strip().replace("\n", " ")}
+        for case in cases:
+            answer = session.ask(case.question, last=case.last)
+            rows.append({"kind": case.kind, "length": case.length, "position": case.position, "seed": case.seed,
+                         "needle": case.needle, "correct": score_answer(case, answer),
+                         "error": evidence_error(case, answer), "ingest_s": ingest_s,
+                         "answer": answer.text.strip().replace("\n", " ")})
+    return rows
 
 
 def name(length: float) -> str:
@@ -110,13 +116,14 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=list(POSITIONS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one case of each kind per seed")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--encoder", default="pixels",
-                        help="frame encoder (default pixels: the colour needles ask for colours; auto, imagenet)")
-    parser.add_argument("--ocr", action=argparse.BooleanOptionalAction, default=False,
-                        help="read the text on screen (default off: no needle is text yet)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--encoder", default="auto", help="frame encoder (default auto, as a session's: "
+                        "imagenet where installed; pixels)")
+    parser.add_argument("--ocr", action=argparse.BooleanOptionalAction, default="auto",
+                        help="read the text on screen (default: where installed, as a session does)")
     parser.add_argument("--cache", default=str(ROOT / ".bench" / "needle"), help="folder for the generated clips")
     args = parser.parse_args()
+    torch.set_num_threads(1)
 
     kinds = list(args.kinds)
     if "spoken" in kinds and not install_espeak():
@@ -129,13 +136,17 @@ def main() -> None:
     for length in args.lengths:
         for position in args.positions:
             for seed in args.seeds:
+                clips: dict[Path, list] = {}  # the kinds asked of one clip share its session
                 for kind in kinds:
                     path, case = make_needle_clip(args.cache, kind, length, position, seed)
-                    row = run_case(path, case, args.max_new_tokens, args.encoder, args.ocr)
-                    rows.append(row)
-                    error = "-" if row["error"] is None else f"{row['error']:.1f}"
-                    print(f"{kind:10} {length:8.0f} {position:8} {seed:4} {case.needle:8.1f} {row['correct']!s:7} "
-                          f"{error:>6} {row['ingest_s']:8.1f}  {row['answer'][:70]}", flush=True)
+                    clips.setdefault(path, []).append(case)
+                for path, cases in clips.items():
+                    for row in run_clip(path, cases, args.max_new_tokens, args.encoder, args.ocr):
+                        rows.append(row)
+                        error = "-" if row["error"] is None else f"{row['error']:.1f}"
+                        print(f"{row['kind']:10} {length:8.0f} {position:8} {seed:4} {row['needle']:8.1f} "
+                              f"{row['correct']!s:7} {error:>6} {row['ingest_s']:8.1f}  {row['answer'][:70]}",
+                              flush=True)
 
     def chosen(length=None, position=None, kind=None) -> list[dict]:
         return [r for r in rows if length in (None, r["length"]) and position in (None, r["position"])
@@ -146,7 +157,7 @@ def main() -> None:
           [(name(n), [cell(chosen(n, p)) for p in args.positions] + [cell(chosen(n))]) for n in args.lengths])
     table("kind", [name(n) for n in args.lengths],
           [(k, [cell(chosen(n, kind=k)) for n in args.lengths]) for k in kinds])
-    when = [r["error"] for r in rows if r["kind"] in ("spoken", "visual") and r["error"] is not None]
+    when = [r["error"] for r in rows if r["kind"] in ("spoken", *WHEN) and r["error"] is not None]
     median = statistics.median(when) if when else float("nan")
     ends = sorted({min(args.lengths), max(args.lengths)})
     others = [n for n in args.lengths if n not in ends]

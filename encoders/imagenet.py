@@ -252,5 +252,6 @@ class ImageNetEncoder:
 
     def describe(self, means) -> list[str]:
         """``[n, 1280]`` mean tokens -> a caption each: its labels (``"tabby cat, tiger cat"``),
-        or ``"unrecognised"`` when none reaches ``min_score``."""
-        return [", ".join(name for name, _ in labels) or "unrecognised" for labels in self.top_labels(means)]
+        or ``""`` when none reaches ``min_score`` (the scene note then says nothing of it:
+        a word like "unrecognised" is read by a small model as something shown)."""
+        return [", ".join(name for name, _ in labels) for labels in self.top_labels(means)]

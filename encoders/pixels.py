@@ -151,15 +151,40 @@ _HUES = ((15, "red"), (40, "orange"), (70, "yellow"), (165, "green"), (200, "cya
          (335, "magenta"), (360, "red"))  # (upper bound of the hue in degrees, name)
 
 
-def colour_name(red: float, green: float, blue: float) -> str:
-    """A plain name for an RGB colour in [0, 1]: black, grey or white when it has little
-    saturation, else its hue, "dark" when it is dim."""
-    import colorsys
+def colour_names(rgb) -> list[str]:
+    """``[N, 3]`` RGB colours in [0, 1] -> a plain name each: black, grey or white when
+    it has little saturation, else its hue, "dark" when it is dim."""
+    rgb = np.asarray(rgb, np.float64).reshape(-1, 3)
+    value, low = rgb.max(axis=1), rgb.min(axis=1)
+    spread = value - low
+    saturation = np.where(value > 0, spread / np.maximum(value, 1e-12), 0.0)
+    red, green, blue = rgb.T
+    safe = np.maximum(spread, 1e-12)
+    sector = np.where(value == red, (green - blue) / safe,  # hue in sixths of the circle, as colorsys
+                      np.where(value == green, 2.0 + (blue - red) / safe, 4.0 + (red - green) / safe))
+    degrees = np.where(spread > 0, (sector / 6.0) % 1.0, 0.0) * 360
+    hues = np.searchsorted(np.array([bound for bound, _ in _HUES]), degrees, side="right")
+    names = []
+    for v, s, hue in zip(value, saturation, np.minimum(hues, len(_HUES) - 1)):
+        if v < 0.15:
+            names.append("black")
+        elif s < 0.25:
+            names.append("white" if v > 0.85 else "grey")
+        else:
+            names.append(f"dark {_HUES[hue][1]}" if v < 0.45 else _HUES[hue][1])
+    return names
 
-    hue, saturation, value = colorsys.rgb_to_hsv(red, green, blue)
-    if value < 0.15:
-        return "black"
-    if saturation < 0.25:
-        return "white" if value > 0.85 else "grey"
-    name = next(name for bound, name in _HUES if hue * 360 < bound)
-    return f"dark {name}" if value < 0.45 else name
+
+def colour_name(red: float, green: float, blue: float) -> str:
+    """``colour_names`` of one RGB colour in [0, 1]."""
+    return colour_names([[red, green, blue]])[0]
+
+
+def main_colour(image: np.ndarray, share: float = 0.5) -> str | None:
+    """The colour name (``colour_names``) of at least ``share`` of an ``[H, W, 3]`` uint8
+    image, judged on a 16×16 copy; None when no colour covers that much (a photo, a busy
+    scene). Words for a plain screen that a classifier has no label for."""
+    small = np.asarray(Image.fromarray(image).resize((16, 16), Image.BOX), np.float64) / 255.0
+    names, counts = np.unique(colour_names(small.reshape(-1, 3)), return_counts=True)
+    best = int(counts.argmax())
+    return str(names[best]) if counts[best] >= share * 256 else None

@@ -35,13 +35,18 @@ def describe_scenes(clusters: list[tuple[float, float, float]], fps: float, min_
     its frames fill at ``fps``, i.e. whose frames are spread out, is on screen more
     than once ("recurs"). Views are lettered in order of first appearance, and carry
     their ``captions`` (one per cluster, in the order given: what the frame encoder can
-    say of them, such as a colour) when there are any. The lines are short and alike on
+    say of them, such as a colour) when there are any. With captions, a view whose
+    caption is empty (the encoder recognised nothing in it) is left out: a line that
+    says only "view Q" is noise to a small model. The lines are short and alike on
     purpose: the prompt keeps about the same length however long the stream.
     """
     lines = []
+    given = captions is not None
     captions = captions or [""] * len(clusters)
     ordered = sorted(zip(clusters, captions), key=lambda pair: pair[0])
     for i, ((start, end, frames), caption) in enumerate(ordered):
+        if given and not caption:
+            continue
         words = [f"view {_letters(i)}", caption, "recurs" if end - start > frames / fps + min_gap else ""]
         lines.append((start, end, ", ".join(word for word in words if word)))
     return lines

@@ -379,3 +379,19 @@ def test_the_pixel_encoder_names_the_colour_of_its_features(rgb, name):
     encoder = PixelEncoder()
     features = encoder.encode([np.full((48, 64, 3), rgb, np.uint8)])
     assert encoder.describe(features.mean(dim=1).numpy()) == [name]
+
+
+def test_main_colour_names_a_plain_screen_and_not_a_busy_picture():
+    from vstream.encoders.pixels import colour_name, main_colour
+    from vstream.synth import draw_frame
+
+    magenta = draw_frame(7, 1.0, 160, 120, (230, 40, 200))  # bar code and white square over a quarter of it
+    assert main_colour(magenta) == "magenta" and main_colour(np.zeros((90, 120, 3), np.uint8)) == "black"
+    halves = np.zeros((64, 64, 3), np.uint8)
+    halves[:, :30] = (220, 30, 30)
+    halves[:, 30:] = (30, 60, 220)  # red 47 %, blue 53 %
+    assert main_colour(halves) == "blue" and main_colour(halves, share=0.6) is None
+    quarters = np.zeros((64, 64, 3), np.uint8)
+    quarters[:32, :32], quarters[:32, 32:], quarters[32:, :32] = (220, 30, 30), (30, 170, 60), (230, 200, 40)
+    assert main_colour(quarters) is None  # four colours, none over half
+    assert colour_name(0.9, 0.2, 0.8) == "magenta" and colour_name(0.3, 0.05, 0.05) == "dark red"

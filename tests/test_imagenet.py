@@ -68,7 +68,7 @@ def test_a_cluster_of_frames_is_described_by_what_its_frames_show(encoder, photo
     cat_mean, cup_mean = means[:3].mean(dim=0), means[3:].mean(dim=0)
     captions = encoder.describe(torch.stack([cat_mean, cup_mean]).numpy())
     assert set(captions[0].split(", ")) & CATS and captions[1].startswith("espresso")
-    assert encoder.describe(np.zeros((1, 1280), np.float32)) == ["unrecognised"]  # nothing above min_score
+    assert encoder.describe(np.zeros((1, 1280), np.float32)) == [""]  # nothing above min_score: no words
 
 
 def test_batches_threads_and_sizes_give_the_same_features(photos):
@@ -116,6 +116,20 @@ def test_a_session_with_the_imagenet_encoder_says_what_was_on_screen(tmp_path, p
     assert len(coffee) + len(cat) == len(scenes)  # no scene note spans the cut
     assert coffee and all("espresso" in line for line in coffee)
     assert cat and all(set(line.split(", ")) & CATS for line in cat)
+
+
+def test_a_plain_screen_is_shown_by_its_colour(tmp_path, photos):
+    """ImageNet has no label for a plain red screen; the shown memory names its colour,
+    so "when did the screen turn red?" finds it."""
+    clip = synth.write_clip(tmp_path / "red.mp4", duration=12.0, fps=2, size=(256, 192), audio=False,
+                            scenes=[(0.0, photos["coffee"]), (4.0, (220, 30, 30)), (8.0, (30, 60, 220))])
+    with Session(str(tiny_llama(tmp_path / "llama")), SessionConfig(asr=False, encoder="imagenet", ocr=False)) as session:
+        session.ingest(str(clip.path), progress=False)
+        shown = [(s.start, s.end, s.text) for s in session.shown.segments]
+        (best, _), *_ = session.context("When did the screen turn red?").shown
+    assert [(start, end) for start, end, _ in shown] == [(0.0, 3.0), (4.0, 7.0), (8.0, 11.0)]
+    assert shown[0][2].startswith("espresso") and shown[1][2] == "mostly red" and shown[2][2] == "mostly blue"
+    assert (best.start, best.end) == (4.0, 7.0)
 
 
 def test_bad_settings_and_input_are_refused(encoder):

@@ -6,14 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny_models import tiny_llama
 
 import vstream
+from vstream import synth
+from vstream.config import package_folder
+from vstream.encoders.ocr import picture_change, thumbnail
 from vstream.errors import ConfigError
 from vstream.evaluate.needle import (
     HUM,
     MAGENTA,
     NOISE,
+    PICTURE_SIZE,
     RED,
     NeedleCase,
     evidence_error,
@@ -77,6 +82,41 @@ def test_order_case_names_the_scene_that_comes_first(tmp_path, position, seed):
     assert seen and seen[0] == first and second in seen
 
 
+def needle_frames(path, case, reference: np.ndarray) -> list[bool]:
+    """For each second of the clip (sampled a quarter second in, away from scene cuts),
+    whether the frame shows ``reference`` (its picture barely changed from it)."""
+    small = thumbnail(np.asarray(Image.fromarray(reference).resize(PICTURE_SIZE, Image.BILINEAR)))
+    with vstream.open_source(str(path)) as source:
+        return [picture_change(thumbnail(source.frame_at(t + 0.25).image), small) < 0.02 for t in range(int(case.length))]
+
+
+@pytest.mark.skipif(package_folder("skimage") is None, reason="photo needles use scikit-image's sample photos")
+def test_photo_needle_shows_its_photo_at_its_time_only_and_shares_its_clip(tmp_path):
+    path, case = make_needle_clip(tmp_path, "photo", 60, "end", seed=5)
+    when_path, when = make_needle_clip(tmp_path, "photo_when", 60, "end", seed=5)
+    assert when_path == path and when.span == case.span == (54.0, 59.0)
+    assert "coffee" in case.expected and when.question == "When was the cup of coffee shown?"
+    coffee = np.asarray(Image.open(package_folder("skimage") / "data" / "coffee.png").convert("RGB"))
+    shown = needle_frames(path, case, coffee[:, ::-1])  # seed 5: the second photo, mirrored
+    assert [t for t, yes in enumerate(shown) if yes] == [54, 55, 56, 57, 58]
+    assert not any(needle_frames(path, case, coffee))
+
+
+def test_text_needle_shows_its_slide_at_its_time_only_among_slides_without_numbers(tmp_path):
+    path, case = make_needle_clip(tmp_path, "text", 60, "start", seed=2)
+    when_path, when = make_needle_clip(tmp_path, "text_when", 60, "start", seed=2)
+    number, = case.expected
+    assert when_path == path and case.question == "What did the parking slide say?" and 2 <= int(number) < 10
+    assert when.question == "When was the parking slide shown?" and case.span == (6.0, 11.0)
+    shown = needle_frames(path, case, synth.text_slide(["Parking", f"Level {number}"], PICTURE_SIZE))
+    assert [t for t, yes in enumerate(shown) if yes] == [6, 7, 8, 9, 10]
+    with vstream.open_source(str(path)) as source:  # the scene from 20 s to 40 s is a slide with no number
+        plain = source.frame_at(30.0).image
+    assert not any(picture_change(thumbnail(plain), thumbnail(synth.text_slide([word], PICTURE_SIZE))) < 0.02
+                   for word in ("Parking", f"Level {number}"))
+    assert plain.std() > 20  # dark letters on a light slide, not a plain colour
+
+
 def test_spoken_needle_is_heard_at_its_time_over_a_hum(tmp_path):
     if not speech_available():
         pytest.skip("espeak-ng is not installed: spoken needles cannot be made (apt-get install espeak-ng)")
@@ -129,6 +169,12 @@ def test_scoring_on_hand_made_answers():
     assert score_answer(count, Answer("Three times."))
     assert score_answer(count, Answer("It appeared 3 times, at 5, 20 and 40 s."))
     assert not score_answer(count, Answer("2 times, maybe three."))
+    slide = NeedleCase("text_when", 60, "middle", 30, (30, 35), "When?", ("Parking",))
+    read = Answer("At 0:30.", [Evidence(10, 12, "frame", 0.9), Evidence(30, 34, "screen", 0.3)])
+    assert evidence_error(slide, read) == 0.0 and score_answer(slide, read)  # screen text evidence counts
+    assert not score_answer(slide, Answer("At 0:30.", [Evidence(30, 34, "frame", 0.9)]))
+    said = NeedleCase("text", 60, "middle", 30, (30, 35), "What did it say?", ("7",))
+    assert score_answer(said, Answer("Parking, level 7.")) and not score_answer(said, Answer("Level 17."))
     order = NeedleCase("order", 60, "start", 5, (5, 10), "Which first?", ("yellow",))
     assert score_answer(order, Answer("The yellow one, then the green one."))
     assert not score_answer(order, Answer("Green came before yellow."))

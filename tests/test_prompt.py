@@ -58,6 +58,9 @@ def test_scene_notes_say_when_a_view_comes_back():
     assert lines == [(0.0, 100.0, "view A, recurs"), (40.0, 60.0, "view B"), (61.0, 80.0, "view C")]
     captioned = describe_scenes([(40.0, 60.0, 21.0), (0.0, 100.0, 30.0)], fps=1.0, captions=["red", "grey"])
     assert captioned == [(0.0, 100.0, "view A, grey, recurs"), (40.0, 60.0, "view B, red")]  # captions follow
+    # a view the encoder recognised nothing in is left out; the others keep their letters
+    some = describe_scenes([(40.0, 60.0, 21.0), (0.0, 100.0, 30.0)], fps=1.0, captions=["espresso", ""])
+    assert some == [(40.0, 60.0, "view B, espresso")]
 
 
 @pytest.mark.parametrize("fields, message", [({"max_new_tokens": 0}, "max_new_tokens"),

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from vstream.config import JsonConfig, check_int, check_number
 from vstream.encoders import FrameEncoder, create_encoder
+from vstream.encoders.pixels import main_colour
 from vstream.errors import ConfigError, MemoryStateError, VStreamError
 from vstream.ingest import FileSource, open_source, probe
 from vstream.ingest.queue import Closed, ItemQueue
@@ -45,6 +46,10 @@ from vstream.types import AudioChunk, Frame, TranscriptSegment
 
 logger = logging.getLogger(__name__)
 _END = object()  # queued after a source's last item: flush the recogniser
+
+
+SURE_LABEL = 0.3
+"""Probability from which a frame's best label marks a new span of the shown memory."""
 
 
 @dataclass
@@ -177,6 +182,7 @@ class Session:
         self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
         self.transcript = self.screen = self.shown = None  # what was said; text on screen; what was recognised
         self._shown_open: TranscriptSegment | None = None  # the labels of the newest frames, still on screen
+        self._shown_key: tuple | None = None  # its best label and main colour: what a run shares
         self._text = self._asr = self._asr_worker = self._ocr_worker = None
         self._ocr = screen_reader
         self._reading_file = False  # a file read at the writer's pace: the OCR reads every changed frame
@@ -451,19 +457,25 @@ class Session:
 
     def _add_shown(self, frames: list[Frame], labels: list[list[tuple[str, float]]]) -> None:
         """Keep what the encoder recognised as timed text: one segment per run of frames
-        with the same best label (the text: the first frame's labels, ``"espresso"``,
-        ``"domestic cat, tabby cat"``), since the lesser labels flicker between frames."""
+        with the same main colour and the same confident best label (probability at
+        least ``SURE_LABEL``; the text: the first frame's labels and colour, ``"espresso,
+        mostly orange"``, ``"domestic cat, tabby cat"``, ``"mostly magenta"``), since
+        weak labels flicker between frames of one scene. The colour (``main_colour``) is
+        there because a plain screen has no ImageNet label, and "when did the screen
+        turn red?" is asked."""
         new, stretch = [], None  # segments opened in this batch; the new end of one already kept
         for frame, found in zip(frames, labels):
-            words = ", ".join(name for name, _ in found)
-            if words and self._shown_open is not None and found[0][0] == self._shown_open.text.split(", ")[0]:
+            colour = main_colour(frame.image)
+            key = (found[0][0] if found and found[0][1] >= SURE_LABEL else None, colour)
+            words = [name for name, _ in found] + ([f"mostly {colour}"] if colour else [])
+            if words and self._shown_open is not None and key == self._shown_key:
                 self._shown_open = replace(self._shown_open, end=frame.t)
                 if new:
                     new[-1] = self._shown_open
                 else:
                     stretch = frame.t
             elif words:
-                self._shown_open = TranscriptSegment(frame.t, frame.t, words)
+                self._shown_open, self._shown_key = TranscriptSegment(frame.t, frame.t, ", ".join(words)), key
                 new.append(self._shown_open)
             else:
                 self._shown_open = None

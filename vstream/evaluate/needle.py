@@ -15,7 +15,17 @@ right answer says, and where in the stream the needle is. Kinds:
 - ``order``: a green and a yellow scene (green first for even seeds); asked which came
   first;
 - ``live``: a magenta scene, asked about during the stream (at ``ask_at``, about the
-  ``last`` seconds).
+  ``last`` seconds);
+- ``photo``: an everyday photo (one of scikit-image's public-domain sample photos,
+  chosen and mirrored by the seed), on screen once among muted scenes; asked what was
+  shown; ``photo_when``: the same clip, asked when the photo's subject was shown,
+  scored by the answer's best frame evidence;
+- ``text``: a slide with a number (title, number and template chosen by the seed), on
+  screen once among muted scenes and slides without numbers; asked what the slide said;
+  ``text_when``: the same clip, asked when the slide was shown, scored by the answer's
+  best screen-text evidence.
+
+Photo and text clips are ``PICTURE_SIZE`` so that a classifier and OCR can read them.
 
 ``feed`` puts a clip into a ``Session`` up to where its case asks; ``score_answer`` and
 ``evidence_error`` score the ``Answer`` against the case.
@@ -24,6 +34,7 @@ right answer says, and where in the stream the needle is. Kinds:
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -31,11 +42,17 @@ from pathlib import Path
 
 from vstream.errors import ConfigError
 
-KINDS = ("spoken", "visual", "recurrence", "order", "live")
+KINDS = ("spoken", "visual", "recurrence", "order", "live", "photo", "photo_when", "text", "text_when")
+CLIPS = {"photo_when": "photo", "text_when": "text"}
+"""Kinds asked of another kind's clip (its file is shared)."""
+WHEN = {"visual": "frame", "photo_when": "frame", "text_when": "screen"}
+"""Kinds asked "when", scored by the time of the answer's best evidence of this kind."""
 POSITIONS = {"start": 0.1, "middle": 0.5, "end": 0.9}
 """Needle time as a fraction of the clip's length."""
 
 SIZE = (160, 120)
+PICTURE_SIZE = (480, 270)
+"""Frame size of photo and text clips, ``(width, height)``."""
 FPS = 2.0
 SCENE_EVERY = 20.0
 """Seconds between background scene changes."""
@@ -76,6 +93,24 @@ DISTRACTORS = [
     "The football match ended in a draw.",
     "We painted the kitchen walls white.",
 ]
+PHOTOS = [
+    ("chelsea.png", "cat", ("cat", "kitten", "tabby")),
+    ("coffee.png", "cup of coffee", ("coffee", "espresso", "cup")),
+    ("motorcycle_left.png", "motorbike", ("motorbike", "motorcycle", "moped", "scooter")),
+    ("camera.png", "photographer", ("camera", "tripod", "photographer")),
+]
+"""``(file in scikit-image's data folder, what a question calls it, keywords)``: the
+photos an ImageNet classifier recognises (a cat, an espresso, a moped, a cameraman with
+his tripod); a right answer to "what was shown" holds one of the keywords."""
+SLIDES = [
+    ("Departures", "Gate {}", range(2, 60)),
+    ("Meeting", "Room {}", range(100, 500)),
+    ("Parking", "Level {}", range(2, 10)),
+    ("Invoice", "Total: ${}", range(20, 1000)),
+]
+"""``(title, line with the number, numbers)``: the needle slide of a text clip."""
+PLAIN_SLIDES = ["Welcome", "Agenda", "Coffee break", "Thank you", "Questions?", "Next steps"]
+"""Slides without a number, every other background scene of a text clip."""
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
@@ -128,6 +163,21 @@ class NeedleCase:
         return asdict(self)
 
 
+def _photo(name: str, mirror: bool):
+    """A scikit-image sample photo ``[H, W, 3]`` uint8, read as a file (no import of
+    scikit-image), left-right mirrored when ``mirror``."""
+    import numpy as np
+    from PIL import Image
+
+    from vstream.config import package_folder
+
+    folder = package_folder("skimage")
+    if folder is None:
+        raise ConfigError("photo needles use scikit-image's sample photos: pip install scikit-image")
+    image = np.asarray(Image.open(folder / "data" / name).convert("RGB"))
+    return np.ascontiguousarray(image[:, ::-1]) if mirror else image
+
+
 def speech_available() -> bool:
     """Whether espeak-ng, which spoken needles need, is installed."""
     return shutil.which("espeak-ng") is not None
@@ -148,6 +198,14 @@ def _background(length: float, seed: int) -> list[tuple[float, tuple[int, int, i
             for i, t in enumerate(x * SCENE_EVERY for x in range(int(length // SCENE_EVERY) + 1))]
 
 
+def _plain(scenes, size: tuple[int, int]) -> list:
+    """``scenes`` with each colour as a plain picture of ``size``: no bar code and moving
+    square, which a classifier takes for a digital clock and OCR for ever-changing text."""
+    import numpy as np
+
+    return [(t, np.full((size[1], size[0], 3), colour, np.uint8)) for t, colour in scenes]
+
+
 def _insert(scenes, start: float, end: float, colour) -> list:
     """``scenes`` with ``colour`` on screen over ``[start, end)``, the background after."""
     resume = [c for s, c in scenes if s <= end][-1]
@@ -161,20 +219,23 @@ def make_needle_clip(folder: str | Path, kind: str, length: float, position: str
     """Write (or reuse, when written before) a needle clip in ``folder``.
 
     Returns the clip's path and its ``NeedleCase``; the case is saved beside the clip as
-    JSON, and a clip whose JSON exists is not written again.
+    JSON, and a clip whose JSON exists is not written again. Kinds asked of the same clip
+    (``CLIPS``: ``photo`` and ``photo_when``) share its file.
     """
-    from vstream.synth import write_clip
+    from vstream.synth import text_slide, write_clip
 
     if kind not in KINDS:
         raise ConfigError(f"needle kind {kind!r} is not one of {KINDS}")
     folder = Path(folder)
-    path = folder / f"{kind}-{int(length)}s-{position}-seed{seed}.mp4"
-    saved = path.with_suffix(".json")
+    stem = f"{int(length)}s-{position}-seed{seed}"
+    path = folder / f"{CLIPS.get(kind, kind)}-{stem}.mp4"
+    saved = folder / f"{kind}-{stem}.json"
     if path.exists() and saved.exists():
         return path, NeedleCase(**json.loads(saved.read_text()))
     scenes = _background(length, seed)
     speech = []
     extra = {}
+    size = SIZE
     if kind == "spoken":
         sentence, question, keywords = FACTS[seed % len(FACTS)]
         t = needle_time(length, position, 6.0)
@@ -208,7 +269,7 @@ def make_needle_clip(folder: str | Path, kind: str, length: float, position: str
         span = (starts[0], starts[0] + seconds)
         extra = {"question": "How many times did the red screen appear?", "expected": (str(count), NUMBERS[count]),
                  "count": count}
-    else:  # order
+    elif kind == "order":
         # Which colour comes first depends on the seed alone, never on the length or
         # position: a model that always names one colour scores the same everywhere.
         first, second = ((GREEN, "green"), (YELLOW, "yellow")) if seed % 2 == 0 else ((YELLOW, "yellow"), (GREEN, "green"))
@@ -220,9 +281,33 @@ def make_needle_clip(folder: str | Path, kind: str, length: float, position: str
         scenes = _insert(_insert(scenes, t, t + VISUAL_SECONDS, first[0]), later, later + VISUAL_SECONDS, second[0])
         span = (t, t + VISUAL_SECONDS)
         extra = {"question": "Which screen came first, the green one or the yellow one?", "expected": (first[1],)}
-    hum = [(i * HUM_EVERY, HUM[i % len(HUM)]) for i in range(int(length // HUM_EVERY) + 1)]
-    info = write_clip(path, duration=length, fps=FPS, size=SIZE, scenes=sorted(scenes), speech=speech,
-                      tones=hum if speech else None, noise=NOISE if speech else 0.0, progress=length >= 600)
+    elif CLIPS.get(kind, kind) == "photo":
+        size = PICTURE_SIZE
+        scenes = _plain(scenes, size)
+        name, subject, keywords = PHOTOS[seed % len(PHOTOS)]
+        t = needle_time(length, position, VISUAL_SECONDS)
+        span = (t, t + VISUAL_SECONDS)
+        scenes = _insert(scenes, *span, _photo(name, mirror=seed // len(PHOTOS) % 2 == 1))
+        extra = ({"question": "What was shown on the screen?", "expected": keywords} if kind == "photo" else
+                 {"question": f"When was the {subject} shown?", "expected": (subject,)})
+    else:  # text, text_when
+        size = PICTURE_SIZE
+        rng = random.Random(seed)
+        title, template, numbers = SLIDES[seed % len(SLIDES)]
+        number = rng.choice(numbers)
+        plain = rng.sample(PLAIN_SLIDES, len(PLAIN_SLIDES))
+        scenes = [(t, text_slide([plain[i // 2 % len(plain)]], size) if i % 2 else colour)
+                  for i, (t, colour) in enumerate(_plain(scenes, size))]
+        t = needle_time(length, position, VISUAL_SECONDS)
+        span = (t, t + VISUAL_SECONDS)
+        scenes = _insert(scenes, *span, text_slide([title, template.format(number)], size))
+        extra = ({"question": f"What did the {title.lower()} slide say?", "expected": (str(number),)}
+                 if kind == "text" else {"question": f"When was the {title.lower()} slide shown?", "expected": (title,)})
+    if not path.exists() or kind == "spoken":
+        hum = [(i * HUM_EVERY, HUM[i % len(HUM)]) for i in range(int(length // HUM_EVERY) + 1)]
+        info = write_clip(path, duration=length, fps=FPS, size=size, scenes=sorted(scenes, key=lambda s: s[0]),
+                          speech=speech, tones=hum if speech else None, noise=NOISE if speech else 0.0,
+                          progress=length >= 600)
     if span is None:
         span = next((start, min(end, length)) for start, end, text in info.speech if text == FACTS[seed % len(FACTS)][0])
     case = NeedleCase(kind=kind, length=float(length), position=position, needle=span[0], span=span, seed=seed, **extra)
@@ -254,9 +339,9 @@ def feed(session, path: str | Path, case: NeedleCase) -> None:
 
 def evidence_error(case: NeedleCase, answer) -> float | None:
     """Seconds between the answer's best evidence of the needle's kind (transcript for
-    spoken needles, frames otherwise) and the needle's span: 0 when they overlap;
-    None when the answer has no such evidence."""
-    wanted = "transcript" if case.kind == "spoken" else "frame"
+    spoken needles, screen text for text needles, frames otherwise) and the needle's
+    span: 0 when they overlap; None when the answer has no such evidence."""
+    wanted = WHEN.get(case.kind) or {"spoken": "transcript", "text": "screen"}.get(case.kind, "frame")
     best = next((e for e in answer.evidence if e.kind == wanted), None)
     if best is None:
         return None
@@ -269,12 +354,12 @@ def _words(text: str) -> list[str]:
 
 
 def score_answer(case: NeedleCase, answer) -> bool:
-    """Whether ``answer`` is right: for ``visual`` ("when"), its evidence error is within
-    the tolerance; for ``recurrence``, the first number it gives is the count; for
+    """Whether ``answer`` is right: for kinds asked "when" (``WHEN``), its evidence error
+    is within the tolerance; for ``recurrence``, the first number it gives is the count; for
     ``order``, it names the first scene before (or without) the other; otherwise it
     holds one of the expected keywords."""
     words = _words(answer.text)
-    if case.kind == "visual":
+    if case.kind in WHEN:
         error = evidence_error(case, answer)
         return error is not None and error <= case.tolerance
     if case.kind == "recurrence":
