@@ -178,13 +178,15 @@ def context_pieces(context: Context, visual: bool, source: str | None = None) ->
         for start, end, description in context.scenes:
             pieces.append(Piece(text=f"{span(start, end)} {description}\n", evidence=(start, end, FRAME),
                                 source=source))
-    timed_text = (("Shown", context.shown, FRAME), ("On screen", context.screen, SCREEN),
+    timed_text = (("Seen in the video", context.shown, FRAME), ("On screen", context.screen, SCREEN),
                   ("Transcript", context.transcript, TRANSCRIPT))
     for title, hits, kind in timed_text:
         if hits:
             pieces.append(Piece(text=f"{title}:\n"))
             for segment, score in sorted(hits, key=lambda hit: hit[0].start):
-                pieces.append(Piece(text=f'{span(segment.start, segment.end)} "{segment.text}"\n',
+                # Labels are the encoder's words, not a quote; text read or heard is quoted.
+                text = segment.text if kind == FRAME else f'"{segment.text}"'
+                pieces.append(Piece(text=f"{span(segment.start, segment.end)} {text}\n",
                                     evidence=(segment.start, segment.end, kind), prior=float(score), source=source))
     if not pieces:
         pieces.append(Piece(text="Nothing has been seen or heard yet.\n"))
