@@ -128,7 +128,8 @@ def test_a_plain_screen_is_shown_by_its_colour(tmp_path, photos):
         shown = [(s.start, s.end, s.text) for s in session.shown.segments]
         (best, _), *_ = session.context("When did the screen turn red?").shown
     assert [(start, end) for start, end, _ in shown] == [(0.0, 3.0), (4.0, 7.0), (8.0, 11.0)]
-    assert shown[0][2].startswith("espresso") and shown[1][2] == "mostly red" and shown[2][2] == "mostly blue"
+    assert shown[0][2] == "espresso"  # a recognised photo: no colour
+    assert shown[1][2].endswith("mostly red") and shown[2][2].endswith("mostly blue")  # weak labels may come first
     assert (best.start, best.end) == (4.0, 7.0)
 
 

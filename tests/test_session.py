@@ -227,6 +227,24 @@ def test_weak_transcript_lines_do_not_drown_a_clear_match(model):
         SessionConfig(transcript_floor=1.5)
 
 
+@pytest.mark.skipif(bool(REAL), reason=f"the embedded speech and text models are not installed: {', '.join(REAL)}")
+def test_weak_lines_of_one_memory_do_not_drown_a_clear_match_in_another(model):
+    """The floor is relative to the best line of all memories: a slide that answers the
+    question leaves out the transcript's small talk, and the reverse."""
+    from vstream.encoders.ocr import ScreenText
+    from vstream.types import TranscriptSegment
+
+    with Session(model, SessionConfig(asr=False, encoder="pixels", ocr=False)) as session:
+        session.add_transcript([TranscriptSegment(10.0 * i, 10.0 * i + 3, text) for i, text in enumerate(
+            ["The football match ended in a draw.", "Lunch will be served in the garden today."])])
+        session.add_screen_text(ScreenText([TranscriptSegment(40.0, 50.0, "Departures / Gate 56"),
+                                            TranscriptSegment(50.0, 60.0, "Thank you")]))
+        slide = session.context("What did the departures slide say?")
+        talk = session.context("How did the football match end?")
+    assert [s.text for s, _ in slide.screen] == ["Departures / Gate 56"] and slide.transcript == []
+    assert [s.text for s, _ in talk.transcript] == ["The football match ended in a draw."] and talk.screen == []
+
+
 def test_a_live_push_after_the_end_marker_never_evicts_it():
     """The end marker (finish) stays queued however many frames are pushed after it, so
     ``wait`` always sees the recogniser flushed."""

@@ -75,10 +75,11 @@ class SessionConfig(JsonConfig):
         screen_lines: on-screen texts retrieved per question (default 4).
         shown_lines: spans of what the frame encoder recognised (its labels, such as
             ImageNet classes) retrieved per question (default 4).
-        transcript_floor: retrieved lines whose similarity to the question is under this
-            fraction of the best line's are left out (default 0.5; 0 keeps all), so a
-            clear match is not drowned among weak ones; a window's own lines still fill
-            in for a question about a window.
+        transcript_floor: retrieved lines (transcript, screen text, what was seen) whose
+            similarity to the question is under this fraction of the best line's among
+            them all are left out (default 0.5; 0 keeps all), so a clear match is not
+            drowned among weak ones; a window's own lines still fill in for a question
+            about a window.
         batch_frames: frames encoded and written per batch (default 8).
         queue_frames: frames and audio chunks waiting for the writer (default 64);
             beyond that a live push drops the oldest frame.
@@ -457,17 +458,19 @@ class Session:
 
     def _add_shown(self, frames: list[Frame], labels: list[list[tuple[str, float]]]) -> None:
         """Keep what the encoder recognised as timed text: one segment per run of frames
-        with the same main colour and the same confident best label (probability at
-        least ``SURE_LABEL``; the text: the first frame's labels and colour, ``"espresso,
-        mostly orange"``, ``"domestic cat, tabby cat"``, ``"mostly magenta"``), since
-        weak labels flicker between frames of one scene. The colour (``main_colour``) is
-        there because a plain screen has no ImageNet label, and "when did the screen
-        turn red?" is asked."""
+        with the same confident best label (probability at least ``SURE_LABEL``) and the
+        same main colour, since weak labels flicker between frames of one scene. The
+        text is the first frame's labels (``"espresso"``, ``"domestic cat, tabby cat"``),
+        and its main colour (``main_colour``) when no label is confident (``"mostly
+        magenta"``, ``"digital clock, mostly blue"``): ImageNet has no label for a plain
+        screen, and "when did the screen turn red?" is asked; on a recognised photo the
+        colour would only be noise to the retrieval."""
         new, stretch = [], None  # segments opened in this batch; the new end of one already kept
         for frame, found in zip(frames, labels):
             colour = main_colour(frame.image)
-            key = (found[0][0] if found and found[0][1] >= SURE_LABEL else None, colour)
-            words = [name for name, _ in found] + ([f"mostly {colour}"] if colour else [])
+            sure = found[0][0] if found and found[0][1] >= SURE_LABEL else None
+            key = (sure, colour)
+            words = [name for name, _ in found] + ([f"mostly {colour}"] if colour and sure is None else [])
             if words and self._shown_open is not None and key == self._shown_key:
                 self._shown_open = replace(self._shown_open, end=frame.t)
                 if new:
@@ -500,9 +503,10 @@ class Session:
         with self._write_lock:
             memory = self.memory.tokens() if self.model.reads_memory_tokens else None
             clusters = None if self.model.reads_memory_tokens else self.memory.clusters(means=True)
-            transcript = self._retrieve(self.transcript, self.config.transcript_lines, query, start, end)
-            screen = self._retrieve(self.screen, self.config.screen_lines, query, start, end)
-            shown = self._retrieve(self.shown, self.config.shown_lines, query, start, end)
+            transcript, screen, shown = self._relevant([
+                self._retrieve(self.transcript, self.config.transcript_lines, query, start, end),
+                self._retrieve(self.screen, self.config.screen_lines, query, start, end),
+                self._retrieve(self.shown, self.config.shown_lines, query, start, end)])
             duration = self.memory.last_t if len(self.memory) else 0.0
         if memory is not None:
             return Context(memory=_within(memory, start, end), transcript=transcript, screen=screen, shown=shown,
@@ -514,28 +518,33 @@ class Session:
         return Context(scenes=scenes, transcript=transcript, screen=screen, shown=shown, duration=duration)
 
     def _retrieve(self, texts, k: int, query, start, end) -> list:
-        """The ``k`` lines of the timed-text memory ``texts`` (transcript or screen) best
-        matching ``query``, as ``(segment, score)``, within ``[start, end]`` when given."""
+        """The ``k`` lines of the timed-text memory ``texts`` (transcript, screen or shown)
+        best matching ``query``, as ``(segment, score)``, best first; within ``[start,
+        end]`` when given, where the window's own lines (score None) fill in when too few match."""
         if texts is None or query is None:
             return []
         if start is None and end is None:
-            return self._relevant(texts, [(hit.segment, hit.score) for hit in texts.search(query, k)])
-        hits = self._relevant(texts, [(hit.segment, hit.score) for hit in texts.search(query, 4 * k)
-                                      if _overlaps(hit.segment.start, hit.segment.end, start, end)])[:k]
+            return [(hit.segment, hit.score) for hit in texts.search(query, k)]
+        hits = [(hit.segment, hit.score) for hit in texts.search(query, 4 * k)
+                if _overlaps(hit.segment.start, hit.segment.end, start, end)][:k]
         if len(hits) < k:  # the window's own lines, newest first, when retrieval found too few
             have = {id(s) for s, _ in hits}
             inside = texts.between(start if start is not None else 0.0, end if end is not None else float("inf"))
-            hits += [(s, 0.0) for s in reversed(inside) if id(s) not in have][: k - len(hits)]
+            hits += [(s, None) for s in reversed(inside) if id(s) not in have][: k - len(hits)]
         return hits
 
-    def _relevant(self, texts, hits: list) -> list:
-        """``hits`` (best first, similarity scores) without those under
-        ``transcript_floor`` of the best one's score. A small model answers from the
-        line it is shown most of, so seven weak lines can outvote one strong match."""
+    def _relevant(self, retrieved: list[list]) -> list[list]:
+        """Each list of ``retrieved`` lines without those whose similarity is under
+        ``transcript_floor`` of the best line's among all of them (transcript, screen
+        text and what was seen alike); a window's own lines are kept. A small model
+        answers from the line it is shown most of, so seven weak lines can outvote one
+        strong match, in another section as well as in the same one."""
         floor = self.config.transcript_floor
-        if not hits or floor == 0 or texts.config.metric != "ip" or hits[0][1] <= 0:
-            return hits
-        return [(segment, score) for segment, score in hits if score >= floor * hits[0][1]]
+        scores = [score for hits in retrieved for _, score in hits if score is not None]
+        best = max(scores, default=0.0)
+        kept = [[(segment, 0.0 if score is None else score) for segment, score in hits
+                 if score is None or floor == 0 or best <= 0 or score >= floor * best] for hits in retrieved]
+        return kept
 
     def stream(self, question: str, start: float | None = None, end: float | None = None,
                last: float | None = None) -> AnswerStream:
