@@ -305,9 +305,11 @@ def make_needle_clip(folder: str | Path, kind: str, length: float, position: str
                  if kind == "text" else {"question": f"When was the {title.lower()} slide shown?", "expected": (title,)})
     if not path.exists() or kind == "spoken":
         hum = [(i * HUM_EVERY, HUM[i % len(HUM)]) for i in range(int(length // HUM_EVERY) + 1)]
-        info = write_clip(path, duration=length, fps=FPS, size=size, scenes=sorted(scenes, key=lambda s: s[0]),
+        partial = path.with_suffix(".partial.mp4")  # renamed when whole: a stopped run leaves no half clip
+        info = write_clip(partial, duration=length, fps=FPS, size=size, scenes=sorted(scenes, key=lambda s: s[0]),
                           speech=speech, tones=hum if speech else None, noise=NOISE if speech else 0.0,
                           progress=length >= 600)
+        partial.replace(path)
     if span is None:
         span = next((start, min(end, length)) for start, end, text in info.speech if text == FACTS[seed % len(FACTS)][0])
     case = NeedleCase(kind=kind, length=float(length), position=position, needle=span[0], span=span, seed=seed, **extra)
