@@ -6,6 +6,8 @@
   and detail), behind the same interface.
 - ``FeatureBank`` / ``BankConfig``: every frame's pooled features, time and JPEG
   thumbnail, a FAISS index over them, RAM-capped with spill files on disk.
+- ``SceneRuns`` (``memory.timeline()``): each cluster's runs on the timeline, when it
+  was on screen and how many separate times.
 - ``create_memory(name, ...)``, ``list_memories()``, ``load_memory(path)``: policies by
   name; any saved memory back from disk.
 """
@@ -16,6 +18,7 @@ from vstream.memory.base import StreamMemory, create_memory, list_memories, load
 from vstream.memory.config import BankConfig, FlashConfig, StarConfig
 from vstream.memory.flash import FlashMemory
 from vstream.memory.star import StarMemory
+from vstream.memory.timeline import SceneRuns
 from vstream.memory.tokens import KINDS, FrameHit, MemoryTokens
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "FlashMemory",
     "FrameHit",
     "MemoryTokens",
+    "SceneRuns",
     "SemanticAttention",
     "StarConfig",
     "StarMemory",

@@ -26,6 +26,7 @@ from vstream.errors import ConfigError, MemoryStateError
 from vstream.kernels import nearest, pool_grid
 from vstream.memory.bank import FeatureBank
 from vstream.memory.persist import open_snapshot, save_snapshot
+from vstream.memory.timeline import SceneRuns
 from vstream.memory.tokens import FrameHit, MemoryTokens, TokenList
 
 _REGISTRY: dict[str, type[StreamMemory]] = {}
@@ -202,6 +203,27 @@ class StreamMemory:
                 return [rows[i] for i in order]
             tokens = self.centroids[:n].reshape(n, -1, self.dim).mean(dim=1).cpu()
             return [(*rows[i], tokens[i]) for i in order]
+
+    def timeline(self, means: bool = False) -> list[SceneRuns]:
+        """Each cluster of the clustered memory with its runs on the timeline
+        (``SceneRuns``: when it was on screen, how many separate times), by first
+        appearance; with ``means``, each with its mean token. A policy that keeps no runs
+        gives each cluster's whole span, its appearances None."""
+        with self._lock:
+            if self.dim is None:
+                return []
+            n = self.centroid_count
+            means_ = self.centroids[:n].reshape(n, -1, self.dim).mean(dim=1).cpu() if means else None
+            scenes = []
+            for i in range(n):
+                runs, appearances = self._runs(i)
+                scenes.append(SceneRuns(runs, appearances, float(self.weights[i]),
+                                        None if means_ is None else means_[i]))
+        return sorted(scenes, key=lambda scene: (scene.start, scene.end))
+
+    def _runs(self, i: int) -> tuple[tuple[tuple[float, float], ...], int | None]:
+        """Cluster ``i``'s runs and appearances; by default its whole span, appearances unknown."""
+        return ((float(self.time_start[i]), float(self.time_end[i])),), None
 
     def search(self, key: torch.Tensor, k: int = 5) -> list[FrameHit]:
         """The ``k`` bank frames nearest to ``key`` (``[D]``, in the space of the frames'

@@ -109,6 +109,15 @@ class StarConfig(JsonConfig):
             distance at the temporal grid (default 16).
         seed: seed of the default q/k projection (default 0). The streaming update has
             no randomness.
+        timeline_runs: runs (separate appearances) kept per temporal cluster for the
+            timeline (default 16; more blur the closest ones together; see
+            ``vstream.memory.timeline``).
+        cut_ratio: a frame is a cut (a change of scene) when its change from the frame
+            before is over this many times the average change (default 3.0) and
+            over ``cut_floor`` (default 0.5; the change is the squared distance over
+            the frames' mean squared norm, at ``temporal_grid``).
+        timeline_gap: when two clusters are joined, their runs this close in seconds
+            become one (default 3.0).
         bank: the feature bank's ``BankConfig``.
     """
 
@@ -126,13 +135,18 @@ class StarConfig(JsonConfig):
     retrieved_grid: int = 8
     retrieval_candidates: int = 16
     seed: int = 0
+    timeline_runs: int = 16
+    cut_ratio: float = 3.0
+    cut_floor: float = 0.5
     bank: BankConfig = field(default_factory=BankConfig)
 
     def __post_init__(self) -> None:
         self.bank = BankConfig.from_dict(self.bank)
         for name in ("base_grid", "spatial_grid", "temporal_grid", "abstract_grid", "retrieved_grid",
-                     "abstract_chunk", "abstract_hidden", "retrieval_candidates"):
+                     "abstract_chunk", "abstract_hidden", "retrieval_candidates", "timeline_runs"):
             check_int("StarConfig", name, getattr(self, name), 1)
+        check_number("StarConfig", "cut_ratio", self.cut_ratio, 1.0, include_low=True)
+        check_number("StarConfig", "cut_floor", self.cut_floor, 0.0, include_low=True)
         for name in ("spatial_length", "temporal_length", "abstract_length", "retrieved_length"):
             check_int("StarConfig", name, getattr(self, name), 0)
         check_int("StarConfig", "seed", self.seed, 0)

@@ -29,6 +29,7 @@ from vstream.errors import MemoryStateError
 from vstream.memory.abstract import SemanticAttention
 from vstream.memory.base import StreamMemory, register_memory
 from vstream.memory.config import StarConfig
+from vstream.memory.timeline import Timeline
 from vstream.memory.tokens import TokenList
 
 
@@ -68,6 +69,8 @@ class StarMemory(StreamMemory):
         self.time_sum = torch.zeros(k, **f64)       # sum of member times, for the mean
         self.pair_costs = torch.full((k, k), torch.inf, **f64)  # Ward cost of joining i and j
         self.centroid_count = 0
+        self.runs = Timeline(k, c.timeline_runs, c.temporal_grid**2 * dim, c.cut_ratio, c.cut_floor,
+                             device)  # when each centroid's frames were on screen
         self.slots = torch.zeros(c.abstract_length, c.abstract_grid**2, dim, **f32)
         self.slot_start = torch.zeros(c.abstract_length, **f64)
         self.slot_end = torch.zeros(c.abstract_length, **f64)
@@ -87,6 +90,7 @@ class StarMemory(StreamMemory):
                  "pair_costs", "slots", "slot_start", "slot_end", "pending", "pending_times")
         tensors = {name: getattr(self, name) for name in names}
         tensors.update({f"attention.{k}": v for k, v in self.attention.state_dict().items()})
+        tensors.update(self.runs.tensors())
         return tensors
 
     def _counters(self) -> dict[str, int]:
@@ -114,6 +118,7 @@ class StarMemory(StreamMemory):
         self.spatial_count += 1
 
     def _add_temporal(self, x: torch.Tensor, t: float) -> None:
+        self.runs.observe(x, t)
         n = self.centroid_count
         if n < self.config.temporal_length:
             self._place(n, x, t)
@@ -130,6 +135,7 @@ class StarMemory(StreamMemory):
             self.time_start[j] = min(float(self.time_start[j]), t)
             self.time_end[j] = max(float(self.time_end[j]), t)
             self.time_sum[j] += t
+            self.runs.extend(j, t)
             self._update_costs(j)
         else:
             wa, wb = self.weights[a], self.weights[b]
@@ -138,6 +144,7 @@ class StarMemory(StreamMemory):
             self.time_start[a] = torch.minimum(self.time_start[a], self.time_start[b])
             self.time_end[a] = torch.maximum(self.time_end[a], self.time_end[b])
             self.time_sum[a] += self.time_sum[b]
+            self.runs.join(a, b)
             self._place(b, x, t)
             self._update_costs(a)
 
@@ -146,6 +153,7 @@ class StarMemory(StreamMemory):
         self.centroids[slot] = x
         self.weights[slot] = 1.0
         self.time_start[slot] = self.time_end[slot] = self.time_sum[slot] = t
+        self.runs.place(slot, t)
         self._update_costs(slot)
 
     @staticmethod
@@ -180,6 +188,9 @@ class StarMemory(StreamMemory):
             self.pending_count = 0
 
     # -- read -----------------------------------------------------------------------------
+
+    def _runs(self, i: int):
+        return self.runs.runs_of(i)
 
     def token_count(self) -> int:
         """How many tokens ``tokens()`` gives now, counted without building them."""

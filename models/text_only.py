@@ -2,16 +2,20 @@
 SmolLM2-135M-Instruct), reading the visual memory in words and the transcript lines.
 
 A model that cannot read memory tokens still learns what the video shows from
-``Context.scenes``: ``describe_scenes`` turns the temporal memory's clusters into lines
-with their times: where each view is on screen, and which views come back.
+``Context.scenes``: ``describe_scenes`` turns the temporal memory's clusters on the
+timeline into lines with their times: where each view is on screen, and how many times
+and when it came back.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vstream.memory import SceneRuns
+
 from .base import ChatModel
 from .llm import load_pretrained, resolve
+from .prompt import clock
 
 
 class TextOnlyModel(ChatModel):
@@ -27,29 +31,48 @@ class TextOnlyModel(ChatModel):
         return cls(lm, tokenizer, name or "embedded SmolLM2-135M-Instruct")
 
 
-def describe_scenes(clusters: list[tuple[float, float, float]], fps: float, min_gap: float = 2.0,
+def describe_scenes(scenes: list[SceneRuns], fps: float, min_gap: float = 2.0,
                     captions: list[str] | None = None) -> list[tuple[float, float, str]]:
-    """Lines about the visual memory from its clusters ``(start, end, frames)``.
+    """Lines about the visual memory from its clusters on the timeline (``SceneRuns``,
+    ``StreamMemory.timeline()``), as ``(start, end, line)``.
 
-    Each cluster is a view; a view whose span is longer (by ``min_gap`` seconds) than
-    its frames fill at ``fps``, i.e. whose frames are spread out, is on screen more
-    than once ("recurs"). Views are lettered in order of first appearance, and carry
-    their ``captions`` (one per cluster, in the order given: what the frame encoder can
-    say of them, such as a colour) when there are any. With captions, a view whose
-    caption is empty (the encoder recognised nothing in it) is left out: a line that
-    says only "view Q" is noise to a small model. The lines are short and alike on
-    purpose: the prompt keeps about the same length however long the stream.
+    Each cluster is a view, lettered in order of first appearance. A view on screen more
+    than once says how many times and when (``on screen 3 times: at 0:00:22, 0:00:35,
+    0:00:48``; past ``LISTED_RUNS`` times, the first and last). Where the memory keeps
+    no runs, a view whose span is longer (by ``min_gap`` seconds) than its frames fill
+    at ``fps`` says it "recurs". Views carry their ``captions`` (one per scene, in the
+    order given: what the frame encoder can say of them, such as a colour) when there
+    are any; with captions, a view whose caption is empty (the encoder recognised
+    nothing in it) is left out: a line that says only "view Q" is noise to a small
+    model. The lines are short and alike on purpose: the prompt keeps about the same
+    length however long the stream.
     """
     lines = []
     given = captions is not None
-    captions = captions or [""] * len(clusters)
-    ordered = sorted(zip(clusters, captions), key=lambda pair: pair[0])
-    for i, ((start, end, frames), caption) in enumerate(ordered):
+    captions = captions or [""] * len(scenes)
+    ordered = sorted(zip(scenes, captions), key=lambda pair: (pair[0].start, pair[0].end))
+    for i, (scene, caption) in enumerate(ordered):
         if given and not caption:
             continue
-        words = [f"view {_letters(i)}", caption, "recurs" if end - start > frames / fps + min_gap else ""]
-        lines.append((start, end, ", ".join(word for word in words if word)))
+        lines.append((scene.start, scene.end, ", ".join(
+            word for word in (f"view {_letters(i)}", caption, _appearances(scene, fps, min_gap)) if word)))
     return lines
+
+
+LISTED_RUNS = 4
+"""Appearances of a view listed one by one in its scene note; past this, the first and last."""
+
+
+def _appearances(scene: SceneRuns, fps: float, min_gap: float) -> str:
+    """What a scene note says of how often a view was on screen: ``""`` for once."""
+    if scene.appearances is None:
+        return "recurs" if scene.end - scene.start > scene.frames / fps + min_gap else ""
+    if scene.appearances < 2:
+        return ""
+    starts = [clock(start, hours=True) for start, _ in scene.runs]
+    if scene.appearances <= LISTED_RUNS and len(starts) == scene.appearances:
+        return f"on screen {scene.appearances} times: at {', '.join(starts)}"
+    return f"on screen {scene.appearances} times, first at {starts[0]}, last at {starts[-1]}"
 
 
 def _letters(i: int) -> str:

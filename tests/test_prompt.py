@@ -7,6 +7,7 @@ import torch
 
 from vstream.errors import ConfigError
 from vstream.memory import MemoryTokens
+from vstream.memory import SceneRuns
 from vstream.models import GenerationConfig, describe_scenes
 from vstream.models.prompt import Context, Piece, clock, memory_pieces, rank_evidence, user_pieces
 from vstream.types import TranscriptSegment
@@ -53,14 +54,29 @@ def test_evidence_is_ranked_by_attention_or_else_by_retrieval_score():
     assert [(e.start, e.score) for e in by_prior] == [(1.0, pytest.approx(0.7)), (5.0, 0.0)]
 
 
+def spans(*rows) -> list[SceneRuns]:
+    """Scenes without runs (a policy that keeps none): ``(start, end, frames)`` rows."""
+    return [SceneRuns(((start, end),), None, frames) for start, end, frames in rows]
+
+
 def test_scene_notes_say_when_a_view_comes_back():
-    lines = describe_scenes([(40.0, 60.0, 21.0), (0.0, 100.0, 30.0), (61.0, 80.0, 20.0)], fps=1.0)
+    lines = describe_scenes(spans((40.0, 60.0, 21.0), (0.0, 100.0, 30.0), (61.0, 80.0, 20.0)), fps=1.0)
     assert lines == [(0.0, 100.0, "view A, recurs"), (40.0, 60.0, "view B"), (61.0, 80.0, "view C")]
-    captioned = describe_scenes([(40.0, 60.0, 21.0), (0.0, 100.0, 30.0)], fps=1.0, captions=["red", "grey"])
+    captioned = describe_scenes(spans((40.0, 60.0, 21.0), (0.0, 100.0, 30.0)), fps=1.0, captions=["red", "grey"])
     assert captioned == [(0.0, 100.0, "view A, grey, recurs"), (40.0, 60.0, "view B, red")]  # captions follow
     # a view the encoder recognised nothing in is left out; the others keep their letters
-    some = describe_scenes([(40.0, 60.0, 21.0), (0.0, 100.0, 30.0)], fps=1.0, captions=["espresso", ""])
+    some = describe_scenes(spans((40.0, 60.0, 21.0), (0.0, 100.0, 30.0)), fps=1.0, captions=["espresso", ""])
     assert some == [(40.0, 60.0, "view B, espresso")]
+
+
+def test_scene_notes_count_the_appearances_on_the_timeline():
+    red = SceneRuns(((22.0, 26.0), (35.0, 39.0), (3600.0, 3604.0)), 3, 15.0)
+    grey = SceneRuns(((0.0, 21.0),), 1, 22.0)
+    often = SceneRuns(((100.0, 101.0), (200.0, 201.0), (300.0, 301.0), (400.0, 401.0), (500.0, 501.0)), 9, 10.0)
+    lines = describe_scenes([red, grey, often], fps=1.0, captions=["red", "grey", "blue"])
+    assert lines == [(0.0, 21.0, "view A, grey"),
+                     (22.0, 3604.0, "view B, red, on screen 3 times: at 0:00:22, 0:00:35, 1:00:00"),
+                     (100.0, 501.0, "view C, blue, on screen 9 times, first at 0:01:40, last at 0:08:20")]
 
 
 @pytest.mark.parametrize("fields, message", [({"max_new_tokens": 0}, "max_new_tokens"),

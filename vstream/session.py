@@ -502,7 +502,7 @@ class Session:
         query = self.text.encode([question])[0] if searched else None
         with self._write_lock:
             memory = self.memory.tokens() if self.model.reads_memory_tokens else None
-            clusters = None if self.model.reads_memory_tokens else self.memory.clusters(means=True)
+            timeline = None if self.model.reads_memory_tokens else self.memory.timeline(means=True)
             transcript, screen, shown = self._relevant([
                 self._retrieve(self.transcript, self.config.transcript_lines, query, start, end),
                 self._retrieve(self.screen, self.config.screen_lines, query, start, end),
@@ -511,10 +511,10 @@ class Session:
         if memory is not None:
             return Context(memory=_within(memory, start, end), transcript=transcript, screen=screen, shown=shown,
                            duration=duration)
-        clusters = [c for c in clusters if _overlaps(c[0], c[1], start, end)]
+        timeline = [scene for scene in timeline if _overlaps(scene.start, scene.end, start, end)]
         describe = getattr(self.encoder, "describe", None)  # words for the features, where the encoder has them
-        captions = describe(torch.stack([c[3] for c in clusters]).numpy()) if describe and clusters else None
-        scenes = describe_scenes([c[:3] for c in clusters], self.config.fps, captions=captions)
+        captions = describe(torch.stack([scene.mean for scene in timeline]).numpy()) if describe and timeline else None
+        scenes = describe_scenes(timeline, self.config.fps, captions=captions)
         return Context(scenes=scenes, transcript=transcript, screen=screen, shown=shown, duration=duration)
 
     def _retrieve(self, texts, k: int, query, start, end) -> list:

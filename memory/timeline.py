@@ -1,0 +1,140 @@
+"""``Timeline``: when each cluster of a memory was on screen, in bounded space.
+
+A cluster (a STAR temporal centroid) stands for frames from anywhere in the stream; its
+time span alone cannot say whether a scene was on screen once for an hour or three
+times for a minute. The timeline keeps, per cluster, its **runs** (spans of time its
+frames came in without the picture cutting away in between) and how many separate
+times it **appeared** (runs started).
+
+Cuts. A cut is a frame far from the one before it: its squared distance to the previous
+frame, over their mean squared norm, is above ``cut_ratio`` times the running average of
+that measure (an exponential average over the frames that were no cut) and above
+``cut_floor``. So camera motion and a moving object raise the bar, and a change of
+scene clears it. The cuts number the **shots** (the frames between two cuts). A run is
+one cluster's frames within one shot: a frame joining a cluster continues the cluster's
+newest run when it is of the same shot, and starts a new run (an appearance) when not.
+So the frames of one scene shared between two clusters (split by a moving object) still
+make one run in each, and a scene that comes back after something else was on screen
+makes a new one.
+
+Joining clusters. When the writer joins two clusters, their runs are merged in time
+order, and runs of the same shot become one (the frames of one shot, split between the
+two clusters); the count of appearances is the sum of both less the runs that became one.
+
+Bounded: at most ``max_runs`` runs per cluster. When a cluster would hold more, the two
+runs with the shortest gap between them are joined into one span, so old appearances
+blur into wider spans but are still counted. Per frame: one distance over the frame's
+temporal-grid features and a few scalar operations, whatever the stream's length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SceneRuns:
+    """One cluster on the timeline.
+
+    Attributes:
+        runs: ``((start, end), ...)`` seconds, in time order.
+        appearances: how many separate times it was on screen (``len(runs)`` unless old
+            runs were blurred together); None where the memory policy keeps no runs
+            (then ``runs`` is the cluster's whole span).
+        frames: how many frames it stands for.
+        mean: its mean token ``[D]`` when asked for (``StreamMemory.timeline(means=True)``).
+    """
+
+    runs: tuple[tuple[float, float], ...]
+    appearances: int | None
+    frames: float
+    mean: torch.Tensor | None = None
+
+    @property
+    def start(self) -> float:
+        return self.runs[0][0]
+
+    @property
+    def end(self) -> float:
+        return self.runs[-1][1]
+
+
+class Timeline:
+    """Runs of ``clusters`` cluster slots, at most ``max_runs`` each, from frames of
+    ``width`` features; see the module docstring for ``cut_ratio`` and ``cut_floor``."""
+
+    def __init__(self, clusters: int, max_runs: int, width: int, cut_ratio: float, cut_floor: float,
+                 device: torch.device | str = "cpu"):
+        self.max_runs, self.cut_ratio, self.cut_floor = max_runs, cut_ratio, cut_floor
+        self.runs = np.zeros((clusters, max_runs, 4), np.float64)  # [K, R, (start s, end s, first shot, last shot)]
+        self.run_count = np.zeros(clusters, np.int64)  # runs held per slot
+        self.appearances = np.zeros(clusters, np.int64)  # separate appearances per slot
+        self.previous = torch.zeros(width, device=device)  # the previous frame's features
+        self.cuts = np.array([0.0, 0.0, np.nan])  # frames seen (0, 1: 2 or more), shot number, average change
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state as tensors sharing this timeline's memory (saved, and restored in place)."""
+        return {"timeline.runs": torch.from_numpy(self.runs), "timeline.run_count": torch.from_numpy(self.run_count),
+                "timeline.appearances": torch.from_numpy(self.appearances), "timeline.previous": self.previous,
+                "timeline.cuts": torch.from_numpy(self.cuts)}
+
+    def observe(self, x: torch.Tensor, t: float) -> None:
+        """See the next frame (its features ``[width]``, at ``t`` seconds) before it joins a
+        cluster: a new shot begins if it is a cut."""
+        if self.cuts[0]:
+            change = float((x - self.previous).square().sum()) / max(
+                float(x.square().sum() + self.previous.square().sum()) / 2, 1e-12)
+            average = self.cuts[2]  # NaN until a change that is no cut
+            if change > max(self.cut_ratio * average if average == average else 0.0, self.cut_floor):
+                self.cuts[1] += 1
+            else:
+                self.cuts[2] = change if np.isnan(average) else 0.9 * average + 0.1 * change
+        self.cuts[0] = 1.0
+        self.previous.copy_(x)
+
+    def place(self, slot: int, t: float) -> None:
+        """Slot ``slot`` now holds one frame, at ``t`` seconds, of the current shot."""
+        shot = self.cuts[1]
+        self.runs[slot, 0] = (t, t, shot, shot)
+        self.run_count[slot] = self.appearances[slot] = 1
+
+    def extend(self, slot: int, t: float) -> None:
+        """A frame at ``t`` seconds (not before the slot's newest), of the current shot,
+        joined slot ``slot``."""
+        n, shot = int(self.run_count[slot]), self.cuts[1]
+        if self.runs[slot, n - 1, 3] == shot:
+            self.runs[slot, n - 1, 1] = t
+            return
+        self.appearances[slot] += 1
+        self._write(slot, self.runs[slot, :n].tolist() + [[t, t, shot, shot]])
+
+    def join(self, a: int, b: int) -> None:
+        """Slot ``b``'s runs join slot ``a``'s (slot ``b`` is then free to ``place``)."""
+        runs = sorted(self.runs[a, : self.run_count[a]].tolist() + self.runs[b, : self.run_count[b]].tolist())
+        merged = [runs[0]]
+        for run in runs[1:]:
+            last = merged[-1]
+            if run[2] <= last[3]:  # of a shot the run before reaches: one appearance
+                last[1], last[3] = max(last[1], run[1]), max(last[3], run[3])
+            else:
+                merged.append(run)
+        touching = len(runs) - len(merged)
+        self.appearances[a] = max(int(self.appearances[a] + self.appearances[b]) - touching, len(merged))
+        self._write(a, merged)
+
+    def _write(self, slot: int, runs: list[list[float]]) -> None:
+        """Store ``runs`` (in time order) in ``slot``, first joining the two with the shortest
+        gap between them while there are more than ``max_runs``."""
+        while len(runs) > self.max_runs:
+            i = min(range(len(runs) - 1), key=lambda j: runs[j + 1][0] - runs[j][1])
+            runs[i : i + 2] = [[runs[i][0], runs[i + 1][1], runs[i][2], runs[i + 1][3]]]
+        self.runs[slot, : len(runs)] = runs
+        self.run_count[slot] = len(runs)
+
+    def runs_of(self, slot: int) -> tuple[tuple[tuple[float, float], ...], int]:
+        """Slot ``slot``'s runs ``((start, end), ...)`` seconds and its count of appearances."""
+        n = int(self.run_count[slot])
+        return tuple((float(s), float(e)) for s, e, _, _ in self.runs[slot, :n]), int(self.appearances[slot])
