@@ -88,7 +88,7 @@ class Timeline:
             change = float((x - self.previous).square().sum()) / max(
                 float(x.square().sum() + self.previous.square().sum()) / 2, 1e-12)
             average = self.cuts[2]  # NaN until a change that is no cut
-            if change > max(self.cut_ratio * average if average == average else 0.0, self.cut_floor):
+            if change > max(0.0 if np.isnan(average) else self.cut_ratio * average, self.cut_floor):
                 self.cuts[1] += 1
             else:
                 self.cuts[2] = change if np.isnan(average) else 0.9 * average + 0.1 * change

@@ -183,7 +183,8 @@ def context_pieces(context: Context, visual: bool, source: str | None = None) ->
     for title, hits, kind in timed_text:
         if hits:
             pieces.append(Piece(text=f"{title}:\n"))
-            for segment, score in sorted(hits, key=lambda hit: hit[0].start):
+            # best match first: a small model answers from the first line that fits
+            for segment, score in sorted(hits, key=lambda hit: (-hit[1], hit[0].start)):
                 # Labels are the encoder's words, not a quote; text read or heard is quoted.
                 text = segment.text if kind == FRAME else f'"{segment.text}"'
                 pieces.append(Piece(text=f"{span(segment.start, segment.end)} {text}\n",

@@ -50,6 +50,9 @@ _END = object()  # queued after a source's last item: flush the recogniser
 
 SURE_LABEL = 0.3
 """Probability from which a frame's best label marks a new span of the shown memory."""
+PLAIN_COLOURS = ("black", "grey", "white")
+"""Main colours the shown memory does not name: a dark, grey or white frame is most of
+what a camera sees, and "mostly grey" lines crowd out what was recognised."""
 
 
 @dataclass
@@ -461,13 +464,15 @@ class Session:
         with the same confident best label (probability at least ``SURE_LABEL``) and the
         same main colour, since weak labels flicker between frames of one scene. The
         text is the first frame's labels (``"espresso"``, ``"domestic cat, tabby cat"``),
-        and its main colour (``main_colour``) when no label is confident (``"mostly
-        magenta"``, ``"digital clock, mostly blue"``): ImageNet has no label for a plain
-        screen, and "when did the screen turn red?" is asked; on a recognised photo the
-        colour would only be noise to the retrieval."""
+        and its main colour (``main_colour``) when no label is confident and the colour
+        is not a plain one (``PLAIN_COLOURS``): ``"mostly magenta"``, ``"digital clock,
+        mostly blue"``. ImageNet has no label for a plain screen, and "when did the
+        screen turn red?" is asked; on a recognised photo the colour would only be
+        noise to the retrieval."""
         new, stretch = [], None  # segments opened in this batch; the new end of one already kept
         for frame, found in zip(frames, labels):
             colour = main_colour(frame.image)
+            colour = None if colour in PLAIN_COLOURS else colour
             sure = found[0][0] if found and found[0][1] >= SURE_LABEL else None
             key = (sure, colour)
             words = [name for name, _ in found] + ([f"mostly {colour}"] if colour and sure is None else [])
