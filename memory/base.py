@@ -205,25 +205,29 @@ class StreamMemory:
             return [(*rows[i], tokens[i]) for i in order]
 
     def timeline(self, means: bool = False) -> list[SceneRuns]:
-        """Each cluster of the clustered memory with its runs on the timeline
-        (``SceneRuns``: when it was on screen, how many separate times), by first
-        appearance; with ``means``, each with its mean token. A policy that keeps no runs
-        gives each cluster's whole span, its appearances None."""
+        """The scenes of the clustered memory on the timeline (``SceneRuns``: when each
+        was on screen, how many separate times, how many frames), by first appearance;
+        with ``means``, each with its mean token (its clusters' means, by weight). A
+        policy that keeps no runs gives each cluster as a scene, its whole span, its
+        appearances None."""
         with self._lock:
             if self.dim is None:
                 return []
             n = self.centroid_count
-            means_ = self.centroids[:n].reshape(n, -1, self.dim).mean(dim=1).cpu() if means else None
+            cluster_means = self.centroids[:n].reshape(n, -1, self.dim).mean(dim=1).cpu() if means else None
             scenes = []
-            for i in range(n):
-                runs, appearances = self._runs(i)
-                scenes.append(SceneRuns(runs, appearances, float(self.weights[i]),
-                                        None if means_ is None else means_[i]))
+            for members, runs, appearances in self._scenes():
+                weights = self.weights[members].cpu()
+                mean = None if cluster_means is None else (
+                    (cluster_means[members] * weights[:, None].float()).sum(dim=0) / float(weights.sum()))
+                scenes.append(SceneRuns(runs, appearances, float(weights.sum()), mean))
         return sorted(scenes, key=lambda scene: (scene.start, scene.end))
 
-    def _runs(self, i: int) -> tuple[tuple[tuple[float, float], ...], int | None]:
-        """Cluster ``i``'s runs and appearances; by default its whole span, appearances unknown."""
-        return ((float(self.time_start[i]), float(self.time_end[i])),), None
+    def _scenes(self) -> list[tuple[list[int], tuple[tuple[float, float], ...], int | None]]:
+        """``(clusters, runs, appearances)`` per scene; by default each cluster alone with
+        its whole span, appearances unknown."""
+        return [([i], ((float(self.time_start[i]), float(self.time_end[i])),), None)
+                for i in range(self.centroid_count)]
 
     def search(self, key: torch.Tensor, k: int = 5) -> list[FrameHit]:
         """The ``k`` bank frames nearest to ``key`` (``[D]``, in the space of the frames'
@@ -269,9 +273,15 @@ class StreamMemory:
         return chosen
 
     def _read_clusters(self, out: TokenList, kinds: tuple[str, str], clusters: tuple[torch.Tensor, ...],
-                       grid: int, retrieve: int, retrieve_grid: int) -> None:
-        """Add centroids (in the order of their mean member time) as ``kinds[0]``, then the
-        bank frames nearest to the ``retrieve`` heaviest (in time order) as ``kinds[1]``.
+                       grid: int, retrieve: int, retrieve_grid: int,
+                       representatives: torch.Tensor | None = None, scenes: list[list[int]] | None = None) -> None:
+        """Add centroids (in the order of their mean member time) as ``kinds[0]``, then a
+        bank frame for each of the ``retrieve`` heaviest (in time order) as ``kinds[1]``:
+        its entry of ``representatives`` (``[n]`` bank ids) when given, else the bank frame
+        nearest to it (``nearest_frames``). With ``scenes`` (groups of cluster indices),
+        the heaviest scenes are chosen, each by its heaviest cluster: a long scene split
+        among clusters is not outweighed by a shorter one kept whole; with fewer scenes
+        than ``retrieve``, the heaviest other clusters fill in, so the count is fixed.
 
         ``clusters`` is ``(centroids [n, grid*grid*D], weights [n], start [n], end [n],
         time_sum [n])``; times in seconds, ``time_sum`` the sum of member times."""
@@ -283,8 +293,15 @@ class StreamMemory:
         out.add(kinds[0], centroids[by_time], list(zip(start[by_time].tolist(), end[by_time].tolist())))
         if not (retrieve and n):
             return
-        heaviest = sorted(range(n), key=lambda i: (-float(weights[i]), float(mean_time[i])))[:retrieve]
-        ids = sorted(self.nearest_frames(centroids[heaviest], self.config.retrieval_candidates))
+        def weight(group: list[int]) -> tuple[float, float]:  # heavier first, then earlier
+            return -float(weights[group].sum()), min(float(mean_time[i]) for i in group)
+
+        groups = sorted(scenes if scenes is not None else [[i] for i in range(n)], key=weight)
+        firsts = [max(group, key=lambda i: (float(weights[i]), -i)) for group in groups]
+        rest = sorted(set(range(n)) - set(firsts), key=lambda i: weight([i]))  # fewer scenes than slots: fill in
+        heaviest = (firsts + rest)[:retrieve]
+        ids = sorted(representatives[heaviest].tolist() if representatives is not None
+                     else self.nearest_frames(centroids[heaviest], self.config.retrieval_candidates))
         frames = pool_grid(self.bank.features(ids).to(self.device), retrieve_grid)
         out.add(kinds[1], frames, [(t, t) for t in self.bank.times[ids].tolist()])
 

@@ -102,11 +102,9 @@ class StarConfig(JsonConfig):
         abstract_alpha: update rate α of ``M ← (1−α)M + α·softmax(q(M)k(E)ᵀ/√h)E``
             (default 0.2).
         abstract_hidden: width h of the q/k projections (default 32).
-        retrieved_length: heaviest temporal clusters whose nearest bank frame is
-            retrieved (default 3).
+        retrieved_length: heaviest temporal clusters whose representative frame (the
+            member nearest to the centroid) is retrieved (default 3).
         retrieved_grid: grid side of a retrieved frame (default 8); at most ``bank.grid``.
-        retrieval_candidates: frames the index proposes per centroid, re-ranked by exact
-            distance at the temporal grid (default 16).
         seed: seed of the default q/k projection (default 0). The streaming update has
             no randomness.
         timeline_runs: runs (separate appearances) kept per temporal cluster for the
@@ -133,7 +131,6 @@ class StarConfig(JsonConfig):
     abstract_hidden: int = 32
     retrieved_length: int = 3
     retrieved_grid: int = 8
-    retrieval_candidates: int = 16
     seed: int = 0
     timeline_runs: int = 16
     cut_ratio: float = 3.0
@@ -143,7 +140,7 @@ class StarConfig(JsonConfig):
     def __post_init__(self) -> None:
         self.bank = BankConfig.from_dict(self.bank)
         for name in ("base_grid", "spatial_grid", "temporal_grid", "abstract_grid", "retrieved_grid",
-                     "abstract_chunk", "abstract_hidden", "retrieval_candidates", "timeline_runs"):
+                     "abstract_chunk", "abstract_hidden", "timeline_runs"):
             check_int("StarConfig", name, getattr(self, name), 1)
         check_number("StarConfig", "cut_ratio", self.cut_ratio, 1.0, include_low=True)
         check_number("StarConfig", "cut_floor", self.cut_floor, 0.0, include_low=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from vstream.errors import MemoryStateError
 
 FORMAT = "vstream-memory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: STAR keeps its timeline and each centroid's representative frame
 _CURRENT = "CURRENT"
 _MANIFEST = "manifest.json"
 _CHUNK = 1 << 22

@@ -14,8 +14,13 @@ Per frame (``[P, D]`` patch features pooled to ``base_grid`` first):
   (frames per centroid) carry over, and every centroid knows its time span;
 - abstract: ``abstract_length`` slots at ``abstract_grid``, filled by the first frames,
   then updated by ``SemanticAttention`` once per ``abstract_chunk`` buffered frames;
-- retrieved: at read time, for the ``retrieved_length`` heaviest centroids, the bank
-  frame nearest to each (``StreamMemory.nearest_frames``), at ``retrieved_grid``.
+- retrieved: for the ``retrieved_length`` heaviest centroids, each one's representative
+  frame, read from the bank at ``retrieved_grid``. A centroid's representative is its
+  member frame nearest to it, kept up to date as it changes: when a frame joins, the
+  nearer of the frame and the old representative (to the moved centroid) stays; when
+  two centroids join, the nearer of their two. So a read costs the same at frame 100
+  and frame 100,000 (no index search over the bank), and the frame shown for a
+  cluster is always one of its own.
 
 ``tokens()`` reads out abstract, temporal (by mean member time), retrieved (by time),
 spatial (oldest first): 681 tokens with the defaults.
@@ -29,7 +34,7 @@ from vstream.errors import MemoryStateError
 from vstream.memory.abstract import SemanticAttention
 from vstream.memory.base import StreamMemory, register_memory
 from vstream.memory.config import StarConfig
-from vstream.memory.timeline import Timeline
+from vstream.memory.timeline import Timeline, scene_groups
 from vstream.memory.tokens import TokenList
 
 
@@ -69,6 +74,8 @@ class StarMemory(StreamMemory):
         self.time_sum = torch.zeros(k, **f64)       # sum of member times, for the mean
         self.pair_costs = torch.full((k, k), torch.inf, **f64)  # Ward cost of joining i and j
         self.centroid_count = 0
+        self.representatives = torch.zeros(k, dtype=torch.int64, device=device)  # bank id of each one's nearest member
+        self.representative_features = torch.zeros(k, c.temporal_grid**2 * dim, **f32)  # its features, flattened
         self.runs = Timeline(k, c.timeline_runs, c.temporal_grid**2 * dim, c.cut_ratio, c.cut_floor,
                              device)  # when each centroid's frames were on screen
         self.slots = torch.zeros(c.abstract_length, c.abstract_grid**2, dim, **f32)
@@ -87,7 +94,8 @@ class StarMemory(StreamMemory):
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         names = ("spatial", "spatial_times", "centroids", "weights", "time_start", "time_end", "time_sum",
-                 "pair_costs", "slots", "slot_start", "slot_end", "pending", "pending_times")
+                 "pair_costs", "representatives", "representative_features", "slots", "slot_start", "slot_end",
+                 "pending", "pending_times")
         tensors = {name: getattr(self, name) for name in names}
         tensors.update({f"attention.{k}": v for k, v in self.attention.state_dict().items()})
         tensors.update(self.runs.tensors())
@@ -136,6 +144,7 @@ class StarMemory(StreamMemory):
             self.time_end[j] = max(float(self.time_end[j]), t)
             self.time_sum[j] += t
             self.runs.extend(j, t)
+            self._keep_nearer(j, x, self.frames_seen)
             self._update_costs(j)
         else:
             wa, wb = self.weights[a], self.weights[b]
@@ -145,16 +154,28 @@ class StarMemory(StreamMemory):
             self.time_end[a] = torch.maximum(self.time_end[a], self.time_end[b])
             self.time_sum[a] += self.time_sum[b]
             self.runs.join(a, b)
+            self._keep_nearer(a, self.representative_features[b], int(self.representatives[b]))
             self._place(b, x, t)
             self._update_costs(a)
 
     def _place(self, slot: int, x: torch.Tensor, t: float) -> None:
-        """Put frame ``x`` alone in centroid ``slot`` and refresh that slot's pair costs."""
+        """Put frame ``x`` (the bank's frame ``frames_seen``) alone in centroid ``slot`` and
+        refresh that slot's pair costs."""
         self.centroids[slot] = x
         self.weights[slot] = 1.0
         self.time_start[slot] = self.time_end[slot] = self.time_sum[slot] = t
+        self.representatives[slot] = self.frames_seen
+        self.representative_features[slot] = x
         self.runs.place(slot, t)
         self._update_costs(slot)
+
+    def _keep_nearer(self, slot: int, x: torch.Tensor, frame: int) -> None:
+        """Make frame ``frame`` (features ``x``) centroid ``slot``'s representative if it is
+        nearer to the centroid than the present one (on a tie the present one stays)."""
+        centroid = self.centroids[slot]
+        if (x - centroid).square().sum() < (self.representative_features[slot] - centroid).square().sum():
+            self.representatives[slot] = frame
+            self.representative_features[slot] = x
 
     @staticmethod
     def _ward(centroids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, w: float) -> torch.Tensor:
@@ -189,8 +210,23 @@ class StarMemory(StreamMemory):
 
     # -- read -----------------------------------------------------------------------------
 
-    def _runs(self, i: int):
-        return self.runs.runs_of(i)
+    def _scene_groups(self) -> list[list[int]]:
+        """The temporal clusters grouped into scenes (``scene_groups`` at the present cut
+        bar), from the kept Ward costs: ``‖c_a−c_b‖² = cost·(w_a+w_b)/(w_a·w_b)``, so no
+        distance over the features is computed at read time."""
+        n = self.centroid_count
+        weights = self.weights[:n]
+        distances = self.pair_costs[:n, :n] * (weights[:, None] + weights[None, :]) / (weights[:, None] * weights[None, :])
+        norms = self.centroids[:n].double().square().sum(dim=1)
+        return scene_groups(distances, norms, self.runs.bar())
+
+    def _scenes(self):
+        """Clusters grouped into scenes (``_scene_groups``), each with its members' runs merged."""
+        scenes = []
+        for members in self._scene_groups():
+            runs, appearances = self.runs.merged(members)
+            scenes.append((members, tuple((start, end) for start, end, _, _ in runs), appearances))
+        return scenes
 
     def token_count(self) -> int:
         """How many tokens ``tokens()`` gives now, counted without building them."""
@@ -209,7 +245,8 @@ class StarMemory(StreamMemory):
         n = self.centroid_count
         clusters = (self.centroids[:n], self.weights[:n], self.time_start[:n], self.time_end[:n], self.time_sum[:n])
         self._read_clusters(out, ("temporal", "retrieved"), clusters, c.temporal_grid, c.retrieved_length,
-                            c.retrieved_grid)
+                            c.retrieved_grid, representatives=self.representatives[:n],
+                            scenes=self._scene_groups() if n else None)
         n = self.spatial_count
         out.add("spatial", self.spatial[:n], _spans(self.spatial_times[:n], self.spatial_times[:n]))
 

@@ -62,6 +62,31 @@ class SceneRuns:
         return self.runs[-1][1]
 
 
+def scene_groups(distances: torch.Tensor, norms: torch.Tensor, bar: float) -> list[list[int]]:
+    """Clusters of one scene together: ``n`` clusters, with the squared distances between
+    their centroids ``[n, n]`` and their squared norms ``[n]``, grouped so that two whose
+    change (squared distance over mean squared norm, as between two frames) is at most
+    ``bar`` are in one group (single linkage). A scene split among clusters (by a moving
+    object, or by its length) is one group; two scenes a cut apart are two. Groups in the
+    order of their first cluster."""
+    n = norms.shape[0]
+    change = distances / ((norms[:, None] + norms[None, :]) / 2).clamp_min(1e-12)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in torch.nonzero(torch.triu(change <= bar, diagonal=1)).tolist():
+        parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
 class Timeline:
     """Runs of ``clusters`` cluster slots, at most ``max_runs`` each, from frames of
     ``width`` features; see the module docstring for ``cut_ratio`` and ``cut_floor``."""
@@ -87,10 +112,10 @@ class Timeline:
         if self.cuts[0]:
             change = float((x - self.previous).square().sum()) / max(
                 float(x.square().sum() + self.previous.square().sum()) / 2, 1e-12)
-            average = self.cuts[2]  # NaN until a change that is no cut
-            if change > max(0.0 if np.isnan(average) else self.cut_ratio * average, self.cut_floor):
+            if change > self.bar():
                 self.cuts[1] += 1
-            else:
+            else:  # the average change, NaN until a change that is no cut
+                average = self.cuts[2]
                 self.cuts[2] = change if np.isnan(average) else 0.9 * average + 0.1 * change
         self.cuts[0] = 1.0
         self.previous.copy_(x)
@@ -113,7 +138,13 @@ class Timeline:
 
     def join(self, a: int, b: int) -> None:
         """Slot ``b``'s runs join slot ``a``'s (slot ``b`` is then free to ``place``)."""
-        runs = sorted(self.runs[a, : self.run_count[a]].tolist() + self.runs[b, : self.run_count[b]].tolist())
+        merged, self.appearances[a] = self.merged([a, b])
+        self._write(a, merged)
+
+    def merged(self, slots: list[int]) -> tuple[list[list[float]], int]:
+        """The runs of ``slots`` together, in time order, runs of one shot made one, and
+        their count of appearances: the sum of theirs less the runs made one."""
+        runs = sorted(run for slot in slots for run in self.runs[slot, : self.run_count[slot]].tolist())
         merged = [runs[0]]
         for run in runs[1:]:
             last = merged[-1]
@@ -121,9 +152,13 @@ class Timeline:
                 last[1], last[3] = max(last[1], run[1]), max(last[3], run[3])
             else:
                 merged.append(run)
-        touching = len(runs) - len(merged)
-        self.appearances[a] = max(int(self.appearances[a] + self.appearances[b]) - touching, len(merged))
-        self._write(a, merged)
+        appearances = sum(int(self.appearances[slot]) for slot in slots) - (len(runs) - len(merged))
+        return merged, max(appearances, len(merged))
+
+    def bar(self) -> float:
+        """The change over which a frame is a cut, now (``cut_floor`` before any average)."""
+        average = self.cuts[2]
+        return max(0.0 if np.isnan(average) else self.cut_ratio * average, self.cut_floor)
 
     def _write(self, slot: int, runs: list[list[float]]) -> None:
         """Store ``runs`` (in time order) in ``slot``, first joining the two with the shortest

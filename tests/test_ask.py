@@ -54,9 +54,11 @@ def test_text_only_model_answers_from_the_visual_memory_in_words(models, clip):
         assert stats.frames_processed == 40 and stats.frames_dropped == 0 and stats.transcript_segments == 0
         context = qa.context("what happens?")
         assert context.memory is None and context.scenes  # the visual memory, said in words
-        # the moving square splits each scene among clusters, yet no cluster is "on screen"
-        # more than once: its frames are all of one shot
-        assert not any("times" in line for _, _, line in context.scenes)
+        # the moving square splits each scene among clusters; grouped back into scenes,
+        # red is on screen twice and green once
+        red = [line for _, _, line in context.scenes if "red" in line]
+        assert red == ["view A, red, on screen 2 times: at 0:00:00, 0:00:30"]
+        assert len(context.scenes) == 2 and "times" not in context.scenes[1][2]
         colours = {line.split(", ")[1] for _, _, line in context.scenes}
         assert {"red", "green"} <= colours  # the pixel encoder names each view's colour
         assert all(("red" in line) == (start < 15 or end >= 30) for start, end, line in context.scenes)

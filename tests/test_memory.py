@@ -76,19 +76,22 @@ def test_temporal_weights_are_scene_lengths_and_retrieval_finds_heaviest_scenes(
         assert retrieved == heaviest
 
 
-def test_retrieved_frame_is_the_bank_frame_nearest_its_centroid():
-    """Exact when the index proposes every frame; by default it proposes the frames
-    nearest by mean token, and the exact distance picks among those."""
-    frames, times, _ = scene_stream([30, 50, 20], noise=0.3)
-    config = small_config(temporal_length=3, retrieved_length=1, retrieval_candidates=100)
+def test_retrieved_frame_is_the_member_nearest_its_centroid():
+    """The heaviest cluster's retrieved frame is, of the frames that went into it, the one
+    nearest to its centroid: found here by brute force over the bank, knowing which
+    frames each cluster holds from where the scenes are (three scenes, three clusters)."""
+    frames, times, scene = scene_stream([30, 50, 20], noise=0.3)
+    config = small_config(temporal_length=3, retrieved_length=1)
     with StarMemory(config) as memory:
         memory.extend(frames, times)
         out = memory.tokens()
         heaviest = int(torch.argmax(memory.weights))
+        assert float(memory.weights[heaviest]) == 50.0  # the middle scene, all of it
         centroid = memory.centroids[heaviest]
         bank_frames = pool_grid(memory.bank.features(range(len(memory.bank))), config.temporal_grid)
         distances = (bank_frames.reshape(len(bank_frames), -1) - centroid).square().sum(dim=1)
-        expected = int(torch.argmin(distances))
+        members = torch.nonzero(scene == 1).flatten()
+        expected = int(members[torch.argmin(distances[members])])
         got = next(span for kind, span in zip(out.kinds, out.spans) if kind == "retrieved")
         assert got == (times[expected], times[expected])
 

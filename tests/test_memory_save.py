@@ -144,7 +144,7 @@ def flip_byte(file: Path, offset: int) -> None:
     (lambda p: (p / "CURRENT").write_text('{"snapshot": "../elsewhere"}'), "names no snapshot folder"),
     (lambda p: (snapshot(p) / "manifest.json").write_text("[]"), "manifest.json: expected a JSON object"),
     (lambda p: rewrite_manifest(p, lambda m: m.update(version=99)),
-     "written by memory format version 99; this vstream reads version 1"),
+     "written by memory format version 99; this vstream reads version 2"),
     (lambda p: rewrite_manifest(p, lambda m: m.update(format="other")), "not a vstream memory"),
     (lambda p: (snapshot(p) / "state.safetensors").write_bytes((snapshot(p) / "state.safetensors").read_bytes()[:-9]),
      "state.safetensors: .* bytes, the manifest says .* .truncated"),

@@ -164,8 +164,11 @@ def test_questions_scoped_to_a_window(model):
         session.wait(30)
         everything = session.context("what?")
         window = session.context("what?", start=30.0, end=45.0)
-        assert all(end >= 30.0 and start <= 45.0 for start, end, _ in window.scenes)
-        assert len(window.scenes) < len(everything.scenes)
+        # scenes come back every 30 s: the whole stream's notes span a minute or more, the
+        # window's only the times each scene was on screen in it
+        assert everything.scenes and all(end - start >= 60 for start, end, _ in everything.scenes)
+        assert window.scenes and all(30.0 - 10 <= start and end <= 45.0 + 10 for start, end, _ in window.scenes)
+        assert not any("times" in line for _, _, line in window.scenes)
         answer = session.ask("what?", last=10)
         assert all(e.end >= 79.0 for e in answer.evidence)
         with pytest.raises(ConfigError, match="ends .* before it starts"):
@@ -243,6 +246,23 @@ def test_weak_lines_of_one_memory_do_not_drown_a_clear_match_in_another(model):
         talk = session.context("How did the football match end?")
     assert [s.text for s, _ in slide.screen] == ["Departures / Gate 56"] and slide.transcript == []
     assert [s.text for s, _ in talk.transcript] == ["The football match ended in a draw."] and talk.screen == []
+
+
+@pytest.mark.skipif(bool(REAL), reason=f"the embedded speech and text models are not installed: {', '.join(REAL)}")
+def test_a_text_shown_many_times_is_one_retrieved_line(model):
+    """A slide that comes back fifteen times is one line, its best match, not fifteen
+    lines that outvote the slide asked about."""
+    from vstream.encoders.ocr import ScreenText
+    from vstream.types import TranscriptSegment
+
+    agenda = [TranscriptSegment(60.0 * i, 60.0 * i + 20, "Agenda") for i in range(15)]
+    meeting = TranscriptSegment(905.0, 910.0, "Meeting / Room 168")
+    with Session(model, SessionConfig(asr=False, encoder="pixels", ocr=False)) as session:
+        session.add_screen_text(ScreenText(sorted([*agenda, meeting], key=lambda s: s.start)))
+        lines = [s.text for s, _ in session.context("What did the meeting slide say?").screen]
+        window = [s.text for s, _ in session.context("What was on screen?", 100.0, 400.0).screen]
+    assert lines[0] == "Meeting / Room 168" and lines.count("Agenda") <= 1
+    assert window == ["Agenda"]  # the window's own slides, once
 
 
 def test_a_live_push_after_the_end_marker_never_evicts_it():

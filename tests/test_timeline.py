@@ -127,3 +127,27 @@ def test_timeline_settings_are_checked():
                          ({"cut_floor": -0.1}, "cut_floor")):
         with pytest.raises(ConfigError, match=name):
             StarConfig(**fields)
+
+
+def test_retrieval_takes_the_longest_scenes_so_far_at_every_read():
+    """Twelve scenes of shuffled lengths into 25 clusters: while there are more clusters
+    than scenes, long scenes are split among several, and ranking clusters alone let a
+    shorter scene kept whole outweigh a long one. Grouped into scenes, the retrieved
+    frames are from the three longest scenes so far at every read from frame 100 on."""
+    from test_memory import scene_of, scene_stream
+
+    lengths = [17, 45, 9, 60, 23, 38, 12, 51, 30, 6, 41, 27]
+    frames, times, scene = scene_stream(lengths, noise=0.3)
+    config = small_config(temporal_length=25, retrieved_length=3)
+    with StarMemory(config) as memory:
+        for i, (frame, t) in enumerate(zip(frames, times), 1):
+            memory.add(frame, t)
+            if i < 100 or i % 20:
+                continue
+            seen = torch.bincount(scene[:i], minlength=len(lengths)).tolist()
+            longest = sorted(sorted(range(len(lengths)), key=lambda s: (-seen[s], s))[:3])
+            out = memory.tokens()
+            retrieved = sorted({scene_of(start, scene) for kind, (start, _) in zip(out.kinds, out.spans)
+                                if kind == "retrieved"})
+            assert retrieved == longest, f"at frame {i}: seen {seen}"
+            assert len(memory.timeline()) == sum(1 for n in seen if n)  # one line per scene so far

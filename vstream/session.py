@@ -516,7 +516,7 @@ class Session:
         if memory is not None:
             return Context(memory=_within(memory, start, end), transcript=transcript, screen=screen, shown=shown,
                            duration=duration)
-        timeline = [scene for scene in timeline if _overlaps(scene.start, scene.end, start, end)]
+        timeline = [within for scene in timeline if (within := _runs_within(scene, start, end)) is not None]
         describe = getattr(self.encoder, "describe", None)  # words for the features, where the encoder has them
         captions = describe(torch.stack([scene.mean for scene in timeline]).numpy()) if describe and timeline else None
         scenes = describe_scenes(timeline, self.config.fps, captions=captions)
@@ -524,18 +524,18 @@ class Session:
 
     def _retrieve(self, texts, k: int, query, start, end) -> list:
         """The ``k`` lines of the timed-text memory ``texts`` (transcript, screen or shown)
-        best matching ``query``, as ``(segment, score)``, best first; within ``[start,
-        end]`` when given, where the window's own lines (score None) fill in when too few match."""
+        best matching ``query``, as ``(segment, score)``, best first, one per distinct
+        text (a slide shown fifteen times is one line, its best match: repeats would
+        outvote a single strong match); within ``[start, end]`` when given, where the
+        window's own lines (score None) fill in when too few match."""
         if texts is None or query is None:
             return []
-        if start is None and end is None:
-            return [(hit.segment, hit.score) for hit in texts.search(query, k)]
         hits = [(hit.segment, hit.score) for hit in texts.search(query, 4 * k)
-                if _overlaps(hit.segment.start, hit.segment.end, start, end)][:k]
-        if len(hits) < k:  # the window's own lines, newest first, when retrieval found too few
-            have = {id(s) for s, _ in hits}
+                if start is None and end is None or _overlaps(hit.segment.start, hit.segment.end, start, end)]
+        hits = _distinct(hits, k)
+        if (start is not None or end is not None) and len(hits) < k:  # the window's own lines, newest first
             inside = texts.between(start if start is not None else 0.0, end if end is not None else float("inf"))
-            hits += [(s, None) for s in reversed(inside) if id(s) not in have][: k - len(hits)]
+            hits = _distinct(hits + [(s, None) for s in reversed(inside)], k)
         return hits
 
     def _relevant(self, retrieved: list[list]) -> list[list]:
@@ -685,6 +685,25 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _runs_within(scene, start: float | None, end: float | None):
+    """``scene`` (``SceneRuns``) with only its runs that overlap ``[start, end]`` (its
+    appearances counted again over them); None when it has none there."""
+    runs = tuple(run for run in scene.runs if _overlaps(run[0], run[1], start, end))
+    if not runs:
+        return None
+    return replace(scene, runs=runs, appearances=None if scene.appearances is None else len(runs))
+
+
+def _distinct(hits: list, k: int) -> list:
+    """The first ``k`` of ``hits`` (``(segment, score)``) with distinct texts."""
+    seen, kept = set(), []
+    for segment, score in hits:
+        if segment.text not in seen and len(kept) < k:
+            seen.add(segment.text)
+            kept.append((segment, score))
+    return kept
 
 
 def reads_screen(config: SessionConfig) -> bool:
