@@ -36,9 +36,9 @@ def describe_scenes(scenes: list[SceneRuns], fps: float, min_gap: float = 2.0,
     """Lines about the visual memory from its clusters on the timeline (``SceneRuns``,
     ``StreamMemory.timeline()``), as ``(start, end, line)``.
 
-    Each cluster is a view, lettered in order of first appearance. A view on screen more
-    than once says how many times and when (``on screen 3 times: at 0:00:22, 0:00:35,
-    0:00:48``; past ``LISTED_RUNS`` times, the first and last). Where the memory keeps
+    Each scene is a view, lettered in order of first appearance. A view on screen more
+    than once says how many times and when (``3 times: 0:00:22, 0:00:35, 0:00:48``;
+    past ``LISTED_RUNS`` times, the first and last). Where the memory keeps
     no runs, a view whose span is longer (by ``min_gap`` seconds) than its frames fill
     at ``fps`` says it "recurs". Views carry their ``captions`` (one per scene, in the
     order given: what the frame encoder can say of them, such as a colour) when there
@@ -59,8 +59,9 @@ def describe_scenes(scenes: list[SceneRuns], fps: float, min_gap: float = 2.0,
     return lines
 
 
-LISTED_RUNS = 4
-"""Appearances of a view listed one by one in its scene note; past this, the first and last."""
+LISTED_RUNS = 3
+"""Appearances of a view listed one by one in its scene note; past this, the first and
+last (the notes stay short: a prompt of 25 views is read before every first token)."""
 
 
 def _appearances(scene: SceneRuns, fps: float, min_gap: float) -> str:
@@ -71,8 +72,8 @@ def _appearances(scene: SceneRuns, fps: float, min_gap: float) -> str:
         return ""
     starts = [clock(start, hours=True) for start, _ in scene.runs]
     if scene.appearances <= LISTED_RUNS and len(starts) == scene.appearances:
-        return f"on screen {scene.appearances} times: at {', '.join(starts)}"
-    return f"on screen {scene.appearances} times, first at {starts[0]}, last at {starts[-1]}"
+        return f"{scene.appearances} times: {', '.join(starts)}"
+    return f"{scene.appearances} times: {starts[0]} first, {starts[-1]} last"
 
 
 def _letters(i: int) -> str:

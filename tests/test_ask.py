@@ -57,7 +57,7 @@ def test_text_only_model_answers_from_the_visual_memory_in_words(models, clip):
         # the moving square splits each scene among clusters; grouped back into scenes,
         # red is on screen twice and green once
         red = [line for _, _, line in context.scenes if "red" in line]
-        assert red == ["view A, red, on screen 2 times: at 0:00:00, 0:00:30"]
+        assert red == ["view A, red, 2 times: 0:00:00, 0:00:30"]
         assert len(context.scenes) == 2 and "times" not in context.scenes[1][2]
         colours = {line.split(", ")[1] for _, _, line in context.scenes}
         assert {"red", "green"} <= colours  # the pixel encoder names each view's colour
