@@ -149,6 +149,8 @@ class PixelEncoder:
 
 _HUES = ((15, "red"), (40, "orange"), (70, "yellow"), (165, "green"), (200, "cyan"), (255, "blue"), (290, "purple"),
          (335, "magenta"), (360, "red"))  # (upper bound of the hue in degrees, name)
+_HUE_NAMES = np.array([name for _, name in _HUES])
+_DARK_HUE_NAMES = np.array([f"dark {name}" for _, name in _HUES])
 
 
 def colour_names(rgb) -> list[str]:
@@ -163,16 +165,11 @@ def colour_names(rgb) -> list[str]:
     sector = np.where(value == red, (green - blue) / safe,  # hue in sixths of the circle, as colorsys
                       np.where(value == green, 2.0 + (blue - red) / safe, 4.0 + (red - green) / safe))
     degrees = np.where(spread > 0, (sector / 6.0) % 1.0, 0.0) * 360
-    hues = np.searchsorted(np.array([bound for bound, _ in _HUES]), degrees, side="right")
-    names = []
-    for v, s, hue in zip(value, saturation, np.minimum(hues, len(_HUES) - 1)):
-        if v < 0.15:
-            names.append("black")
-        elif s < 0.25:
-            names.append("white" if v > 0.85 else "grey")
-        else:
-            names.append(f"dark {_HUES[hue][1]}" if v < 0.45 else _HUES[hue][1])
-    return names
+    hue = np.minimum(np.searchsorted(np.array([bound for bound, _ in _HUES]), degrees, side="right"), len(_HUES) - 1)
+    # vectorised: main_colour names the 256 cells of every frame a session takes in
+    names = np.where(value < 0.45, _DARK_HUE_NAMES[hue], _HUE_NAMES[hue])
+    names = np.where(saturation < 0.25, np.where(value > 0.85, "white", "grey"), names)
+    return np.where(value < 0.15, "black", names).tolist()
 
 
 def colour_name(red: float, green: float, blue: float) -> str:

@@ -6,7 +6,7 @@
   and detail), behind the same interface.
 - ``FeatureBank`` / ``BankConfig``: every frame's pooled features, time and JPEG
   thumbnail, a FAISS index over them, RAM-capped with spill files on disk.
-- ``SceneRuns`` (``memory.timeline()``): each cluster's runs on the timeline, when it
+- ``SceneRuns`` (``memory.timeline()``): each scene's runs on the timeline, when it
   was on screen and how many separate times.
 - ``create_memory(name, ...)``, ``list_memories()``, ``load_memory(path)``: policies by
   name; any saved memory back from disk.

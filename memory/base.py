@@ -189,21 +189,6 @@ class StreamMemory:
         """How many tokens ``tokens()`` gives now (a policy may count without building them)."""
         return len(self.tokens())
 
-    def clusters(self, means: bool = False) -> list[tuple]:
-        """``(start, end, frames)`` of each cluster of the policy's clustered memory
-        (STAR: temporal; Flash: synopsis), in seconds and frames, by start; with
-        ``means``, ``(start, end, frames, mean)``, ``mean`` the cluster's mean token ``[D]``."""
-        with self._lock:
-            if self.dim is None:
-                return []
-            n = self.centroid_count
-            rows = list(zip(self.time_start[:n].tolist(), self.time_end[:n].tolist(), self.weights[:n].tolist()))
-            order = sorted(range(n), key=rows.__getitem__)
-            if not means:
-                return [rows[i] for i in order]
-            tokens = self.centroids[:n].reshape(n, -1, self.dim).mean(dim=1).cpu()
-            return [(*rows[i], tokens[i]) for i in order]
-
     def timeline(self, means: bool = False) -> list[SceneRuns]:
         """The scenes of the clustered memory on the timeline (``SceneRuns``: when each
         was on screen, how many separate times, how many frames), by first appearance;

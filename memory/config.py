@@ -114,8 +114,6 @@ class StarConfig(JsonConfig):
             before is over this many times the average change (default 3.0) and
             over ``cut_floor`` (default 0.5; the change is the squared distance over
             the frames' mean squared norm, at ``temporal_grid``).
-        timeline_gap: when two clusters are joined, their runs this close in seconds
-            become one (default 3.0).
         bank: the feature bank's ``BankConfig``.
     """
 

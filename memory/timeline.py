@@ -29,7 +29,7 @@ temporal-grid features and a few scalar operations, whatever the stream's length
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ import torch
 
 @dataclass(frozen=True)
 class SceneRuns:
-    """One cluster on the timeline.
+    """One scene on the timeline (one cluster, or the clusters of one scene together).
 
     Attributes:
         runs: ``((start, end), ...)`` seconds, in time order.
@@ -60,6 +60,14 @@ class SceneRuns:
     @property
     def end(self) -> float:
         return self.runs[-1][1]
+
+    def within(self, start: float | None, end: float | None) -> SceneRuns | None:
+        """This scene with only its runs that overlap ``[start, end]`` seconds (either
+        bound None: open), its appearances counted over them; None when it has none there."""
+        runs = tuple(run for run in self.runs if (start is None or run[1] >= start) and (end is None or run[0] <= end))
+        if not runs:
+            return None
+        return replace(self, runs=runs, appearances=None if self.appearances is None else len(runs))
 
 
 def scene_groups(distances: torch.Tensor, norms: torch.Tensor, bar: float) -> list[list[int]]:

@@ -50,6 +50,9 @@ _END = object()  # queued after a source's last item: flush the recogniser
 
 SURE_LABEL = 0.3
 """Probability from which a frame's best label marks a new span of the shown memory."""
+TIMED_TEXT = ("transcript", "screen", "shown")
+"""The session's timed-text memories (attributes of that name): what was said, written on
+screen, and recognised by the frame encoder."""
 PLAIN_COLOURS = ("black", "grey", "white")
 """Main colours the shown memory does not name: a dark, grey or white frame is most of
 what a camera sees, and "mostly grey" lines crowd out what was recognised."""
@@ -503,7 +506,7 @@ class Session:
     def context(self, question: str, start: float | None = None, end: float | None = None) -> Context:
         """A snapshot of what the model reads for ``question``, within ``[start, end]``
         seconds when given."""
-        searched = any(texts is not None for texts in (self.transcript, self.screen, self.shown))
+        searched = any(getattr(self, name) is not None for name in TIMED_TEXT)
         query = self.text.encode([question])[0] if searched else None
         with self._write_lock:
             memory = self.memory.tokens() if self.model.reads_memory_tokens else None
@@ -516,7 +519,7 @@ class Session:
         if memory is not None:
             return Context(memory=_within(memory, start, end), transcript=transcript, screen=screen, shown=shown,
                            duration=duration)
-        timeline = [within for scene in timeline if (within := _runs_within(scene, start, end)) is not None]
+        timeline = [within for scene in timeline if (within := scene.within(start, end)) is not None]
         describe = getattr(self.encoder, "describe", None)  # words for the features, where the encoder has them
         captions = describe(torch.stack([scene.mean for scene in timeline]).numpy()) if describe and timeline else None
         scenes = describe_scenes(timeline, self.config.fps, captions=captions)
@@ -614,17 +617,14 @@ class Session:
     # -- save, load, close ----------------------------------------------------------------
 
     def save(self, folder) -> None:
-        """Save both memories into ``folder`` (each atomically; ``session.json`` last)."""
+        """Save the memories into ``folder`` (each atomically; ``session.json`` last)."""
         folder = Path(folder)
         with self._write_lock:
             self.memory.save(folder / "visual")
-            if self.transcript is not None:
-                self.transcript.save(folder / "transcript")
-            for name in ("screen", "shown"):
+            for name in TIMED_TEXT:
                 if getattr(self, name) is not None:
                     getattr(self, name).save(folder / name)
-            write_json(folder / "session.json", {"transcript": self.transcript is not None,
-                                                 "screen": self.screen is not None, "shown": self.shown is not None,
+            write_json(folder / "session.json", {**{name: getattr(self, name) is not None for name in TIMED_TEXT},
                                                  "encoder_grid": self.encoder.grid, "encoder_dim": self.encoder.dim,
                                                  "stats": self.stats.to_dict()})
 
@@ -646,9 +646,7 @@ class Session:
             session.memory = memory
             from vstream.memory.transcript import TranscriptMemory
 
-            if meta.get("transcript"):
-                session.transcript = TranscriptMemory.load(folder / "transcript")
-            for name in ("screen", "shown"):
+            for name in TIMED_TEXT:
                 if meta.get(name):
                     setattr(session, name, TranscriptMemory.load(folder / name))
         saved = meta.get("stats") if isinstance(meta.get("stats"), dict) else {}
@@ -657,9 +655,9 @@ class Session:
                          "last_t", "questions"):
                 if isinstance(saved.get(name), (int, float)):
                     setattr(session._stats, name, saved[name])
-            session._stats.transcript_segments = len(session.transcript) if session.transcript is not None else 0
-            session._stats.screen_segments = len(session.screen) if session.screen is not None else 0
-            session._stats.shown_segments = len(session.shown) if session.shown is not None else 0
+            for name in TIMED_TEXT:
+                texts = getattr(session, name)
+                setattr(session._stats, f"{name}_segments", len(texts) if texts is not None else 0)
             session._newest = session._last_frame_t = session._stats.last_t
         return session
 
@@ -685,15 +683,6 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _runs_within(scene, start: float | None, end: float | None):
-    """``scene`` (``SceneRuns``) with only its runs that overlap ``[start, end]`` (its
-    appearances counted again over them); None when it has none there."""
-    runs = tuple(run for run in scene.runs if _overlaps(run[0], run[1], start, end))
-    if not runs:
-        return None
-    return replace(scene, runs=runs, appearances=None if scene.appearances is None else len(runs))
 
 
 def _distinct(hits: list, k: int) -> list:
