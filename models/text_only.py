@@ -15,7 +15,6 @@ from vstream.memory import SceneRuns
 
 from .base import ChatModel
 from .llm import load_pretrained, resolve
-from .prompt import clock
 
 
 class TextOnlyModel(ChatModel):
@@ -36,11 +35,11 @@ def describe_scenes(scenes: list[SceneRuns], fps: float, min_gap: float = 2.0,
     """Lines about the visual memory from its clusters on the timeline (``SceneRuns``,
     ``StreamMemory.timeline()``), as ``(start, end, line)``.
 
-    Each scene is a view, lettered in order of first appearance. A view on screen more
-    than once says how many times and when (``3 times: 0:00:22, 0:00:35, 0:00:48``;
-    past ``LISTED_RUNS`` times, the first and last). Where the memory keeps
-    no runs, a view whose span is longer (by ``min_gap`` seconds) than its frames fill
-    at ``fps`` says it "recurs". Views carry their ``captions`` (one per scene, in the
+    Each scene is a view, lettered in order of first appearance, that says how many
+    times it was on screen (``1 time``, ``3 times``: one form, so a small model reads
+    every count alike); its span runs from its first appearance to the end of its last.
+    Where the memory keeps no runs, a view whose span is longer (by ``min_gap`` seconds)
+    than its frames fill at ``fps`` says it "recurs". Views carry their ``captions`` (one per scene, in the
     order given: what the frame encoder can say of them, such as a colour) when there
     are any; with captions, a view whose caption is empty (the encoder recognised
     nothing in it) is left out: a line that says only "view Q" is noise to a small
@@ -59,21 +58,13 @@ def describe_scenes(scenes: list[SceneRuns], fps: float, min_gap: float = 2.0,
     return lines
 
 
-LISTED_RUNS = 3
-"""Appearances of a view listed one by one in its scene note; past this, the first and
-last (the notes stay short: a prompt of 25 views is read before every first token)."""
-
-
 def _appearances(scene: SceneRuns, fps: float, min_gap: float) -> str:
-    """What a scene note says of how often a view was on screen: ``""`` for once."""
+    """What a scene note says of how often a view was on screen: ``"1 time"``, ``"3 times"``.
+    Only the count: the times of each appearance would make a recurring view's line twice
+    as long as the others, and the notes are read before every first token."""
     if scene.appearances is None:
         return "recurs" if scene.end - scene.start > scene.frames / fps + min_gap else ""
-    if scene.appearances < 2:
-        return ""
-    starts = [clock(start, hours=True) for start, _ in scene.runs]
-    if scene.appearances <= LISTED_RUNS and len(starts) == scene.appearances:
-        return f"{scene.appearances} times: {', '.join(starts)}"
-    return f"{scene.appearances} times: {starts[0]} first, {starts[-1]} last"
+    return f"{scene.appearances} times" if scene.appearances > 1 else "1 time"
 
 
 def _letters(i: int) -> str:

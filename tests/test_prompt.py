@@ -74,9 +74,9 @@ def test_scene_notes_count_the_appearances_on_the_timeline():
     grey = SceneRuns(((0.0, 21.0),), 1, 22.0)
     often = SceneRuns(((100.0, 101.0), (200.0, 201.0), (300.0, 301.0), (400.0, 401.0), (500.0, 501.0)), 9, 10.0)
     lines = describe_scenes([red, grey, often], fps=1.0, captions=["red", "grey", "blue"])
-    assert lines == [(0.0, 21.0, "view A, grey"),
-                     (22.0, 3604.0, "view B, red, 3 times: 0:00:22, 0:00:35, 1:00:00"),
-                     (100.0, 501.0, "view C, blue, 9 times: 0:01:40 first, 0:08:20 last")]
+    assert lines == [(0.0, 21.0, "view A, grey, 1 time"),
+                     (22.0, 3604.0, "view B, red, 3 times"),
+                     (100.0, 501.0, "view C, blue, 9 times")]
 
 
 @pytest.mark.parametrize("fields, message", [({"max_new_tokens": 0}, "max_new_tokens"),

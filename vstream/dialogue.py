@@ -184,9 +184,11 @@ def _pixels(image) -> np.ndarray:
 
 def _image_context(context: Context) -> Context:
     """An image's context: of the memories of its one frame, the spatial one is the
-    frame itself at the memory's finest grid; the others would only repeat it."""
+    frame itself at the memory's finest grid; the others would only repeat it. Its
+    note says what it shows, not that it was shown "1 time"."""
     memory = context.memory
     if memory is None:
-        return context
+        return replace(context, scenes=[(start, end, line.removesuffix(", 1 time"))
+                                        for start, end, line in context.scenes or []])
     frame = memory.select([i for i, kind in enumerate(memory.kinds) if kind == "spatial"])
     return Context(memory=frame, scenes=context.scenes, transcript=context.transcript, duration=context.duration)

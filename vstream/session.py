@@ -53,6 +53,8 @@ SURE_LABEL = 0.3
 TIMED_TEXT = ("transcript", "screen", "shown")
 """The session's timed-text memories (attributes of that name): what was said, written on
 screen, and recognised by the frame encoder."""
+CAPTION_CACHE = 4096
+"""Distinct view captions whose embeddings a session keeps."""
 PLAIN_COLOURS = ("black", "grey", "white")
 """Main colours the shown memory does not name: a dark, grey or white frame is most of
 what a camera sees, and "mostly grey" lines crowd out what was recognised."""
@@ -77,6 +79,10 @@ class SessionConfig(JsonConfig):
         heads: model heads attached when the session loads its model by name, each a
             spec string (``"visual_experts:weights=experts/"``); a loaded ``ChatModel``
             comes with its own.
+        scene_lines: views described per question when the model reads the visual
+            memory in words (default 12): the views whose words best match the question
+            (half of them at most), then the views on screen longest, in time order; the
+            notes are read before every first token, so their number is fixed.
         transcript_lines: transcript lines retrieved per question (default 8).
         screen_lines: on-screen texts retrieved per question (default 4).
         shown_lines: spans of what the frame encoder recognised (its labels, such as
@@ -97,6 +103,7 @@ class SessionConfig(JsonConfig):
     encoder: str = "auto"
     ocr: bool | str = "auto"
     heads: list[str] = field(default_factory=list)
+    scene_lines: int = 12
     transcript_lines: int = 8
     screen_lines: int = 4
     shown_lines: int = 4
@@ -114,7 +121,7 @@ class SessionConfig(JsonConfig):
         check_number("SessionConfig", "transcript_floor", self.transcript_floor, 0.0, 1.0, include_low=True)
         if not (isinstance(self.ocr, bool) or self.ocr == "auto"):
             raise ConfigError(f"SessionConfig.ocr must be True, False or 'auto', got {self.ocr!r}")
-        for name in ("transcript_lines", "screen_lines", "shown_lines", "batch_frames", "queue_frames"):
+        for name in ("scene_lines", "transcript_lines", "screen_lines", "shown_lines", "batch_frames", "queue_frames"):
             check_int("SessionConfig", name, getattr(self, name), 1)
 
 
@@ -191,6 +198,7 @@ class Session:
         self._shown_open: TranscriptSegment | None = None  # the labels of the newest frames, still on screen
         self._shown_key: tuple | None = None  # its best label and main colour: what a run shares
         self._text = self._asr = self._asr_worker = self._ocr_worker = None
+        self._caption_vectors: dict[str, torch.Tensor] = {}  # views' words, embedded once
         self._ocr = screen_reader
         self._reading_file = False  # a file read at the writer's pace: the OCR reads every changed frame
         self._reads_screen = reads_screen(self.config)
@@ -522,8 +530,44 @@ class Session:
         timeline = [within for scene in timeline if (within := scene.within(start, end)) is not None]
         describe = getattr(self.encoder, "describe", None)  # words for the features, where the encoder has them
         captions = describe(torch.stack([scene.mean for scene in timeline]).numpy()) if describe and timeline else None
-        scenes = describe_scenes(timeline, self.config.fps, captions=captions)
+        if captions is not None:  # a view the encoder recognised nothing in is noise to a small model
+            named = [i for i, caption in enumerate(captions) if caption]
+            timeline, captions = [timeline[i] for i in named], [captions[i] for i in named]
+        chosen = self._noted(timeline, captions, question, query)
+        scenes = describe_scenes([timeline[i] for i in chosen], self.config.fps,
+                                 captions=None if captions is None else [captions[i] for i in chosen])
         return Context(scenes=scenes, transcript=transcript, screen=screen, shown=shown, duration=duration)
+
+    def _noted(self, timeline: list, captions: list[str] | None, question: str, query) -> list[int]:
+        """Which of the ``timeline``'s views the scene notes describe, at most
+        ``scene_lines``, in the order given: up to half of them the views whose
+        ``captions`` best match the question (a two-second needle is light, but it is
+        what "when was the red screen shown?" asks about), the rest the heaviest views."""
+        limit = self.config.scene_lines
+        if len(timeline) <= limit:
+            return list(range(len(timeline)))
+        chosen: list[int] = []
+        if captions:
+            query = self.text.encode([question])[0] if query is None else query
+            similarity = (self._embed_captions(captions) @ query).tolist()
+            best = max(similarity)
+            matching = sorted((i for i, score in enumerate(similarity) if score >= self.config.transcript_floor * best),
+                              key=lambda i: -similarity[i])
+            chosen = matching[:limit // 2]
+        heaviest = sorted((i for i in range(len(timeline)) if i not in chosen), key=lambda i: -timeline[i].frames)
+        return sorted(chosen + heaviest[:limit - len(chosen)])
+
+    def _embed_captions(self, captions: list[str]) -> torch.Tensor:
+        """``[n, dim]`` embeddings of views' ``captions``, each caption embedded once: a
+        stream's views have few distinct words, and embedding 25 of them per question
+        costs more than the rest of retrieval."""
+        known = self._caption_vectors
+        new = [caption for caption in dict.fromkeys(captions) if caption not in known]
+        if new:
+            if len(known) + len(new) > CAPTION_CACHE:
+                known.clear()
+            known.update(zip(new, self.text.encode(new)))
+        return torch.stack([known[caption] for caption in captions])
 
     def _retrieve(self, texts, k: int, query, start, end) -> list:
         """The ``k`` lines of the timed-text memory ``texts`` (transcript, screen or shown)
