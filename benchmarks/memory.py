@@ -24,9 +24,16 @@ the bank's ``ram_mb``; (issue 14) ``read_ms <= 5`` at 36,000 frames and ``read_r
 <= 1.2``. Last line: ``RESULT update_ratio=... update_ms=... rss_growth_mb=...
 query_ms=... read_ms=... read_ratio=...``.
 
-Run: ``python benchmarks/memory.py [--frames N] [--repeat N]``. The bank's spill file
-(128 KiB a frame: 4.7 GB at 36,000 frames) goes to a temporary folder and is removed
-at the end.
+- ``disk_gb``: what the bank's spill files span at the end, under the default cap
+  (``BankConfig.disk_gb`` 4 GiB: 29,640 frames of 128 KiB and a thumbnail slot, so the
+  last 6,400 frames of a 36,000-frame stream thin the older ones; the timed adds at
+  36,000 include thinning rounds), and ``kept`` frames.
+
+Targets (issue 14, part 1): ``disk_gb`` <= 4, with the update and read targets above met
+while the bank thins.
+
+Run: ``python benchmarks/memory.py [--frames N] [--repeat N]``. The bank's spill files
+go to a temporary folder and are removed at the end.
 """
 
 from __future__ import annotations
@@ -116,6 +123,9 @@ def main() -> None:
     keys = stream.patterns[:1].mean(dim=1)
     query_ms = best_of(args.repeat, lambda: memory.bank.search(keys, 5))
     print(f"faiss search over {len(memory.bank)} frames: {query_ms:.2f} ms ({len(memory.tokens())} tokens a read)")
+    disk_gb, kept = memory.bank.disk_bytes() / 2**30, len(memory.bank.kept_ids())
+    print(f"spill: {disk_gb:.2f} GiB, {kept} of {len(memory.bank)} frames kept "
+          f"(cap {config.bank.disk_gb} GiB, {memory.bank.disk_frames} frames)")
     memory.close()
 
     first, last = positions[0], positions[-1]
@@ -124,7 +134,7 @@ def main() -> None:
     growth = results[last][1] - results[growth_from][1]
     print(f"RESULT update_ratio={ratio:.3f} update_ms={results[last][0]:.3f} rss_growth_mb={growth:.1f} "
           f"query_ms={query_ms:.3f} read_ms={results[last][2]:.2f} read_ratio={results[last][2] / results[first][2]:.3f} "
-          f"frames={last}")
+          f"frames={last} disk_gb={disk_gb:.2f} kept={kept}")
 
 
 if __name__ == "__main__":

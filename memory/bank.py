@@ -5,8 +5,20 @@ query-time retrieval (a vector to the top-k frames with their times), for a 10-h
 stream at 1 fps in a fixed RAM budget and at a per-frame cost that does not grow.
 
 * **Write-through spill.** Every frame's features ``[G*G, D]`` (as ``config.dtype``) are
-  written with ``os.pwrite`` at ``id * bytes_per_frame`` in an append-only spill file,
-  never rewritten: the file is the whole history, and saving is a copy of its first rows.
+  written with ``os.pwrite`` into a slot of a spill file (``slot * bytes_per_frame``);
+  with no disk cap, frame ``i`` takes slot ``i`` and the file is the whole history.
+* **Disk cap and thinning.** ``config.disk_gb`` bounds the spill files: they hold at most
+  ``disk_frames`` slots. When they are full, a round frees ``disk_frames // 64`` slots
+  (or as many as a batch needs): the frames whose loss leaves the smallest gap for their
+  age (``(t_next - t_prev) / (now - t)`` over the frames still kept), never two
+  neighbours in one round, never the first or newest frame, and never a frame the
+  memory pins (``keep``: the frames its reads show, each scene's representative and the
+  start of each run on its timeline). Kept frames then thin out with age, gap ∝ age:
+  at ``r`` frames a second over a stream of ``A`` seconds, every frame of the last
+  ``a0`` seconds is kept where ``disk_frames ≈ r·a0·(1 + ln(A/a0))``, and a frame of age
+  ``a`` is about ``a/(r·a0)`` seconds from the next kept one: never a ring that forgets
+  whole hours. Times, index keys and ids of thinned frames stay; their features and
+  thumbnails are gone (``kept``; ``features`` refuses them, ``thumbnails`` gives None).
 * **RAM ring.** The newest ``ram_frames`` frames (as many as fit in ``config.ram_mb`` MiB)
   also sit in a ring buffer allocated once, at full size: frame ``i`` in slot
   ``i % ram_frames``. Older frames are read back from the file.
@@ -14,17 +26,21 @@ stream at 1 fps in a fixed RAM budget and at a per-frame cost that does not grow
   and a map over a growing file must be remade. ``os.pread`` copies just the frames asked
   for; the file stays in the kernel's page cache, outside RSS, which the kernel can drop.
 * **Thumbnails.** A frame may come with its image; the bank keeps it as a small JPEG
-  (``config.thumbnail_*``) in a second append-only spill file, frame ``i``'s bytes ending
-  at ``thumbnail_ends[i]``, and the newest ``thumbnail_ram_frames`` of them in a RAM ring of
-  their own. A frame without an image has zero bytes.
+  (``config.thumbnail_*``) in the same slot of a second spill file (slots of
+  ``thumbnail_slot_bytes``; a JPEG too big for one is encoded again at a lower quality),
+  and the newest ``thumbnail_ram_frames`` of them in a RAM ring of their own. A frame
+  without an image has zero bytes. Thumbnails are thinned with their frames.
 * **Index.** One key per frame (by default the mean of its tokens, float32 ``[D]``) in a
   ``KeyIndex`` (``vstream.memory.index``) from ``config.index``; its ids are frame ids. An
   index that needs training searches the keys exactly until ``train_size`` frames have
   arrived, then trains on them.
 
 Per frame, ``add`` costs a pwrite, a ring-slot copy and an index add (and a JPEG
-encode and a pwrite when it has an image); the times and thumbnail-end arrays double when full (amortised O(1), as FAISS's own storage). A lock makes ``add``,
-``search``, ``features`` and ``save`` safe to call from several threads.
+encode and a pwrite when it has an image); the per-frame arrays (times, slots,
+thumbnail sizes) double when full (amortised O(1), as FAISS's own storage), and a
+thinning round, once per ``disk_frames // 64`` frames, is O(frames kept). A lock makes
+``add``, ``search``, ``features`` and ``save`` safe to call from several threads; a save
+holds it while it copies the kept frames (slots are reused once thinned).
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -49,9 +66,14 @@ from vstream.memory.index import KeyIndex
 
 logger = logging.getLogger(__name__)
 
-FORMAT, VERSION = "vstream.feature_bank", 1
+FORMAT, VERSION = "vstream.feature_bank", 2  # 2: kept.npy, only the kept frames in features.bin
+MIN_DISK_FRAMES = 16
+"""Fewest frames a disk cap may hold: thinning needs room for a batch and the pinned frames."""
+THINNING_ROUNDS = 64
+"""A full spill frees ``disk_frames // THINNING_ROUNDS`` slots at once: the cost of a round
+is spread over that many frames."""
 _CHUNK_BYTES = 8 << 20  # bytes per read and write when features.bin is streamed in or out
-_META_FIELDS = {"format": str, "version": int, "n": int, "dim": int, "grid": int, "dtype": str,
+_META_FIELDS = {"format": str, "version": int, "n": int, "kept": int, "dim": int, "grid": int, "dtype": str,
                 "trained": bool, "pending": int, "config": dict}
 
 
@@ -95,6 +117,27 @@ def encode_thumbnail(image, size: int, quality: int) -> bytes:
     return out.getvalue()
 
 
+def thumbnail_slot_bytes(config: BankConfig) -> int:
+    """Bytes of disk a thumbnail slot takes: half the raw RGB of a square thumbnail (a JPEG
+    rarely takes a sixth of it); 0 when the bank keeps no thumbnails."""
+    return max(4096, config.thumbnail_size**2 * 3 // 2) if config.thumbnails else 0
+
+
+def fit_thumbnail(data: bytes, limit: int) -> bytes:
+    """JPEG ``data`` within ``limit`` bytes: encoded again at lower qualities if needed
+    (b"" if even quality 10 does not fit)."""
+    if len(data) <= limit:
+        return data
+    image = decode_thumbnail(data)
+    for quality in (50, 25, 10):
+        out = io.BytesIO()
+        image.convert("RGB").save(out, "JPEG", quality=quality)
+        if out.tell() <= limit:
+            return out.getvalue()
+    logger.warning("a thumbnail of %d bytes does not fit a slot of %d even at JPEG quality 10; dropped", len(data), limit)
+    return b""
+
+
 def decode_thumbnail(data: bytes) -> Image.Image | None:
     """The image of JPEG bytes written by ``encode_thumbnail``; None for no bytes."""
     if not data:
@@ -115,10 +158,18 @@ def _write_synced(path: Path, write) -> None:
 class FeatureBank:
     """Every frame's features ``[G*G, D]`` with its time in seconds, and a FAISS index over
     one key ``[D]`` per frame; ids 0, 1, 2, ... in order of arrival. The newest frames are in
-    RAM, all of them in a spill file (``config.spill_dir``, or a temporary folder).
+    RAM, the kept ones in a spill file (``config.spill_dir``, or a temporary folder).
+
+    Args:
+        dim: feature width ``D``.
+        config: ``BankConfig``.
+        keep: called with the times of all frames (``[n]`` seconds) when the spill must be
+            thinned; returns the ids that must stay (the frames its owner reads), the most
+            needed first: past half the cap, the rest may be thinned. It must not call the
+            bank.
     """
 
-    def __init__(self, dim: int, config: BankConfig | None = None):
+    def __init__(self, dim: int, config: BankConfig | None = None, keep=None):
         if not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1):
             raise ConfigError(f"FeatureBank dim must be an int >= 1 (the feature width D), got {dim!r}")
         config = BankConfig() if config is None else config
@@ -127,6 +178,14 @@ class FeatureBank:
         self.config, self.dim, self.tokens = config, dim, config.grid**2
         self._dtype = np.dtype(config.dtype)
         self.bytes_per_frame = self.tokens * dim * self._dtype.itemsize
+        self.thumbnail_slot_bytes = thumbnail_slot_bytes(config)
+        self.disk_frames = (None if not config.disk_gb or math.isinf(config.disk_gb) else
+                            int(config.disk_gb * 2**30 // (self.bytes_per_frame + self.thumbnail_slot_bytes)))
+        if self.disk_frames is not None and self.disk_frames < MIN_DISK_FRAMES:
+            raise ConfigError(f"BankConfig.disk_gb {config.disk_gb} holds {self.disk_frames} frames of "
+                              f"{self.bytes_per_frame + self.thumbnail_slot_bytes} bytes; at least "
+                              f"{MIN_DISK_FRAMES} must fit")
+        self._keep = keep
         self._capacity = max(1, int(config.ram_mb * 2**20 // self.bytes_per_frame))
         self._keys = KeyIndex(dim, config.index, config.metric, config.index_params, config.train_size,
                               config.device, owner="BankConfig")
@@ -134,7 +193,10 @@ class FeatureBank:
         self._ring = np.empty((self._capacity, self.tokens, dim), self._dtype)
         self._thumbnail_ring = [b""] * config.thumbnail_ram_frames  # frame i's JPEG in slot i % len
         self._times = np.empty(1024, np.float64)
-        self._thumbnail_ends = np.zeros(1024, np.int64)  # frame i's JPEG ends at this byte of its spill
+        self._slots = np.empty(1024, np.int64)  # frame i's slot in the spill files; -1 once thinned
+        self._thumbnail_sizes = np.zeros(1024, np.int64)  # bytes of frame i's JPEG in its slot
+        self._free: list[int] = []  # slots of thinned frames, reused first
+        self._used = 0  # slots ever used: the spill files' length in slots
         self._n, self._closed, self._lock = 0, False, threading.Lock()
         temp_dir = tempfile.mkdtemp(prefix="vstream-bank-") if config.spill_dir is None else None
         files = []
@@ -198,7 +260,7 @@ class FeatureBank:
         t = self._check_times(times, b)
         k = x.float().mean(dim=1) if keys is None else self._batch(keys, "keys", (self.dim,), b, torch.float32)
         rows = x.numpy()
-        jpegs = self._encode(thumbnails, b)
+        jpegs = [fit_thumbnail(jpeg, self.thumbnail_slot_bytes) for jpeg in self._encode(thumbnails, b)]
         with self._lock:
             self._check_open()
             n = self._n
@@ -207,21 +269,75 @@ class FeatureBank:
                                        f"{self._times[n - 1]} s")
             if b == 0:
                 return range(n, n)
-            self._write_spill(rows, n)  # past the frames held: if a later step fails, nothing refers to it
-            start = int(self._thumbnail_ends[n - 1]) if n else 0
-            _pwrite_all(self._thumbnail_fd, b"".join(jpegs), start)
+            slots = self._take_slots(b)
+            for row, jpeg, slot in zip(rows, jpegs, slots):  # slots free or past the end: nothing refers to them
+                self._write_spill(row, slot)
+                _pwrite_all(self._thumbnail_fd, jpeg, slot * self.thumbnail_slot_bytes)
             self._keys.add(k.numpy())
             keep = max(0, b - self._capacity)  # a batch larger than the ring keeps its newest rows
             self._ring[np.arange(n + keep, n + b) % self._capacity] = rows[keep:]
-            if n + b > len(self._times):
-                size = max(2 * len(self._times), n + b)
-                self._times = np.concatenate([self._times[:n], np.empty(size - n, np.float64)])
-                self._thumbnail_ends = np.concatenate([self._thumbnail_ends[:n], np.zeros(size - n, np.int64)])
+            self._grow(n + b)
             self._times[n : n + b] = t
-            self._thumbnail_ends[n : n + b] = start + np.cumsum([len(j) for j in jpegs], dtype=np.int64)
+            self._slots[n : n + b] = slots
+            self._thumbnail_sizes[n : n + b] = [len(j) for j in jpegs]
             self._ring_thumbnails(jpegs, n)
             self._n = n + b
         return range(n, n + b)
+
+    def _grow(self, size: int) -> None:
+        """Room in the per-frame arrays for ``size`` frames (doubling)."""
+        if size > len(self._times):
+            n, size = self._n, max(2 * len(self._times), size)
+            self._times = np.concatenate([self._times[:n], np.empty(size - n, np.float64)])
+            self._slots = np.concatenate([self._slots[:n], np.empty(size - n, np.int64)])
+            self._thumbnail_sizes = np.concatenate([self._thumbnail_sizes[:n], np.zeros(size - n, np.int64)])
+
+    def _take_slots(self, count: int) -> list[int]:
+        """Slots for ``count`` new frames: freed ones first, then new ones up to the disk cap;
+        when full, a thinning round frees more."""
+        fresh = count - len(self._free)
+        room = fresh if self.disk_frames is None else min(fresh, self.disk_frames - self._used)
+        if fresh > 0 and room < fresh:
+            self._thin(max(fresh - max(room, 0), self.disk_frames // THINNING_ROUNDS))
+        taken = [self._free.pop() for _ in range(min(count, len(self._free)))]
+        new = count - len(taken)
+        taken += range(self._used, self._used + new)
+        self._used += new
+        return taken
+
+    def _thin(self, count: int) -> None:
+        """Free the slots of ``count`` kept frames (see the module docstring: the smallest
+        gap for their age first, no two neighbours in a round, never the first, the newest
+        or a pinned frame)."""
+        n = self._n
+        wanted = [] if self._keep is None else [int(i) for i in self._keep(self._times[:n])]
+        pinned = set(wanted[: self.disk_frames // 2])  # the most needed first; room left to thin
+        freed: list[int] = []
+        while len(freed) < count:
+            kept = np.flatnonzero(self._slots[:n] >= 0)
+            t = self._times[kept]
+            gaps = np.full(len(kept), np.inf)
+            gaps[1:-1] = t[2:] - t[:-2]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                score = np.where(np.isfinite(gaps), gaps / np.maximum(t[-1] - t, 1e-9), np.inf) if len(kept) else gaps
+            score[np.isin(kept, np.fromiter(pinned, np.int64, len(pinned)))] = np.inf
+            taken = np.zeros(len(kept) + 1, bool)  # one past the end: taken[j + 1] is always valid
+            round_freed = 0
+            for j in np.argsort(score, kind="stable").tolist():
+                if len(freed) == count or not np.isfinite(score[j]):
+                    break
+                if taken[j - 1] or taken[j + 1]:
+                    continue
+                taken[j] = True
+                i = int(kept[j])
+                freed.append(int(self._slots[i]))
+                self._slots[i], self._thumbnail_sizes[i] = -1, 0
+                round_freed += 1
+            if not round_freed:
+                raise MemoryStateError(f"the bank cannot stay under BankConfig.disk_gb {self.config.disk_gb}: its "
+                                       f"{len(kept)} kept frames are all pinned or at the ends")
+        self._free.extend(sorted(freed, reverse=True))  # lowest slots reused first
+        logger.debug("feature bank thinned %d frames; %d of %d kept", len(freed), int((self._slots[:n] >= 0).sum()), n)
 
     def _encode(self, thumbnails, count: int) -> list[bytes]:
         """JPEG bytes of each of ``count`` frames' images (``b""`` for none)."""
@@ -239,14 +355,26 @@ class FeatureBank:
         for i in range(max(0, len(jpegs) - slots), len(jpegs)):
             self._thumbnail_ring[(first + i) % slots] = jpegs[i]
 
-    def _write_spill(self, rows: np.ndarray, first: int) -> None:
-        _pwrite_all(self._fd, np.ascontiguousarray(rows).reshape(-1).view(np.uint8), first * self.bytes_per_frame)
+    def _write_spill(self, rows: np.ndarray, slot: int) -> None:
+        """Write ``rows`` (one frame ``[G*G, D]``, or consecutive frames) from ``slot`` on."""
+        _pwrite_all(self._fd, np.ascontiguousarray(rows).reshape(-1).view(np.uint8), slot * self.bytes_per_frame)
 
     def _read_frame(self, i: int) -> np.ndarray:
-        data = os.pread(self._fd, self.bytes_per_frame, i * self.bytes_per_frame)
+        data = os.pread(self._fd, self.bytes_per_frame, int(self._slots[i]) * self.bytes_per_frame)
         if len(data) != self.bytes_per_frame:
             raise MemoryStateError(f"spill file {self.spill_path} ends before frame {i}: was it truncated?")
         return np.frombuffer(data, self._dtype).reshape(self.tokens, self.dim)
+
+    def kept_ids(self) -> np.ndarray:
+        """``[k]`` int64 ids of the frames whose features and thumbnails are kept (all of
+        them until the disk cap thins the spill), ascending."""
+        with self._lock:
+            return np.flatnonzero(self._slots[: self._n] >= 0)
+
+    def disk_bytes(self) -> int:
+        """Bytes the spill files span (slots used, features and thumbnail slots): at most
+        ``config.disk_gb`` GiB."""
+        return self._used * (self.bytes_per_frame + self.thumbnail_slot_bytes)
 
     def __len__(self) -> int:
         return self._n
@@ -260,7 +388,8 @@ class FeatureBank:
         return view
 
     def thumbnails(self, ids) -> list[Image.Image | None]:
-        """The thumbnails of the frames ``ids`` (ints), None where a frame was added without an image."""
+        """The thumbnails of the frames ``ids`` (ints), None where a frame was added without
+        an image or was thinned."""
         ids = [int(i) for i in ids]
         with self._lock:
             self._check_open()
@@ -269,13 +398,13 @@ class FeatureBank:
                 raise MemoryStateError(f"frame id {bad[0]} is out of range: the bank holds ids 0..{self._n - 1}")
             slots = len(self._thumbnail_ring)
             first_in_ram = self._n - min(self._n, slots)
-            jpegs = [self._thumbnail_ring[i % slots] if i >= first_in_ram else self._read_thumbnail(i) for i in ids]
+            jpegs = [b"" if self._slots[i] < 0 else self._thumbnail_ring[i % slots] if i >= first_in_ram
+                     else self._read_thumbnail(i) for i in ids]
         return [decode_thumbnail(jpeg) for jpeg in jpegs]
 
     def _read_thumbnail(self, i: int) -> bytes:
-        start = int(self._thumbnail_ends[i - 1]) if i else 0
-        size = int(self._thumbnail_ends[i]) - start
-        data = os.pread(self._thumbnail_fd, size, start)
+        size = int(self._thumbnail_sizes[i])
+        data = os.pread(self._thumbnail_fd, size, int(self._slots[i]) * self.thumbnail_slot_bytes)
         if len(data) != size:
             raise MemoryStateError(f"thumbnail spill file {self.thumbnail_path} ends before frame {i}: was it "
                                    "truncated?")
@@ -294,7 +423,8 @@ class FeatureBank:
         return self._ring.nbytes + sum(map(len, self._thumbnail_ring)) + self._keys.nbytes()
 
     def features(self, ids) -> torch.Tensor:
-        """``[len(ids), G*G, D]`` float32 features of the frames ``ids`` (a 1-D int sequence or tensor)."""
+        """``[len(ids), G*G, D]`` float32 features of the frames ``ids`` (a 1-D int sequence
+        or tensor), each kept (``kept_ids``)."""
         try:
             idx = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
             ok = idx.ndim == 1 and (idx.dtype.kind in "iu" or idx.size == 0)
@@ -307,6 +437,11 @@ class FeatureBank:
             bad = idx[(idx < 0) | (idx >= self._n)]
             if len(bad):
                 raise MemoryStateError(f"frame id {bad[0]} is out of range: the bank holds ids 0..{self._n - 1}")
+            thinned = idx[self._slots[idx.astype(np.int64)] < 0]
+            if len(thinned):
+                i = int(thinned[0])
+                raise MemoryStateError(f"frame {i} ({self._times[i]:.1f} s) was thinned to keep the spill under "
+                                       f"BankConfig.disk_gb {self.config.disk_gb}; see kept_ids()")
             out = np.empty((len(idx), self.tokens, self.dim), np.float32)
             first_in_ram = self._n - min(self._n, self._capacity)
             for row, i in enumerate(idx.tolist()):
@@ -334,38 +469,50 @@ class FeatureBank:
         return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(scores)
 
     def save(self, directory) -> None:
-        """Write features.bin, times.npy, pending.npy, index.faiss, thumbnails.npy (where each
-        frame's JPEG ends), thumbnails.bin and bank.json into the existing empty ``directory``,
-        each fsynced. Adds wait only while the small files are written: the spill files are
-        copied afterwards (their first ``n`` frames never change)."""
+        """Write times.npy, kept.npy (the ids of the kept frames), features.bin (their
+        features, in id order), thumbnails.npy (where each kept frame's JPEG ends in
+        thumbnails.bin), thumbnails.bin, pending.npy, index.faiss and bank.json into the
+        existing empty ``directory``, each fsynced. Adds wait until the frames are copied."""
         folder = Path(directory)
         if not folder.is_dir() or any(folder.iterdir()):
             raise MemoryStateError(f"save: {folder} must be an existing empty directory")
         with self._lock:
             self._check_open()
             n, trained, pending = self._n, self._keys.trained, self._keys.pending
+            kept = np.flatnonzero(self._slots[:n] >= 0)
             _write_synced(folder / "times.npy", lambda f: np.save(f, self._times[:n], allow_pickle=False))
-            ends = self._thumbnail_ends[:n].copy()
+            _write_synced(folder / "kept.npy", lambda f: np.save(f, kept, allow_pickle=False))
+            ends = np.cumsum(self._thumbnail_sizes[kept], dtype=np.int64)
             _write_synced(folder / "thumbnails.npy", lambda f: np.save(f, ends, allow_pickle=False))
             _write_synced(folder / "pending.npy", lambda f: np.save(f, pending, allow_pickle=False))
             _write_synced(folder / "index.faiss", self._keys.write)
-            fds = os.dup(self._fd), os.dup(self._thumbnail_fd)  # close() may run meanwhile
-        try:
-            _write_synced(folder / "features.bin", lambda f: _copy_out(fds[0], f, n * self.bytes_per_frame))
-            _write_synced(folder / "thumbnails.bin", lambda f: _copy_out(fds[1], f, int(ends[-1]) if n else 0))
-        finally:
-            for fd in fds:
-                os.close(fd)
-        meta = {"format": FORMAT, "version": VERSION, "n": n, "dim": self.dim, "grid": self.config.grid,
-                "dtype": self.config.dtype, "trained": trained, "pending": len(pending),
+            _write_synced(folder / "features.bin", lambda f: self._copy_frames(kept, f))
+            _write_synced(folder / "thumbnails.bin", lambda f: self._copy_thumbnails(kept, f))
+        meta = {"format": FORMAT, "version": VERSION, "n": n, "kept": len(kept), "dim": self.dim,
+                "grid": self.config.grid, "dtype": self.config.dtype, "trained": trained, "pending": len(pending),
                 "config": self.config.to_dict()}
         _write_synced(folder / "bank.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
+    def _copy_frames(self, ids: np.ndarray, f) -> None:
+        """Write the features of the kept frames ``ids`` to the open file ``f``, in order;
+        runs of consecutive slots in one read."""
+        for first, count in _runs(self._slots[ids]):
+            for start in range(0, count, max(1, _CHUNK_BYTES // self.bytes_per_frame)):
+                size = min(count - start, max(1, _CHUNK_BYTES // self.bytes_per_frame)) * self.bytes_per_frame
+                f.write(_pread_all(self._fd, size, (first + start) * self.bytes_per_frame, self.spill_path))
+
+    def _copy_thumbnails(self, ids: np.ndarray, f) -> None:
+        """Write the JPEGs of the kept frames ``ids`` to the open file ``f``, back to back."""
+        for i in ids.tolist():
+            if self._thumbnail_sizes[i]:
+                f.write(self._read_thumbnail(i))
+
     @classmethod
-    def load(cls, directory, config: BankConfig | None = None) -> FeatureBank:
+    def load(cls, directory, config: BankConfig | None = None, keep=None) -> FeatureBank:
         """Load a bank written by ``save``; ``config`` None takes the saved one. A given config
         must agree with the saved grid, dtype, index and metric; the rest (RAM, spill folder,
-        device, index_params, train_size) may differ. Ids continue at the saved ``n``."""
+        disk cap, device, index_params, train_size) may differ. Ids continue at the saved
+        ``n``; ``keep`` as in the constructor."""
         folder = Path(directory)
         meta, saved = _read_meta(folder / "bank.json")
         config = saved if config is None else config
@@ -377,29 +524,37 @@ class FeatureBank:
         times = read_array(folder / "times.npy", np.float64, (n,))
         if np.any(np.diff(times) < 0):
             raise MemoryStateError(f"{folder / 'times.npy'}: times decrease")
+        kept = (np.arange(n) if meta["version"] == 1  # version 1 kept every frame
+                else read_array(folder / "kept.npy", np.int64, (meta["kept"],)))
+        if len(kept) and (kept[0] < 0 or kept[-1] >= n or np.any(np.diff(kept) <= 0)):
+            raise MemoryStateError(f"{folder / 'kept.npy'}: ids must be in [0, {n}) and increase")
         pending = read_array(folder / "pending.npy", np.float32, (meta["pending"], dim))
-        bank = cls(dim, config)
+        bank = cls(dim, config, keep)
         try:
+            if bank.disk_frames is not None and len(kept) > bank.disk_frames:
+                raise MemoryStateError(f"{folder}: holds {len(kept)} frames; BankConfig.disk_gb "
+                                       f"{bank.config.disk_gb} holds {bank.disk_frames}: load it with a larger cap")
             bank._keys.restore(folder / "index.faiss", pending, meta["trained"], n if meta["trained"] else 0)
-            bank._restore(folder / "features.bin", times)
-            bank._restore_thumbnails(folder)
+            bank._restore(folder / "features.bin", times, kept)
+            bank._restore_thumbnails(folder, kept)
         except BaseException:
             bank.close()
             raise
         return bank
 
-    def _restore(self, path: Path, times: np.ndarray) -> None:
-        """Stream ``path`` (raw rows, checked) into this bank's spill file and ring; take ``times``."""
-        n, per_chunk = len(times), max(1, _CHUNK_BYTES // self.bytes_per_frame)
+    def _restore(self, path: Path, times: np.ndarray, kept: np.ndarray) -> None:
+        """Stream ``path`` (the ``kept`` frames' rows, checked) into slots 0, 1, ... of this
+        bank's spill file and its ring; take ``times``."""
+        n, k, per_chunk = len(times), len(kept), max(1, _CHUNK_BYTES // self.bytes_per_frame)
         first_in_ram = n - min(n, self._capacity)
         try:
             size = os.stat(path).st_size
-            if size != n * self.bytes_per_frame:
-                raise MemoryStateError(f"{path}: {size} bytes, expected {n * self.bytes_per_frame} "
-                                       f"({n} frames of {self.bytes_per_frame} bytes)")
+            if size != k * self.bytes_per_frame:
+                raise MemoryStateError(f"{path}: {size} bytes, expected {k * self.bytes_per_frame} "
+                                       f"({k} frames of {self.bytes_per_frame} bytes)")
             with open(path, "rb") as f:
-                for start in range(0, n, per_chunk):
-                    count = min(per_chunk, n - start)
+                for start in range(0, k, per_chunk):
+                    count = min(per_chunk, k - start)
                     data = f.read(count * self.bytes_per_frame)
                     if len(data) != count * self.bytes_per_frame:
                         raise MemoryStateError(f"{path}: ends inside frames {start}..{start + count - 1}")
@@ -407,34 +562,42 @@ class FeatureBank:
                     if not np.isfinite(rows).all():
                         raise MemoryStateError(f"{path}: non-finite values in frames {start}..{start + count - 1}")
                     self._write_spill(rows, start)
-                    lo = max(start, first_in_ram)
-                    self._ring[np.arange(lo, start + count) % self._capacity] = rows[lo - start :]
+                    ids = kept[start : start + count]
+                    in_ram = ids >= first_in_ram
+                    self._ring[ids[in_ram] % self._capacity] = rows[in_ram]
         except OSError as exc:
             raise MemoryStateError(f"{path}: cannot be read ({exc})") from None
-        self._times, self._n = times, n
+        self._n, self._used = 0, k
+        self._grow(n)
+        self._times[:n] = times
+        self._slots[:n] = -1
+        self._slots[kept] = np.arange(k)
+        self._n = n
 
-    def _restore_thumbnails(self, folder: Path) -> None:
-        """Take thumbnails.npy and stream thumbnails.bin into this bank's thumbnail spill and
-        ring; a bank saved before thumbnails existed has neither file and gets none."""
-        n, index_path, data_path = self._n, folder / "thumbnails.npy", folder / "thumbnails.bin"
-        if not (index_path.exists() or data_path.exists()):
-            self._thumbnail_ends = np.zeros(n, np.int64)  # beside _times, which _restore left n long
+    def _restore_thumbnails(self, folder: Path, kept: np.ndarray) -> None:
+        """Take thumbnails.npy and stream thumbnails.bin into the ``kept`` frames' slots of
+        this bank's thumbnail spill and its ring."""
+        index_path, data_path = folder / "thumbnails.npy", folder / "thumbnails.bin"
+        if not (index_path.exists() or data_path.exists()):  # saved before thumbnails existed
             return
-        ends = read_array(index_path, np.int64, (n,))
-        if n and (ends[0] < 0 or np.any(np.diff(ends) < 0)):
-            raise MemoryStateError(f"{index_path}: thumbnail ends must be >= 0 and must not decrease")
-        size = int(ends[-1]) if n else 0
+        ends = read_array(index_path, np.int64, kept.shape)
+        sizes = np.diff(ends, prepend=0)
+        if len(sizes) and (sizes.min() < 0 or sizes.max() > self.thumbnail_slot_bytes):
+            raise MemoryStateError(f"{index_path}: thumbnail ends must not decrease, each thumbnail within "
+                                   f"{self.thumbnail_slot_bytes} bytes")
+        size = int(ends[-1]) if len(ends) else 0
         try:
             if os.stat(data_path).st_size != size:
                 raise MemoryStateError(f"{data_path}: {os.stat(data_path).st_size} bytes, thumbnails.npy says {size}")
             with open(data_path, "rb") as f:
-                for start in range(0, size, _CHUNK_BYTES):
-                    _pwrite_all(self._thumbnail_fd, f.read(min(_CHUNK_BYTES, size - start)), start)
+                for slot, length in enumerate(sizes.tolist()):
+                    _pwrite_all(self._thumbnail_fd, f.read(length), slot * self.thumbnail_slot_bytes)
         except OSError as exc:
             raise MemoryStateError(f"{data_path}: cannot be read ({exc})") from None
-        self._thumbnail_ends = ends  # beside _times, which _restore left n long
+        self._thumbnail_sizes[kept] = sizes
+        n = self._n
         first = max(0, n - len(self._thumbnail_ring))
-        self._ring_thumbnails([self._read_thumbnail(i) for i in range(first, n)], first)
+        self._ring_thumbnails([self._read_thumbnail(i) if self._slots[i] >= 0 else b"" for i in range(first, n)], first)
 
     def close(self) -> None:
         """Delete the spill file (and the temporary folder made for it) and free the RAM ring
@@ -463,15 +626,22 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
-def _copy_out(fd: int, f, size: int) -> None:
-    """Copy the first ``size`` bytes of the spill file ``fd`` into the open file ``f``."""
-    done = 0
-    while done < size:
-        chunk = os.pread(fd, min(_CHUNK_BYTES, size - done), done)
-        if not chunk:
-            raise MemoryStateError(f"a spill file ends at byte {done}, expected {size}")
-        f.write(chunk)
-        done += len(chunk)
+def _pread_all(fd: int, size: int, offset: int, path: Path) -> bytes:
+    """``size`` bytes at ``offset`` of the spill file ``fd`` (at ``path``)."""
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise MemoryStateError(f"spill file {path} ends before byte {offset + size}: was it truncated?")
+    return data
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """``(first, count)`` of each run of consecutive integers in ``values``, in order."""
+    if not len(values):
+        return []
+    breaks = np.flatnonzero(np.diff(values) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    counts = np.diff(np.concatenate([starts, [len(values)]]))
+    return list(zip(values[starts].tolist(), counts.tolist()))
 
 
 def _read_meta(path: Path) -> tuple[dict, BankConfig]:
@@ -482,15 +652,18 @@ def _read_meta(path: Path) -> tuple[dict, BankConfig]:
         raise MemoryStateError(f"{path}: not a readable JSON file ({exc})") from None
     if not isinstance(meta, dict):
         raise MemoryStateError(f"{path}: must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("format") == FORMAT and meta.get("version") == 1 and isinstance(meta.get("n"), int):
+        meta.setdefault("kept", meta["n"])  # version 1 kept every frame
     for key, kind in _META_FIELDS.items():
         if key not in meta:
             raise MemoryStateError(f"{path}: missing field {key!r}")
         if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
             raise MemoryStateError(f"{path}: field {key!r} must be {kind.__name__}, got {meta[key]!r}")
-    if (meta["format"], meta["version"]) != (FORMAT, VERSION):
+    if (meta["format"], meta["version"]) not in ((FORMAT, 1), (FORMAT, VERSION)):
         raise MemoryStateError(f"{path}: format {meta['format']!r} version {meta['version']}; "
-                               f"this vstream reads {FORMAT!r} version {VERSION}")
-    if meta["n"] < 0 or meta["dim"] < 1 or meta["pending"] != (0 if meta["trained"] else meta["n"]):
+                               f"this vstream reads {FORMAT!r} versions 1 and {VERSION}")
+    if (meta["n"] < 0 or not 0 <= meta["kept"] <= meta["n"] or meta["dim"] < 1
+            or meta["pending"] != (0 if meta["trained"] else meta["n"])):
         raise MemoryStateError(f"{path}: inconsistent n={meta['n']}, dim={meta['dim']}, "
                                f"trained={meta['trained']}, pending={meta['pending']}")
     try:

@@ -90,6 +90,7 @@ class StreamMemory:
         self.last_t = -math.inf
         self._lock = threading.RLock()
         self._cached: tuple[int, MemoryTokens] | None = None
+        self._retrieved: tuple[int, dict[int, torch.Tensor]] | None = None  # (grid, bank id -> pooled frame)
 
     # -- policy hooks -----------------------------------------------------------------
 
@@ -112,6 +113,11 @@ class StreamMemory:
     def _counters(self) -> dict[str, int]:
         """Counter name -> largest valid value; the values are the attributes of that name."""
         raise NotImplementedError
+
+    def _pinned_frames(self, times: np.ndarray) -> list[int]:
+        """Bank ids that thinning must keep (``FeatureBank``'s ``keep``), given every
+        frame's time ``[n]``: none by default, the policy reading frames by search."""
+        return []
 
     # -- writing ------------------------------------------------------------------------
 
@@ -166,7 +172,7 @@ class StreamMemory:
 
     def _begin(self, dim: int, device: torch.device) -> None:
         self.dim, self.device = dim, device
-        self.bank = FeatureBank(dim, self.config.bank)
+        self.bank = FeatureBank(dim, self.config.bank, keep=self._pinned_frames)
         self._start(dim)
 
     # -- reading ------------------------------------------------------------------------
@@ -225,15 +231,17 @@ class StreamMemory:
         return [FrameHit(i, float(times[i]), s) for i, s in zip(ids[0].tolist(), scores[0].tolist()) if i >= 0]
 
     def frame_at(self, t: float) -> int | None:
-        """Id of the bank frame nearest to ``t`` seconds (the earlier on a tie); None before the first frame."""
+        """Id of the kept bank frame (``FeatureBank.kept_ids``) nearest to ``t`` seconds
+        (the earlier on a tie); None before the first frame."""
         with self._lock:
             if self.bank is None or not len(self.bank):
                 return None
-            times = self.bank.times
+            kept = self.bank.kept_ids()
+            times = self.bank.times[kept]
         after = int(np.searchsorted(times, t))
         if after == len(times) or (after and t - times[after - 1] <= times[after] - t):
-            return after - 1
-        return after
+            return int(kept[after - 1])
+        return int(kept[after])
 
     def thumbnail_at(self, t: float) -> Image.Image | None:
         """The thumbnail of the bank frame nearest to ``t`` seconds; None when that frame
@@ -243,14 +251,21 @@ class StreamMemory:
 
     def nearest_frames(self, centroids: torch.Tensor, candidates: int) -> list[int]:
         """Bank frame ids nearest to each centroid ``[K, g*g, D]``, one distinct frame per
-        centroid where the candidates allow. The index proposes ``candidates`` frames by
-        the centroid's mean token; they are re-ranked by exact squared distance at the
-        centroid's grid."""
+        centroid where the candidates allow. The index proposes ``candidates`` kept
+        frames by the centroid's mean token (more where thinning left too few of them);
+        they are re-ranked by exact squared distance at the centroid's grid."""
         grid = math.isqrt(centroids.shape[1])
-        ids, _ = self.bank.search(centroids.mean(dim=1).cpu(), candidates)
+        keys = centroids.mean(dim=1).cpu()
+        kept = None if self.bank.disk_frames is None else set(self.bank.kept_ids().tolist())
         chosen: list[int] = []
         for k in range(centroids.shape[0]):
-            proposed = [i for i in ids[k].tolist() if i >= 0]
+            proposed, wanted = [], candidates
+            while not proposed:  # a thinned bank may hold none of the first candidates
+                ids, _ = self.bank.search(keys[k], wanted)
+                proposed = [i for i in ids[0].tolist() if i >= 0 and (kept is None or i in kept)]
+                if wanted >= len(self.bank):
+                    break
+                wanted *= 8
             fresh = [i for i in proposed if i not in chosen] or proposed
             frames = pool_grid(self.bank.features(fresh).to(self.device), grid)
             best, _ = nearest(centroids[k].reshape(1, -1), frames.reshape(len(fresh), -1))
@@ -278,17 +293,30 @@ class StreamMemory:
         out.add(kinds[0], centroids[by_time], list(zip(start[by_time].tolist(), end[by_time].tolist())))
         if not (retrieve and n):
             return
+        w, mean_t = weights.tolist(), mean_time.tolist()  # Python floats: 25 clusters, no tensor ops per item
+
         def weight(group: list[int]) -> tuple[float, float]:  # heavier first, then earlier
-            return -float(weights[group].sum()), min(float(mean_time[i]) for i in group)
+            return -sum(w[i] for i in group), min(mean_t[i] for i in group)
 
         groups = sorted(scenes if scenes is not None else [[i] for i in range(n)], key=weight)
-        firsts = [max(group, key=lambda i: (float(weights[i]), -i)) for group in groups]
+        firsts = [max(group, key=lambda i: (w[i], -i)) for group in groups]
         rest = sorted(set(range(n)) - set(firsts), key=lambda i: weight([i]))  # fewer scenes than slots: fill in
         heaviest = (firsts + rest)[:retrieve]
         ids = sorted(representatives[heaviest].tolist() if representatives is not None
                      else self.nearest_frames(centroids[heaviest], self.config.retrieval_candidates))
-        frames = pool_grid(self.bank.features(ids).to(self.device), retrieve_grid)
-        out.add(kinds[1], frames, [(t, t) for t in self.bank.times[ids].tolist()])
+        out.add(kinds[1], self._retrieved_frames(ids, retrieve_grid), [(t, t) for t in self.bank.times[ids].tolist()])
+
+    def _retrieved_frames(self, ids: list[int], grid: int) -> torch.Tensor:
+        """``[len(ids), grid*grid, D]``: the bank frames ``ids`` pooled to ``grid``, kept
+        from the previous read for the ids it also retrieved (the heaviest scenes change
+        seldom), so a read does not go to disk for them."""
+        cache = self._retrieved if self._retrieved is not None and self._retrieved[0] == grid else (grid, {})
+        missing = [i for i in ids if i not in cache[1]]
+        if missing:
+            fresh = pool_grid(self.bank.features(missing).to(self.device), grid)
+            cache[1].update(zip(missing, fresh))
+        self._retrieved = (grid, {i: cache[1][i] for i in ids})
+        return torch.stack([self._retrieved[1][i] for i in ids])
 
     # -- save and load ------------------------------------------------------------------
 
@@ -353,7 +381,7 @@ class StreamMemory:
                                            f"shape {None if value is None else tuple(value.shape)}, expected "
                                            f"{tuple(tensor.shape)} {tensor.dtype}")
                 tensor.copy_(value)
-        self.bank = FeatureBank.load(folder / "bank", self.config.bank)
+        self.bank = FeatureBank.load(folder / "bank", self.config.bank, keep=self._pinned_frames)
         if len(self.bank) != self.frames_seen:
             raise MemoryStateError(f"{folder}: the bank holds {len(self.bank)} frames, the memory {self.frames_seen}")
 

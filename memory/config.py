@@ -27,6 +27,13 @@ class BankConfig(JsonConfig):
             string (``"SQ8"``: 1 byte per dimension) shrinks it.
         spill_dir: folder of the spill file; ``None`` (default) makes a temporary folder
             that is removed when the bank closes.
+        disk_gb: GiB of disk the spill files (features and thumbnails) may take (default
+            4; 0: no cap). When they are full, older frames are thinned, the older the
+            sparser, keeping the frames the memory reads (see ``FeatureBank``). At 1 fps
+            with the default STAR bank (8×8 × 1024 float16 and a thumbnail slot: 29,640
+            frames in 4 GiB), every frame of about the last 2.5 hours is kept after a day
+            of stream, of the last 70 minutes after a month, 50 after a year; older frames
+            are about ``age / 1 h`` (a month) seconds apart.
         index: FAISS index factory string (default ``"Flat"``: exact search). Trained
             indexes (``"IVF256,Flat"``, ``"PQ32"``, ...) train once ``train_size`` frames
             have arrived; until then search is exact over the frames held.
@@ -49,6 +56,7 @@ class BankConfig(JsonConfig):
     dtype: str = "float16"
     ram_mb: float = 256.0
     spill_dir: str | None = None
+    disk_gb: float = 4.0
     index: str = "Flat"
     index_params: str = ""
     metric: str = "l2"
@@ -63,6 +71,7 @@ class BankConfig(JsonConfig):
         check_int("BankConfig", "grid", self.grid, 1)
         check_choice("BankConfig", "dtype", self.dtype, ("float16", "float32"))
         check_number("BankConfig", "ram_mb", self.ram_mb, 0.0)
+        check_number("BankConfig", "disk_gb", self.disk_gb, 0.0, include_low=True)
         if self.spill_dir is not None and not isinstance(self.spill_dir, str):
             raise ConfigError(f"BankConfig.spill_dir must be a folder path or None, got {self.spill_dir!r}")
         if not (isinstance(self.index, str) and self.index.strip()):

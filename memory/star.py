@@ -28,6 +28,7 @@ spatial (oldest first): 681 tokens with the defaults.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from vstream.errors import MemoryStateError
@@ -105,6 +106,16 @@ class StarMemory(StreamMemory):
         c = self.config
         return {"spatial_count": c.spatial_length, "centroid_count": c.temporal_length,
                 "slot_count": c.abstract_length, "pending_count": c.abstract_chunk - 1}
+
+    def _pinned_frames(self, times: np.ndarray) -> list[int]:
+        """The frames thinning must keep: each centroid's representative (the retrieved
+        memory reads them) and the first frame of each run on the timeline (so every
+        appearance of every scene keeps a frame to show)."""
+        n = self.centroid_count
+        runs = self.runs.runs[:n]
+        held = np.arange(runs.shape[1])[None, :] < self.runs.run_count[:n, None]
+        starts = np.searchsorted(times, runs[..., 0][held])
+        return self.representatives[:n].tolist() + np.minimum(starts, len(times) - 1).tolist()
 
     # -- update ---------------------------------------------------------------------------
 

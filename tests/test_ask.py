@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from tiny_models import tiny_llama, tiny_llava_onevision
 
 from vstream.cli import main
 from vstream.errors import ConfigError, MemoryStateError, ModelLoadError, SourceError
+from vstream.memory.bank import thumbnail_slot_bytes
 from vstream.models import GenerationConfig
 from vstream.session import Session, SessionConfig
 
@@ -87,6 +89,25 @@ def test_scene_notes_keep_the_views_the_question_asks_about(models, tmp_path):
     assert not any(", red, " in line for line in plain), plain  # the lightest view, not asked about
 
 
+def test_a_disk_cap_thins_the_bank_and_answers_still_show_frames(models, clip):
+    """``bank_disk_gb`` (``--bank-disk``) small enough for 20 of the clip's 40 frames: the
+    bank thins, stays under the cap, and an answer's evidence still has frames to show."""
+    config = SessionConfig(asr=False, encoder="pixels", ocr=False, bank_disk_gb=0.0, generation=SHORT)
+    with Session(models["llama"], config) as qa:
+        slot = qa.memory.config.bank.grid**2 * qa.encoder.dim * 2 + thumbnail_slot_bytes(qa.memory.config.bank)
+    cap = 20 * slot / 2**30
+    with Session(models["llama"], replace(config, bank_disk_gb=cap)) as qa:
+        assert qa.memory.config.bank.disk_gb == cap
+        qa.ingest(str(clip.path), progress=False)
+        bank = qa.memory.bank
+        assert len(bank) == 40 and len(bank.kept_ids()) <= 20 and bank.disk_bytes() <= cap * 2**30
+        answer = qa.ask("what happens?")
+        shown = qa.frames_for(answer)
+        assert shown and all(image is not None for _, image in shown)
+        kept_times = set(bank.times[bank.kept_ids()].tolist())
+        assert all(t in kept_times for t, _ in shown)
+
+
 def test_a_vlm_reads_the_memory_tokens(models, clip):
     with Session(models["onevision"], SessionConfig(asr=False, generation=SHORT)) as qa:
         qa.ingest(str(clip.path), progress=False)
@@ -115,8 +136,10 @@ def test_save_and_load_memory_answer_alike(models, clip, tmp_path):
 
 def test_cli_json_with_several_questions(models, clip, capsys, tmp_path):
     code = main(["ask", str(clip.path), "what happens?", "and then?", "--model", models["llama"], "--no-asr",
-                 "--json", "--max-new-tokens", "4", "--save-memory", str(tmp_path / "m")])
+                 "--json", "--max-new-tokens", "4", "--save-memory", str(tmp_path / "m"), "--bank-disk", "0.25"])
     assert code == 0
+    (saved,) = (tmp_path / "m" / "visual").glob("*/bank/bank.json")
+    assert json.loads(saved.read_text())["config"]["disk_gb"] == 0.25
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     for line in lines:
@@ -134,6 +157,7 @@ def test_cli_json_with_several_questions(models, clip, capsys, tmp_path):
     (["ask", SPEECH], "at least one non-empty question"),
     (["ask", SPEECH, "what?", "--model", "./no/such/model"], "no such folder"),
     (["ask", SPEECH, "what?", "--encoder", "nope"], "unknown encoder 'nope'"),
+    (["ask", SPEECH, "what?", "--bank-disk", "-1"], "bank_disk_gb"),
 ])
 def test_cli_bad_input_is_one_clear_line(argv, message, capsys, models):
     if "--model" not in argv:

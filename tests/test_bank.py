@@ -228,7 +228,8 @@ def test_save_load_round_trip_continues_ids(tmp_path, index):
         expect_ids, expect_scores = b.search(q, 4)
         expect_features = b.features(range(10))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "bank.json", "features.bin", "index.faiss", "pending.npy", "thumbnails.bin", "thumbnails.npy", "times.npy"]
+        "bank.json", "features.bin", "index.faiss", "kept.npy", "pending.npy", "thumbnails.bin", "thumbnails.npy",
+        "times.npy"]
     assert os.path.getsize(tmp_path / "features.bin") == 10 * frame_bytes("float16")
     with FeatureBank.load(tmp_path) as loaded:
         assert len(loaded) == 10 and loaded.config == cfg
@@ -274,7 +275,7 @@ DAMAGE = {
     "json-wrong-type": ("bank.json", _edit_json(lambda m: m.update(n="4"))),
     "json-bool-as-int": ("bank.json", _edit_json(lambda m: m.update(dim=True))),
     "json-bad-config": ("bank.json", _edit_json(lambda m: m["config"].update(metric="cosine"))),
-    "json-n-mismatch": ("times.npy", _edit_json(lambda m: m.update(n=3))),
+    "json-n-mismatch": ("times.npy", _edit_json(lambda m: m.update(n=3, kept=3))),
     "json-version": ("bank.json", _edit_json(lambda m: m.update(version=99))),
     "times-pickle": ("times.npy", lambda f: np.save(f / "times.npy", np.array([0.0, {}, 2, 3], dtype=object),
                                                     allow_pickle=True)),
@@ -382,3 +383,70 @@ def test_spilled_features_do_not_count_toward_rss():
         assert len(b) == n
         assert grown < 6 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB while 24 MiB were spilled"
         assert torch.equal(b.features([5]), x[5:6].float())
+
+
+def capped(frames_on_disk: int, **kwargs) -> BankConfig:
+    """A tiny BankConfig whose disk cap holds exactly ``frames_on_disk`` frames (no thumbnails)."""
+    return config(8, thumbnails=False, disk_gb=frames_on_disk * frame_bytes() / 2**30, **kwargs)
+
+
+def test_disk_cap_thins_ten_hours_with_age_and_stays_under_it():
+    """10 hours at 1 fps into a cap of 600 frames: the spill never grows past the cap, the
+    newest stretch keeps every frame, older frames thin out with age but every hour keeps
+    frames, and the pinned frames, the first and the newest always stay."""
+    pinned = [5, 17_000, 30_001]
+    seen = []  # what the bank asked to keep, and when
+
+    def keep(times):
+        seen.append(len(times))
+        return [i for i in pinned if i < len(times)]
+
+    hours, batch = 10, 8
+    x = frames(batch)
+    with FeatureBank(D, capped(600), keep=keep) as b:
+        assert b.disk_frames == 600
+        for start in range(0, hours * 3600, batch):
+            b.add(x, np.arange(start, start + batch, dtype=np.float64))
+            assert b.disk_bytes() <= 600 * frame_bytes()
+        assert os.path.getsize(b.spill_path) <= 600 * frame_bytes()
+        kept, n = b.kept_ids(), len(b)
+        times = b.times[kept]
+        assert seen and len(kept) <= 600 and n == hours * 3600
+        assert {0, n - 1, *pinned} <= set(kept.tolist())
+        # every frame of the newest stretch, then gaps that grow with age
+        exact = n - kept[np.flatnonzero(np.diff(kept) > 1)[-1] + 1]
+        assert 40 <= exact <= 400, exact
+        gaps = np.diff(times)
+        assert np.median(gaps[times[1:] < 3600]) > 10 * np.median(gaps[times[1:] > 9 * 3600])
+        assert all(((times >= h * 3600) & (times < (h + 1) * 3600)).any() for h in range(hours))
+        thinned = int(np.setdiff1d(np.arange(n), kept)[0])
+        with pytest.raises(MemoryStateError, match=f"frame {thinned} .*thinned"):
+            b.features([thinned])
+        assert b.thumbnails([thinned]) == [None]
+        assert torch.equal(b.features([n - 1])[0], x[-1].float())
+
+
+def test_thinned_bank_saves_only_kept_frames_and_loads_them(tmp_path):
+    x = frames(400, seed=3)
+    with FeatureBank(D, capped(100)) as b:
+        for start in range(0, 400, 4):
+            b.add(x[start : start + 4], np.arange(start, start + 4, dtype=np.float64))
+        kept = b.kept_ids()
+        expect = b.features(kept)
+        b.save(tmp_path)
+    assert len(kept) <= 100
+    assert os.path.getsize(tmp_path / "features.bin") == len(kept) * frame_bytes()
+    with FeatureBank.load(tmp_path) as loaded:
+        assert len(loaded) == 400
+        np.testing.assert_array_equal(loaded.kept_ids(), kept)
+        assert torch.equal(loaded.features(kept), expect)
+        assert torch.equal(expect, x[kept])  # the kept frames are the frames that were added
+        loaded.add(frames(50, seed=4), np.arange(400, 450, dtype=np.float64))  # thins again, within the cap
+        assert len(loaded.kept_ids()) <= 100 and loaded.disk_bytes() <= 100 * frame_bytes()
+    with pytest.raises(MemoryStateError, match="larger cap"):
+        FeatureBank.load(tmp_path, capped(50))
+
+
+def test_disk_cap_too_small_is_a_config_error():
+    with pytest.raises(ConfigError, match="disk_gb"):
+        FeatureBank(D, capped(4))

@@ -3,12 +3,15 @@ in bounded space, through the STAR writer, save and load, and into the scene not
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_memory import GRID, small_config
 
 from vstream.errors import ConfigError
 from vstream.memory import StarConfig, StarMemory
+from vstream.memory.bank import thumbnail_slot_bytes
 from vstream.memory.timeline import Timeline
 
 torch.set_num_threads(1)
@@ -129,16 +132,22 @@ def test_timeline_settings_are_checked():
             StarConfig(**fields)
 
 
-def test_retrieval_takes_the_longest_scenes_so_far_at_every_read():
+@pytest.mark.parametrize("disk_frames", [None, 80])
+def test_retrieval_takes_the_longest_scenes_so_far_at_every_read(disk_frames):
     """Twelve scenes of shuffled lengths into 25 clusters: while there are more clusters
     than scenes, long scenes are split among several, and ranking clusters alone let a
     shorter scene kept whole outweigh a long one. Grouped into scenes, the retrieved
-    frames are from the three longest scenes so far at every read from frame 100 on."""
+    frames are from the three longest scenes so far at every read from frame 100 on;
+    also when the bank's disk cap holds 80 of the 359 frames (the frames retrieval
+    reads are kept)."""
     from test_memory import scene_of, scene_stream
 
     lengths = [17, 45, 9, 60, 23, 38, 12, 51, 30, 6, 41, 27]
     frames, times, scene = scene_stream(lengths, noise=0.3)
     config = small_config(temporal_length=25, retrieved_length=3)
+    if disk_frames:
+        slot = config.bank.grid**2 * frames.shape[2] * 2 + thumbnail_slot_bytes(config.bank)
+        config.bank = replace(config.bank, disk_gb=disk_frames * slot / 2**30)
     with StarMemory(config) as memory:
         for i, (frame, t) in enumerate(zip(frames, times), 1):
             memory.add(frame, t)
@@ -151,3 +160,6 @@ def test_retrieval_takes_the_longest_scenes_so_far_at_every_read():
                                 if kind == "retrieved"})
             assert retrieved == longest, f"at frame {i}: seen {seen}"
             assert len(memory.timeline()) == sum(1 for n in seen if n)  # one line per scene so far
+        if disk_frames:
+            assert len(memory.bank.kept_ids()) <= disk_frames < len(memory.bank)
+            assert memory.bank.disk_bytes() <= config.bank.disk_gb * 2**30

@@ -207,6 +207,9 @@ def _session_flags(parser: argparse.ArgumentParser) -> None:
                         help="read the text on screen where the picture changes (PP-OCRv4, offline); "
                              "default: when installed")
     parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
+    parser.add_argument("--bank-disk", type=float, default=None, metavar="GB",
+                        help="GiB of disk for each stream's frame bank (default 4; 0: no cap); past it, older "
+                             "frames are thinned, the older the sparser")
 
 
 def _generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -260,7 +263,7 @@ def _ask(args) -> None:
         raise vstream.ConfigError("vstream ask needs a video and at least one non-empty question")
     generation = _generation(args)
     config = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, ocr=args.ocr, heads=args.head,
-                           generation=generation)
+                           bank_disk_gb=args.bank_disk, generation=generation)
     if len(media) > 1 or (media and _is_image(media[0])):
         return _ask_media(args, media, questions, config)
     video = media[0] if media else None
@@ -416,7 +419,7 @@ def _serve(args) -> None:
         raise vstream.ConfigError("--curve-clients needs --curve-secret")
     generation = _generation(args)
     session = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, ocr=args.ocr,
-                            batch_frames=args.batch_frames,
+                            bank_disk_gb=args.bank_disk, batch_frames=args.batch_frames,
                             queue_frames=args.queue_frames, generation=generation)
     sources = tuple(kind.strip() for kind in args.sources.split(",") if kind.strip() not in ("", "none"))
     config = ServerConfig(bind=args.bind, token=args.token, curve_secret_key=curve_secret,

@@ -92,6 +92,8 @@ class SessionConfig(JsonConfig):
             them all are left out (default 0.5; 0 keeps all), so a clear match is not
             drowned among weak ones; a window's own lines still fill in for a question
             about a window.
+        bank_disk_gb: GiB of disk the memory's frame bank may take (``BankConfig.disk_gb``);
+            None (default) keeps the memory config's (4); 0: no cap.
         batch_frames: frames encoded and written per batch (default 8).
         queue_frames: frames and audio chunks waiting for the writer (default 64);
             beyond that a live push drops the oldest frame.
@@ -108,6 +110,7 @@ class SessionConfig(JsonConfig):
     screen_lines: int = 4
     shown_lines: int = 4
     transcript_floor: float = 0.5
+    bank_disk_gb: float | None = None
     batch_frames: int = 8
     queue_frames: int = 64
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -119,6 +122,8 @@ class SessionConfig(JsonConfig):
             raise ConfigError(f"SessionConfig.heads must be a list of head specs, got {self.heads!r}")
         self.heads = list(self.heads)
         check_number("SessionConfig", "transcript_floor", self.transcript_floor, 0.0, 1.0, include_low=True)
+        if self.bank_disk_gb is not None:
+            check_number("SessionConfig", "bank_disk_gb", self.bank_disk_gb, 0.0, include_low=True)
         if not (isinstance(self.ocr, bool) or self.ocr == "auto"):
             raise ConfigError(f"SessionConfig.ocr must be True, False or 'auto', got {self.ocr!r}")
         for name in ("scene_lines", "transcript_lines", "screen_lines", "shown_lines", "batch_frames", "queue_frames"):
@@ -193,6 +198,8 @@ class Session:
         self.config = config or SessionConfig()
         self.model, self.encoder = model_and_encoder(model, self.config, encoder)
         memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
+        if self.config.bank_disk_gb is not None:
+            memory_config = replace(memory_config, bank=replace(memory_config.bank, disk_gb=self.config.bank_disk_gb))
         self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
         self.transcript = self.screen = self.shown = None  # what was said; text on screen; what was recognised
         self._shown_open: TranscriptSegment | None = None  # the labels of the newest frames, still on screen
