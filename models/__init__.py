@@ -13,7 +13,7 @@ from vstream.models.base import Answer, AnswerStream, ChatModel, list_models, re
 from vstream.models.generation import GenerationConfig
 from vstream.models.loading import load_model
 from vstream.models.prompt import Context, Evidence
-from vstream.models.text_only import TextOnlyModel, describe_scenes
+from vstream.models.text_only import TextOnlyModel, describe_order, describe_scenes
 
 __all__ = [
     "Answer",
@@ -23,6 +23,7 @@ __all__ = [
     "Evidence",
     "GenerationConfig",
     "TextOnlyModel",
+    "describe_order",
     "describe_scenes",
     "list_models",
     "load_model",

@@ -15,6 +15,7 @@ from vstream.memory import SceneRuns
 
 from .base import ChatModel
 from .llm import load_pretrained, resolve
+from .prompt import clock
 
 
 class TextOnlyModel(ChatModel):
@@ -65,6 +66,22 @@ def _appearances(scene: SceneRuns, fps: float, min_gap: float) -> str:
     if scene.appearances is None:
         return "recurs" if scene.end - scene.start > scene.frames / fps + min_gap else ""
     return f"{scene.appearances} times" if scene.appearances > 1 else "1 time"
+
+
+def describe_order(scenes: list[SceneRuns], captions: list[str]) -> tuple[float, float, str] | None:
+    """A line saying in which order the views of different ``captions`` first came on
+    screen (``In order: yellow first (0:00:06), then green (0:00:21).``), as ``(start,
+    end, line)``; None for fewer than two captions. For the views a question names: a
+    small model answers "which came first" from the order of the question's words, not
+    from the times in the notes."""
+    first: dict[str, float] = {}
+    for scene, caption in sorted(zip(scenes, captions), key=lambda pair: pair[0].start):
+        first.setdefault(caption, scene.start)
+    if len(first) < 2:
+        return None
+    named = [f"{caption} {'first ' if i == 0 else ''}({clock(t, hours=True)})" for i, (caption, t) in
+             enumerate(first.items())]
+    return min(first.values()), max(first.values()), "In order: " + ", then ".join(named) + "."
 
 
 def _letters(i: int) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -40,7 +41,16 @@ from vstream.ingest.queue import Closed, ItemQueue
 from vstream.memory import BankConfig, MemoryTokens, StarConfig, StarMemory
 from vstream.memory.bank import encode_thumbnails
 from vstream.memory.persist import read_json, write_json
-from vstream.models import Answer, AnswerStream, ChatModel, Context, GenerationConfig, describe_scenes, load_model
+from vstream.models import (
+    Answer,
+    AnswerStream,
+    ChatModel,
+    Context,
+    GenerationConfig,
+    describe_order,
+    describe_scenes,
+    load_model,
+)
 from vstream.models.prompt import FRAME
 from vstream.types import AudioChunk, Frame, TranscriptSegment
 
@@ -543,6 +553,9 @@ class Session:
         chosen = self._noted(timeline, captions, question, query)
         scenes = describe_scenes([timeline[i] for i in chosen], self.config.fps,
                                  captions=None if captions is None else [captions[i] for i in chosen])
+        asked = [i for i in chosen if captions and _names(question, captions[i])]
+        order = describe_order([timeline[i] for i in asked], [captions[i] for i in asked]) if asked else None
+        scenes += [order] if order else []
         return Context(scenes=scenes, transcript=transcript, screen=screen, shown=shown, duration=duration)
 
     def _noted(self, timeline: list, captions: list[str] | None, question: str, query) -> list[int]:
@@ -734,6 +747,13 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _names(question: str, caption: str) -> bool:
+    """Whether ``question`` names what ``caption`` says (a word of three letters or more
+    in both: "the green one" names "green" and "dark green")."""
+    words = set(re.findall(r"[a-z]{3,}", question.lower())) - {"the", "and", "one", "was", "what", "when"}
+    return bool(words & set(re.findall(r"[a-z]{3,}", caption.lower())))
 
 
 def _distinct(hits: list, k: int) -> list:
