@@ -84,9 +84,11 @@ def test_scene_notes_keep_the_views_the_question_asks_about(models, tmp_path):
         assert len(qa.memory.timeline()) > 4, qa.memory.timeline()
         asked = [line for _, _, line in qa.context("When was the red screen shown?").scenes]
         plain = [line for _, _, line in qa.context("What happens?").scenes]
+        order = [line for _, _, line in qa.context("Which came first, the red screen or the blue one?").scenes]
     assert len(asked) == len(plain) == 4
     assert any(", red, " in line for line in asked), asked
     assert not any(", red, " in line for line in plain), plain  # the lightest view, not asked about
+    assert order[-1].startswith("In order: blue first (0:00:06), then red (0:00:18)"), order
 
 
 def test_a_disk_cap_thins_the_bank_and_answers_still_show_frames(models, clip):

@@ -8,7 +8,7 @@ import torch
 from vstream.errors import ConfigError
 from vstream.memory import MemoryTokens
 from vstream.memory import SceneRuns
-from vstream.models import GenerationConfig, describe_scenes
+from vstream.models import GenerationConfig, describe_order, describe_scenes
 from vstream.models.prompt import Context, Piece, clock, memory_pieces, rank_evidence, user_pieces
 from vstream.types import TranscriptSegment
 
@@ -77,6 +77,15 @@ def test_scene_notes_count_the_appearances_on_the_timeline():
     assert lines == [(0.0, 21.0, "view A, grey, 1 time"),
                      (22.0, 3604.0, "view B, red, 3 times"),
                      (100.0, 501.0, "view C, blue, 9 times")]
+
+
+def test_the_order_line_names_each_caption_at_its_first_appearance():
+    red = SceneRuns(((22.0, 26.0), (35.0, 39.0)), 2, 10.0)
+    green = SceneRuns(((5.0, 9.0),), 1, 5.0)
+    dark_red = SceneRuns(((50.0, 52.0),), 1, 3.0)
+    assert describe_order([red, green, dark_red], ["red", "green", "red"]) == (
+        5.0, 22.0, "In order: green first (0:00:05), then red (0:00:22).")
+    assert describe_order([red, dark_red], ["red", "red"]) is None  # one caption: nothing to order
 
 
 @pytest.mark.parametrize("fields, message", [({"max_new_tokens": 0}, "max_new_tokens"),
