@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -57,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from vstream.config import JsonConfig, check_choice, check_int, check_number
+from vstream.device import check_device
 from vstream.encoders.registry import check_images, encode_batched, register_encoder
 from vstream.errors import ConfigError, EncoderError
 
@@ -109,8 +109,7 @@ class BigLittleConfig(JsonConfig):
             raise ConfigError(f"BigLittleConfig.layer must be a nonzero int (-2: the penultimate layer), "
                               f"got {self.layer!r}")
         check_choice("BigLittleConfig", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
-            raise ConfigError(f"BigLittleConfig.device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
+        check_device("BigLittleConfig.device", self.device)
         check_int("BigLittleConfig", "batch_size", self.batch_size, 1)
         check_int("BigLittleConfig", "seed", self.seed, 0)
         if isinstance(self.calibration, os.PathLike):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from vstream.config import JsonConfig, check_int, package_folder
+from vstream.device import check_device, resolve_device
 from vstream.encoders.registry import encode_batched, register_encoder
 from vstream.errors import ConfigError, EncoderError
 
@@ -139,14 +139,14 @@ class ImageNetConfig(JsonConfig):
         top: labels ``labels`` and ``describe`` give per frame or token (default 3).
         min_score: leave out labels below this softmax probability (default 0.1), so a
             frame the model does not recognise gets few or no words.
-        device: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
+        device: ``"auto"`` (default: CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         batch_size: frames per forward pass (default 16).
     """
 
     image_size: int = 256
     top: int = 3
     min_score: float = 0.1
-    device: str = "cpu"
+    device: str = "auto"
     batch_size: int = 16
 
     def __post_init__(self) -> None:
@@ -157,8 +157,7 @@ class ImageNetConfig(JsonConfig):
         if isinstance(self.min_score, bool) or not isinstance(self.min_score, (int, float)) \
                 or not 0 <= self.min_score <= 1:
             raise ConfigError(f"ImageNetConfig.min_score must be a number in [0, 1], got {self.min_score!r}")
-        if not (isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device)):
-            raise ConfigError(f"ImageNetConfig.device must be one of cpu, cuda, cuda:N; got {self.device!r}")
+        check_device("ImageNetConfig.device", self.device)
         check_int("ImageNetConfig", "batch_size", self.batch_size, 1)
 
 
@@ -185,9 +184,7 @@ class ImageNetEncoder:
         self.config = config if config is not None else ImageNetConfig()
         if not isinstance(self.config, ImageNetConfig):
             raise ConfigError(f"ImageNetEncoder: config must be an ImageNetConfig, got {type(self.config).__name__}")
-        self.device = torch.device(self.config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise EncoderError(f"ImageNetConfig.device is {self.config.device!r} but torch sees no CUDA device")
+        self.device = resolve_device(self.config.device, "ImageNetConfig.device")
         self.names = class_names()
         path = package_file(WEIGHTS_PACKAGE, WEIGHTS_FILE)
         try:

@@ -24,7 +24,8 @@ repeated views (a scene seen again lands near its earlier frames) and scene boun
 (a jump in the distance between consecutive frames) with no weights at all. What it
 cannot do is recognise the same object under a different view or light.
 
-Features come back as float32 on the CPU; the memory moves them to its device.
+Features are computed on the CPU (NumPy) and come back as float32 on ``device``, so the
+memory they feed runs there.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from vstream.config import JsonConfig, check_int
+from vstream.device import check_device, resolve_device
 from vstream.encoders.registry import check_images, register_encoder
 from vstream.errors import ConfigError
 
@@ -58,14 +60,18 @@ class PixelConfig(JsonConfig):
         image_size: side in pixels of the square thumbnail the frame is shrunk to before
             the cells are measured; a multiple of ``grid``. ``None`` (default) takes
             ``4 * grid`` (4×4 pixels per cell).
+        device: where the features go (``vstream.device``): ``"auto"`` (default: CUDA
+            when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     """
 
     grid: int = 16
     color_stats: bool = True
     image_size: int | None = None
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         check_int("PixelConfig", "grid", self.grid, 1)
+        check_device("PixelConfig.device", self.device)
         if not isinstance(self.color_stats, bool):
             raise ConfigError(f"PixelConfig.color_stats must be True or False, got {self.color_stats!r}")
         if self.image_size is not None:
@@ -97,13 +103,15 @@ class PixelEncoder:
             raise ConfigError(f"PixelEncoder: config must be a PixelConfig, got {type(self.config).__name__}")
         self.grid = self.config.grid
         self.dim = 8 if self.config.color_stats else 3
+        self.device = resolve_device(self.config.device, "PixelConfig.device")
 
     def __repr__(self) -> str:
-        return f"PixelEncoder(grid={self.grid}, dim={self.dim}, thumbnail={self.config.thumbnail_size})"
+        return (f"PixelEncoder(grid={self.grid}, dim={self.dim}, thumbnail={self.config.thumbnail_size}, "
+                f"device={self.device})")
 
     def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """``images``: ``B`` frames ``[H, W, 3]`` uint8 RGB, any sizes ->
-        ``[B, grid * grid, dim]`` float32 on the CPU, cells in row-major order.
+        ``[B, grid * grid, dim]`` float32 on ``device``, cells in row-major order.
 
         Raises:
             EncoderError: an image that is not ``[H, W, 3]`` uint8 (named by its index).
@@ -113,9 +121,9 @@ class PixelEncoder:
         batch = check_images(images)
         size = self.config.thumbnail_size
         if not batch:
-            return torch.zeros(0, self.grid * self.grid, self.dim)
+            return torch.zeros(0, self.grid * self.grid, self.dim, device=self.device)
         thumbs = np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.BOX)) for image in batch])
-        return torch.from_numpy(self._describe(thumbs.astype(np.float32) / 255.0))
+        return torch.from_numpy(self._describe(thumbs.astype(np.float32) / 255.0)).to(self.device)
 
     def describe(self, means) -> list[str]:
         """``[n, D]`` mean tokens -> the colour each one shows (``"red"``, ``"dark blue"``,

@@ -19,6 +19,7 @@ this module does not import torch or transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Sequence
@@ -96,7 +97,7 @@ def list_encoders() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_encoder(name_or_model: str, config=None, **fields) -> FrameEncoder:
+def create_encoder(name_or_model: str, config=None, device: str | None = None, **fields) -> FrameEncoder:
     """A frame encoder by registered name (``"pixels"``, ``"vision"``), or a
     ``VisionEncoder`` for a model named by hub id (``"openai/clip-vit-large-patch14"``)
     or local folder. Configured by a config object or by its fields as keywords:
@@ -105,6 +106,8 @@ def create_encoder(name_or_model: str, config=None, **fields) -> FrameEncoder:
     can also name an encoder with its fields (``vstream.config.parse_spec``), which is
     what ``SessionConfig.encoder`` and ``--encoder`` take:
     ``"biglittle:big=openai/clip-vit-large-patch14,little=openai/clip-vit-base-patch16,keep_ratio=0.25"``.
+    ``device`` (``vstream.device``: ``"auto"``, ``"cpu"``, ``"cuda[:N]"``) places an
+    encoder built from fields where its fields name no device.
 
     Raises:
         EncoderError: an unknown name that names no model either (the known names are
@@ -132,6 +135,8 @@ def create_encoder(name_or_model: str, config=None, **fields) -> FrameEncoder:
         raise EncoderError(f"unknown encoder {name!r}; known: {', '.join(list_encoders())}, "
                            f"or a model as a hub id ('org/name') or a local folder")
     if config is None:
+        if device is not None and "device" in {f.name for f in dataclasses.fields(cls.config_class)}:
+            fields = {"device": device, **fields}
         return cls(cls.config_class.from_dict(fields))
     if fields:
         raise ConfigError(f"create_encoder({name!r}): pass either a config or its fields, not both")

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -53,6 +52,7 @@ import numpy as np
 from PIL import Image
 
 from vstream.config import JsonConfig, check_choice, check_int
+from vstream.device import check_device, resolve_device
 from vstream.encoders.registry import encode_batched, is_hub_id, register_encoder
 from vstream.errors import ConfigError, EncoderError
 
@@ -103,8 +103,7 @@ class VisionConfig(JsonConfig):
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer == 0:
             raise ConfigError(f"VisionConfig.layer must be a nonzero int (-2: the penultimate layer), got {self.layer!r}")
         check_choice("VisionConfig", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
-            raise ConfigError(f"VisionConfig.device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
+        check_device("VisionConfig.device", self.device)
         check_int("VisionConfig", "batch_size", self.batch_size, 1)
 
 
@@ -187,10 +186,7 @@ class VisionEncoder:
             raise EncoderError(f"vision model {config.model!r} ({self.model_type}) has a {tower_type!r} tower; "
                                f"supported towers: {', '.join(sorted(_TOWER_CLASSES))}")
         self._naflex = tower_type == "siglip2_vision_model"
-        self.device = torch.device(config.device if config.device != "auto"
-                                   else "cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise EncoderError(f"VisionConfig.device is {config.device!r} but CUDA is not available")
+        self.device = resolve_device(config.device, "VisionConfig.device")
         self.dtype = getattr(torch, config.dtype)
         self._layer = self._layer_index(vision_config.num_hidden_layers)
         self._features = None  # the hooked layer's output of the running forward pass

@@ -337,9 +337,10 @@ class StreamMemory:
         return description
 
     @classmethod
-    def load(cls, path):
-        """Load a memory saved by ``save``; raises ``MemoryStateError`` if the save is
-        missing, damaged, truncated, of another format version, or of another policy."""
+    def load(cls, path, device: str | torch.device = "cpu"):
+        """Load a memory saved by ``save`` onto ``device`` (where the features it will take
+        are); raises ``MemoryStateError`` if the save is missing, damaged, truncated, of
+        another format version, or of another policy."""
         folder, description = open_snapshot(path)
         if description.get("policy") != cls.policy:
             raise MemoryStateError(f"{path}: holds a {description.get('policy')!r} memory, not {cls.policy!r}")
@@ -347,6 +348,7 @@ class StreamMemory:
             memory = cls(cls.config_class.from_dict(description.get("config")))
         except ConfigError as exc:
             raise MemoryStateError(f"{path}: saved config is invalid ({exc})") from None
+        memory.device = torch.device(device)  # the state is allocated there, then filled
         memory._restore(folder, description)
         return memory
 

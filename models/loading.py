@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from vstream.device import resolve_device, resolve_dtype
 from vstream.errors import ModelLoadError
 
 from . import flash_vstream, llava_onevision  # noqa: F401  (the adapters register themselves)
@@ -25,11 +26,14 @@ from .llm import load_pretrained
 from .text_only import TextOnlyModel
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def load_model(name: str | None = None, dtype: torch.dtype | str | None = None, device: str = "auto",
                heads: Sequence[str] = ()) -> ChatModel:
-    """Load the model ``name`` (hub id or folder; None = the embedded default), with
-    the model heads named in ``heads`` attached."""
-    model = _load_adapter(name, dtype, device)
+    """Load the model ``name`` (hub id or folder; None = the embedded default) on
+    ``device`` (``"auto"``: CUDA when present; see ``vstream.device``) in ``dtype``
+    (None or ``"auto"``: float16 on CUDA, float32 on the CPU), with the model heads
+    named in ``heads`` attached."""
+    where = resolve_device(device, "load_model device")
+    model = _load_adapter(name, resolve_dtype(dtype, where, "load_model dtype"), str(where))
     for spec in heads:
         attach_head(model, spec)
     return model

@@ -194,6 +194,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                         help="VLM or language model: hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--head", action="append", default=[], metavar="SPEC",
                         help="attach a model head, e.g. visual_experts:weights=DIR (repeatable)")
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                        help="where the model, the frame encoder and the memory run (default auto: CUDA when present)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                        help="the model's precision (default auto: float16 on CUDA, float32 on the CPU)")
 
 
 def _session_flags(parser: argparse.ArgumentParser) -> None:
@@ -263,7 +267,7 @@ def _ask(args) -> None:
         raise vstream.ConfigError("vstream ask needs a video and at least one non-empty question")
     generation = _generation(args)
     config = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, ocr=args.ocr, heads=args.head,
-                           bank_disk_gb=args.bank_disk, generation=generation)
+                           device=args.device, dtype=args.dtype, bank_disk_gb=args.bank_disk, generation=generation)
     if len(media) > 1 or (media and _is_image(media[0])):
         return _ask_media(args, media, questions, config)
     video = media[0] if media else None
@@ -418,8 +422,8 @@ def _serve(args) -> None:
     elif args.curve_clients:
         raise vstream.ConfigError("--curve-clients needs --curve-secret")
     generation = _generation(args)
-    session = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, ocr=args.ocr,
-                            bank_disk_gb=args.bank_disk, batch_frames=args.batch_frames,
+    session = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, ocr=args.ocr, device=args.device,
+                            dtype=args.dtype, bank_disk_gb=args.bank_disk, batch_frames=args.batch_frames,
                             queue_frames=args.queue_frames, generation=generation)
     sources = tuple(kind.strip() for kind in args.sources.split(",") if kind.strip() not in ("", "none"))
     config = ServerConfig(bind=args.bind, token=args.token, curve_secret_key=curve_secret,
@@ -436,7 +440,7 @@ def _serve(args) -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    server = Server(config, load_model(args.model, heads=args.head))
+    server = Server(config, load_model(args.model, args.dtype, args.device, args.head))
     print(f"vstream serve: listening on {server.address}", flush=True)
     server.serve()
 
@@ -564,13 +568,14 @@ def _eval(args) -> None:
 
         transformers_logging.disable_progress_bar()
     # the evaluated model is loaded here when it carries heads or also judges
-    model = load_model(args.model, heads=args.head) if args.head or args.judge == "model" else args.model
+    model = (load_model(args.model, args.dtype, args.device, args.head) if args.head or args.judge == "model"
+             else args.model)
     judge = None
     if args.judge:
         kind, _, name = args.judge.partition(":")
         if kind != "model":
             raise vstream.ConfigError(f"--judge takes model or model:HUB_ID_OR_FOLDER, got {args.judge!r}")
-        judge = ModelJudge(load_model(name) if name else model)
+        judge = ModelJudge(load_model(name, args.dtype, args.device) if name else model)
     elif args.judge_endpoint:
         if not args.judge_model:
             raise vstream.ConfigError("--judge-endpoint needs --judge-model, the model name the server knows")
@@ -581,7 +586,7 @@ def _eval(args) -> None:
     summary = evaluate(questions, args.video_folder, model, args.out, fps=args.fps, limit=args.limit,
                        tasks=tasks, progress=not args.quiet, asr=args.asr,
                        generation=_generation(args), realtime=args.realtime,
-                       judge=judge)
+                       judge=judge, device=args.device, dtype=args.dtype)
     print(format_summary(summary, benchmark))
     print(f"results: {args.out}")
 
@@ -595,8 +600,9 @@ def _eval_mmiu(args, tasks) -> None:
     if unused:
         raise vstream.ConfigError(f"{', '.join(unused)}: not for --format mmiu (multiple choice over images)")
     questions = load_mmiu(args.annotations)
-    model = load_model(args.model, heads=args.head) if args.head else args.model
+    model = load_model(args.model, args.dtype, args.device, args.head) if args.head else args.model
     summary = evaluate_mmiu(questions, args.video_folder, model, args.out, limit=args.limit, tasks=tasks,
-                            progress=not args.quiet, generation=_generation(args))
+                            progress=not args.quiet, generation=_generation(args), device=args.device,
+                            dtype=args.dtype)
     print(format_mmiu_summary(summary))
     print(f"results: {args.out}")

@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vstream.config import JsonConfig, check_int, check_number
+from vstream.config import JsonConfig, check_choice, check_int, check_number
+from vstream.device import DTYPES, check_device
 from vstream.encoders import FrameEncoder, create_encoder
 from vstream.encoders.pixels import main_colour
 from vstream.errors import ConfigError, MemoryStateError, VStreamError
@@ -102,6 +103,11 @@ class SessionConfig(JsonConfig):
             them all are left out (default 0.5; 0 keeps all), so a clear match is not
             drowned among weak ones; a window's own lines still fill in for a question
             about a window.
+        device: where the model, the frame encoder and the memory run (``vstream.device``):
+            ``"auto"`` (default: CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+            A model or encoder passed in loaded stays where it is.
+        dtype: the model's precision: ``"auto"`` (default: float16 on CUDA, float32 on
+            the CPU), ``"float32"``, ``"float16"``, ``"bfloat16"``.
         bank_disk_gb: GiB of disk the memory's frame bank may take (``BankConfig.disk_gb``);
             None (default) keeps the memory config's (4); 0: no cap.
         batch_frames: frames encoded and written per batch (default 8).
@@ -120,6 +126,8 @@ class SessionConfig(JsonConfig):
     screen_lines: int = 4
     shown_lines: int = 4
     transcript_floor: float = 0.5
+    device: str = "auto"
+    dtype: str = "auto"
     bank_disk_gb: float | None = None
     batch_frames: int = 8
     queue_frames: int = 64
@@ -132,6 +140,8 @@ class SessionConfig(JsonConfig):
             raise ConfigError(f"SessionConfig.heads must be a list of head specs, got {self.heads!r}")
         self.heads = list(self.heads)
         check_number("SessionConfig", "transcript_floor", self.transcript_floor, 0.0, 1.0, include_low=True)
+        check_device("SessionConfig.device", self.device)
+        check_choice("SessionConfig", "dtype", self.dtype, ("auto", *DTYPES))
         if self.bank_disk_gb is not None:
             check_number("SessionConfig", "bank_disk_gb", self.bank_disk_gb, 0.0, include_low=True)
         if not (isinstance(self.ocr, bool) or self.ocr == "auto"):
@@ -704,7 +714,7 @@ class Session:
             session.close()
             raise MemoryStateError(f"{folder}: saved with a {meta.get('encoder_grid')}x{meta.get('encoder_grid')} x "
                                    f"{meta.get('encoder_dim')} frame encoder; this one gives {grid}x{grid} x {dim}")
-        memory = StarMemory.load(folder / "visual")
+        memory = StarMemory.load(folder / "visual", device=session.encoder.device)
         with session._write_lock:
             session.memory.close()
             session.memory = memory
@@ -790,8 +800,8 @@ def model_and_encoder(model: ChatModel | str | None, config: SessionConfig,
     """The chat model (``model`` loaded by name with ``config.heads`` when it is not one)
     and the frame encoder feeding its memories: the model's own tower, else ``encoder``,
     else ``config.encoder`` built. What a session, a dialogue and a server each need once."""
-    chat = model if isinstance(model, ChatModel) else load_model(model, heads=config.heads)
-    return chat, chat.frame_encoder or encoder or create_encoder(config.encoder)
+    chat = model if isinstance(model, ChatModel) else load_model(model, config.dtype, config.device, config.heads)
+    return chat, chat.frame_encoder or encoder or create_encoder(config.encoder, device=config.device)
 
 
 def _overlaps(t0: float, t1: float, start: float | None, end: float | None) -> bool:

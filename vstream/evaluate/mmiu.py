@@ -132,7 +132,7 @@ def _relation(images: list[str]) -> str:
 
 def evaluate_mmiu(questions: list[MMIUQuestion], image_folder, model: ChatModel | str | None, out_path,
                   limit: int | None = None, tasks=None, progress: bool = True,
-                  generation: GenerationConfig | None = None) -> dict:
+                  generation: GenerationConfig | None = None, device: str = "auto", dtype: str = "auto") -> dict:
     """Answer and score MMIU ``questions``, one ``Dialogue`` turn each with the
     question's images as its media; returns ``summarize_mmiu`` of every selected
     question's result line, including those an earlier run wrote.
@@ -146,11 +146,13 @@ def evaluate_mmiu(questions: list[MMIUQuestion], image_folder, model: ChatModel 
         tasks: only questions of these tasks.
         progress: show a progress bar over questions.
         generation: how answers are generated (default ``GenerationConfig()``).
+        device, dtype: where the model, encoder and memory run and the model's precision
+            (``SessionConfig``).
     """
     folder = Path(image_folder)
 
     def answer(todo: list[MMIUQuestion]):
-        config = SessionConfig(asr=False, generation=generation or GenerationConfig())
+        config = SessionConfig(asr=False, device=device, dtype=dtype, generation=generation or GenerationConfig())
         # every question stands alone: no turns are replayed, and reset() drops its images after it
         with Dialogue(model, config, max_turns=0) as dialogue:
             for q in todo:

@@ -82,7 +82,8 @@ def open_results(out_path: Path):
 
 def evaluate(questions: list[Question], video_folder, model: ChatModel | str | None, out_path,
              fps: float = 1.0, limit: int | None = None, tasks=None, progress: bool = True, asr: bool = True,
-             generation: GenerationConfig | None = None, realtime: bool = False, judge: Judge | None = None) -> dict:
+             generation: GenerationConfig | None = None, realtime: bool = False, judge: Judge | None = None,
+             device: str = "auto", dtype: str = "auto") -> dict:
     """Answer and score ``questions`` (see the module docstring); returns ``summarize``
     of every selected question's result line, including those done by an earlier run.
 
@@ -101,12 +102,14 @@ def evaluate(questions: list[Question], video_folder, model: ChatModel | str | N
         realtime: read each clip as if live, at its own pace (frames the model falls
             behind on are dropped) instead of as fast as the session takes them.
         judge: also score open-ended answers with this ``Judge``.
+        device, dtype: where the model, encoder and memory run and the model's
+            precision (``SessionConfig``); a loaded ``model`` stays where it is.
     """
     folder = Path(video_folder)
 
     def answer(todo: list[Question]):
-        chat = model if isinstance(model, ChatModel) else load_model(model)
-        config = SessionConfig(fps=fps, asr=asr, generation=generation or GenerationConfig())
+        chat = model if isinstance(model, ChatModel) else load_model(model, dtype, device)
+        config = SessionConfig(fps=fps, asr=asr, device=device, dtype=dtype, generation=generation or GenerationConfig())
         by_video: dict[str, list[Question]] = defaultdict(list)
         for q in todo:
             by_video[q.video].append(q)
