@@ -28,7 +28,8 @@ the bank's ``ram_mb``; (issue 14) ``read_ms <= 5`` at 36,000 frames, ``read_rati
 <= 1.2``, ``disk_gb <= 4``. Last line: ``RESULT update_ratio=... update_ms=...
 rss_growth_mb=... query_ms=... read_ms=... read_ratio=... frames=... disk_gb=... kept=...``.
 
-Run: ``python benchmarks/memory.py [--frames N] [--repeat N]``. The bank's spill files
+Run: ``python benchmarks/memory.py [--frames N] [--repeat N] [--device cuda]`` (on CUDA
+the memory runs where its frames arrive; times include a ``torch.cuda.synchronize``). The bank's spill files
 go to a temporary folder and are removed at the end.
 """
 
@@ -54,14 +55,15 @@ def rss_mb() -> float:
 class SceneStream:
     """Frame i: the pattern of scene ``(i // 40) % 60`` plus noise, at time i seconds."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, device: torch.device = torch.device("cpu")):
         self.generator = torch.Generator().manual_seed(seed)
         self.patterns = torch.randn(SCENES, PATCHES, WIDTH, generator=self.generator)
+        self.device = device
 
     def frames(self, start: int, count: int) -> tuple[torch.Tensor, list[float]]:
         scene = [(i // 40) % SCENES for i in range(start, start + count)]
         noise = 0.2 * torch.randn(count, PATCHES, WIDTH, generator=self.generator)
-        return self.patterns[scene] + noise, [float(i) for i in range(start, start + count)]
+        return (self.patterns[scene] + noise).to(self.device), [float(i) for i in range(start, start + count)]
 
 
 def best_of(repeat: int, run) -> float:
@@ -78,15 +80,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=36_000)
     parser.add_argument("--repeat", type=int, default=40)
+    parser.add_argument("--device", default="cpu", help="where the frames arrive and the memory runs (cpu, cuda)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     positions = [p for p in (100, 3_600, 36_000) if p < args.frames] + [args.frames]
     positions = sorted(set(positions))
     config = StarConfig()
-    stream = SceneStream()
+    stream = SceneStream(device=torch.device(args.device))
     memory = StarMemory(config)
+    sync = torch.cuda.synchronize if stream.device.type == "cuda" else (lambda: None)
+    card = f", {torch.cuda.get_device_name()}" if stream.device.type == "cuda" else ""
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, 1 thread; bank RAM cap {config.bank.ram_mb} MiB")
+          f"{torch.__version__}, 1 thread{card}; bank RAM cap {config.bank.ram_mb} MiB")
     print(f"{'frames':>8} {'update ms (best)':>17} {'median':>8} {'read ms (best)':>15} {'rss MB':>8}")
     results: dict[int, tuple[float, float, float]] = {}
     added = 0
@@ -99,8 +104,10 @@ def main() -> None:
             added += count
         times = []
         for frame, t in zip(*stream.frames(added, args.repeat)):
+            sync()
             start = time.perf_counter()
             memory.add(frame, t)
+            sync()
             times.append((time.perf_counter() - start) * 1e3)
             added += 1
         times.sort()
@@ -108,8 +115,10 @@ def main() -> None:
         for frame, t in zip(*stream.frames(added, args.repeat)):
             memory.add(frame, t)  # a new frame: the read is not cached
             added += 1
+            sync()
             start = time.perf_counter()
             memory.tokens()
+            sync()
             reads.append((time.perf_counter() - start) * 1e3)
         results[position] = (times[0], rss_mb(), min(reads))
         print(f"{position:>8} {times[0]:>17.3f} {times[len(times) // 2]:>8.3f} {min(reads):>15.2f} "
