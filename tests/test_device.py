@@ -4,6 +4,8 @@ GPU, checked by the devices of the model, the encoder's features and the memory.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +53,7 @@ def test_cuda_asked_for_and_absent_is_one_clear_error(llama, capsys):
         create_encoder("pixels", device="cuda")
     with pytest.raises(ConfigError, match="no CUDA device"):
         Session(llama, SessionConfig(asr=False, encoder="pixels", ocr=False, device="cuda:1"))
-    code = main(["ask", "tests/data/speech.mp4", "what?", "--model", llama, "--no-asr", "--device", "cuda"])
+    code = main(["ask", str(Path(__file__).parent / "data" / "speech.mp4"), "what?", "--model", llama, "--no-asr", "--device", "cuda"])
     assert code == 1 and "torch sees no CUDA device" in capsys.readouterr().err
 
 
