@@ -10,9 +10,10 @@ session's 8-frame writer batches).
 | nearest | every read: a retrieved centroid re-ranks its 16 candidates | 1 x 16384 vs 16 x 16384 |
 | kmeans_step | Flash, every 8 frames: 120 centroids + 8 frames, projected | 128 x 64, K = 120 |
 | attention | STAR, every 25 frames: the abstract update | S = 25, T = 25, h = 32, D = 1024 |
+| ward | STAR, every frame, twice: Ward join costs against the 25 centroids | 1 x 16384 vs 25 x 16384 |
 
-STAR's per-frame temporal update (the Ward merge of 25 centroids and the new frame at
-4x4 x 1024) and the bank's search (FAISS) are not kernels and are not timed here;
+The rest of STAR's temporal update (the argmin, the merge, 25-sized bookkeeping) and
+the bank's search (FAISS) are not kernels and are not timed here;
 ``benchmarks/memory.py`` times whole updates and reads.
 
 Each public function is timed under ``use_backend("reference")`` and, on CUDA,
@@ -43,7 +44,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # time compiled kernels, never the int
 
 import torch
 
-from vstream.kernels import kmeans_step, nearest, pool_grid, semantic_attention, use_backend
+from vstream.kernels import kmeans_step, nearest, pool_grid, semantic_attention, use_backend, ward_costs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,6 +61,8 @@ def cases(device: str, dtype: torch.dtype) -> list[tuple[str, str, Callable, int
     centroid, candidates = randn(1, 16384), randn(16, 16384)
     points, weights, start = randn(128, 64), torch.rand(128, generator=g, device=device), randn(120, 64)
     memory, queries, keys, values = randn(25, 1024), randn(25, 32), randn(25, 32), randn(25, 1024)
+    clusters, frame = randn(25, 16384), randn(16384)
+    counts = torch.rand(25, generator=g, device=device).double() * 100 + 1
     return [
         ("pool", "8x16x16x1024 -> 8x8", lambda: pool_grid(clip, 8),
          (clip.numel() + 8 * 64 * 1024) * size),
@@ -73,6 +76,8 @@ def cases(device: str, dtype: torch.dtype) -> list[tuple[str, str, Callable, int
          (points.numel() + 2 * start.numel()) * size + 128 * (4 + 8) + 120 * 4),
         ("attention", "S=25 T=25 h=32 D=1024", lambda: semantic_attention(memory, queries, keys, values, 0.2),
          (2 * memory.numel() + queries.numel() + keys.numel() + values.numel()) * size),
+        ("ward", "1x16384 vs 25x16384", lambda: ward_costs(clusters, counts, frame, 1.0),
+         (clusters.numel() + frame.numel()) * size + 25 * 16),
     ]
 
 

@@ -49,6 +49,7 @@ else:
     from .kmeans import kmeans_step, kmeans_step_reference
     from .nearest import nearest, nearest_reference
     from .pool import pool_grid, pool_grid_reference
+    from .ward import ward_costs, ward_costs_reference
 
     __all__ = [
         "backend_for",
@@ -61,4 +62,6 @@ else:
         "semantic_attention",
         "semantic_attention_reference",
         "use_backend",
+        "ward_costs",
+        "ward_costs_reference",
     ]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from vstream.errors import MemoryStateError
+from vstream.kernels import ward_costs
 from vstream.memory.abstract import SemanticAttention
 from vstream.memory.base import StreamMemory, register_memory
 from vstream.memory.config import StarConfig
@@ -143,7 +144,7 @@ class StarMemory(StreamMemory):
             self._place(n, x, t)
             self.centroid_count += 1
             return
-        join_costs = self._ward(self.centroids, self.weights, x, 1.0)
+        join_costs = ward_costs(self.centroids, self.weights, x, 1.0)
         j = int(torch.argmin(join_costs))
         flat = int(torch.argmin(self.pair_costs))
         a, b = divmod(flat, n)
@@ -188,16 +189,11 @@ class StarMemory(StreamMemory):
             self.representatives[slot] = frame
             self.representative_features[slot] = x
 
-    @staticmethod
-    def _ward(centroids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, w: float) -> torch.Tensor:
-        """Ward cost ``[K]`` of joining a cluster ``x`` of weight ``w`` with each centroid."""
-        squared = (centroids - x).square().sum(dim=1).double()
-        return weights * w / (weights + w) * squared
 
     def _update_costs(self, slot: int) -> None:
         n = max(self.centroid_count, slot + 1)
         used = slice(0, n)
-        costs = self._ward(self.centroids[used], self.weights[used], self.centroids[slot], float(self.weights[slot]))
+        costs = ward_costs(self.centroids[used], self.weights[used], self.centroids[slot], float(self.weights[slot]))
         costs[slot] = torch.inf
         self.pair_costs[slot, used] = costs
         self.pair_costs[used, slot] = costs

@@ -23,6 +23,8 @@ from vstream.kernels import (
     semantic_attention,
     semantic_attention_reference,
     use_backend,
+    ward_costs,
+    ward_costs_reference,
 )
 
 torch.set_num_threads(1)
@@ -273,6 +275,36 @@ def test_semantic_attention_refuses_mixed_dtypes():
     args = [torch.zeros(4, 8), torch.zeros(4, 2), torch.zeros(3, 2).half(), torch.zeros(3, 8)]
     with pytest.raises(KernelError, match="keys: expected the dtype of memory"):
         semantic_attention(*args, 0.5)
+
+
+# -- ward costs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k, dim", [(1, 7), (25, 130), (26, 1030), (5, 2048)])
+def test_ward_costs_match_reference_and_pick_the_same_cluster(triton, k, dim, dtype):
+    g = gen(k + dim)
+    centroids, x = torch.randn(k, dim, generator=g).to(dtype), torch.randn(dim, generator=g).to(dtype)
+    weights = torch.randint(1, 50, (k,), generator=g).double()
+    got, want = ward_costs(centroids, weights, x, 1.0), ward_costs_reference(centroids, weights, x, 1.0)
+    assert got.dtype == torch.float64 and int(got.argmin()) == int(want.argmin())
+    close(got, want, dtype)
+
+
+def test_ward_costs_reference_is_wards_formula():
+    """Joining x (weight 2) with a centroid at distance 3 (weight 4) adds 4·2/6 · 9 = 12."""
+    centroids = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
+    costs = ward_costs_reference(centroids, torch.tensor([4.0, 1.0], dtype=torch.float64), torch.zeros(2), 2.0)
+    assert costs.tolist() == [12.0, 0.0]
+
+
+@pytest.mark.parametrize("weights, x, needle", [
+    (torch.ones(3), torch.zeros(4), "weights: expected \\[3\\] float64"),
+    (torch.ones(3, dtype=torch.float64), torch.zeros(5), "x: expected \\[4\\]"),
+])
+def test_ward_costs_refuse(weights, x, needle):
+    with pytest.raises(KernelError, match=needle):
+        ward_costs(torch.zeros(3, 4), weights, x, 1.0)
 
 
 def test_kernels_take_strided_inputs(triton):
