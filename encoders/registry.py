@@ -52,10 +52,12 @@ class FrameEncoder(Protocol):
     Attributes:
         grid: side of the square patch grid each frame becomes (``grid * grid`` tokens).
         dim: feature width ``D``.
+        device: the ``torch.device`` its features come back on (the memory runs there).
     """
 
     grid: int
     dim: int
+    device: torch.device
 
     def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """``images``: ``B`` arrays ``[H, W, 3]`` uint8 RGB (sizes may differ) ->

@@ -82,6 +82,7 @@ def check_session_devices(llama: str, device: str, tmp_path) -> None:
         assert parameter.dtype == (torch.float16 if device == "cuda" else torch.float32)
         assert session.encoder.encode([frames[0].image]).device.type == device
         assert session.memory.device.type == device and session.memory.centroids.device.type == device
+        assert session.memory.config.bank.device == ("cpu" if device == "cpu" else "auto")  # faiss-gpu where installed
         session.save(tmp_path / "saved")
     with Session.load(tmp_path / "saved", llama, config) as loaded:
         assert loaded.memory.centroids.device.type == device

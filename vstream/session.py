@@ -218,8 +218,11 @@ class Session:
         self.config = config or SessionConfig()
         self.model, self.encoder = model_and_encoder(model, self.config, encoder)
         memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
+        # the bank's index follows the memory's device: the CPU's FAISS there, else faiss-gpu where installed
+        bank = replace(memory_config.bank, device="cpu" if self.encoder.device.type == "cpu" else "auto")
         if self.config.bank_disk_gb is not None:
-            memory_config = replace(memory_config, bank=replace(memory_config.bank, disk_gb=self.config.bank_disk_gb))
+            bank = replace(bank, disk_gb=self.config.bank_disk_gb)
+        memory_config = replace(memory_config, bank=bank)
         self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
         self.transcript = self.screen = self.shown = None  # what was said; text on screen; what was recognised
         self._shown_open: TranscriptSegment | None = None  # the labels of the newest frames, still on screen
