@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -337,15 +338,18 @@ class StreamMemory:
         return description
 
     @classmethod
-    def load(cls, path, device: str | torch.device = "cpu"):
+    def load(cls, path, device: str | torch.device = "cpu", bank: dict | None = None):
         """Load a memory saved by ``save`` onto ``device`` (where the features it will take
-        are); raises ``MemoryStateError`` if the save is missing, damaged, truncated, of
-        another format version, or of another policy."""
+        are), with ``bank`` (``BankConfig`` fields such as ``disk_gb`` or ``device``)
+        replacing the saved bank settings that may change (see ``FeatureBank.load``);
+        raises ``MemoryStateError`` if the save is missing, damaged, truncated, of another
+        format version, or of another policy."""
         folder, description = open_snapshot(path)
         if description.get("policy") != cls.policy:
             raise MemoryStateError(f"{path}: holds a {description.get('policy')!r} memory, not {cls.policy!r}")
         try:
-            memory = cls(cls.config_class.from_dict(description.get("config")))
+            config = cls.config_class.from_dict(description.get("config"))
+            memory = cls(replace(config, bank=replace(config.bank, **bank)) if bank else config)
         except ConfigError as exc:
             raise MemoryStateError(f"{path}: saved config is invalid ({exc})") from None
         memory.device = torch.device(device)  # the state is allocated there, then filled

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -91,10 +92,10 @@ def test_scene_notes_keep_the_views_the_question_asks_about(models, tmp_path):
     assert order[-1].startswith("In order: blue first (0:00:06), then red (0:00:18)"), order
 
 
-def test_a_disk_cap_thins_the_bank_and_answers_still_show_frames(models, clip):
+def test_a_disk_cap_thins_the_bank_and_answers_still_show_frames(models, clip, tmp_path):
     """``bank_disk_gb`` (``--bank-disk``) small enough for 20 of the clip's 40 frames: the
     bank thins, stays under the cap, and an answer's evidence still has frames to show."""
-    config = SessionConfig(asr=False, encoder="pixels", ocr=False, bank_disk_gb=0.0, generation=SHORT)
+    config = SessionConfig(asr=False, encoder="pixels", ocr=False, generation=SHORT)
     with Session(models["llama"], config) as qa:
         slot = qa.memory.config.bank.grid**2 * qa.encoder.dim * 2 + thumbnail_slot_bytes(qa.memory.config.bank)
     cap = 20 * slot / 2**30
@@ -108,6 +109,12 @@ def test_a_disk_cap_thins_the_bank_and_answers_still_show_frames(models, clip):
         assert shown and all(image is not None for _, image in shown)
         kept_times = set(bank.times[bank.kept_ids()].tolist())
         assert all(t in kept_times for t, _ in shown)
+        qa.save(tmp_path / "saved")
+    with Session.load(tmp_path / "saved", models["llama"], config) as reopened:  # no cap given: the saved one
+        assert reopened.memory.config.bank.disk_gb == cap
+    with pytest.raises(MemoryStateError, match="larger cap"):  # a smaller cap than the kept frames need
+        Session.load(tmp_path / "saved", models["llama"], replace(config, bank_disk_gb=cap * 0.8))
+    assert not [t for t in threading.enumerate() if t.name == "vstream-session-writer"]  # the failed load closed
 
 
 def test_a_vlm_reads_the_memory_tokens(models, clip):

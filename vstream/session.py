@@ -712,31 +712,42 @@ class Session:
         folder = Path(folder)
         meta = read_json(folder / "session.json")
         session = cls(model, config, encoder, screen_reader)
-        grid, dim = session.encoder.grid, session.encoder.dim
-        if (meta.get("encoder_grid"), meta.get("encoder_dim")) != (grid, dim):
+        try:
+            session._restore(folder, meta)
+        except BaseException:  # a damaged save: nothing left running
             session.close()
+            raise
+        return session
+
+    def _restore(self, folder: Path, meta: dict) -> None:
+        """Take the memories and counters ``save`` wrote into ``folder`` (``meta``: its
+        session.json)."""
+        grid, dim = self.encoder.grid, self.encoder.dim
+        if (meta.get("encoder_grid"), meta.get("encoder_dim")) != (grid, dim):
             raise MemoryStateError(f"{folder}: saved with a {meta.get('encoder_grid')}x{meta.get('encoder_grid')} x "
                                    f"{meta.get('encoder_dim')} frame encoder; this one gives {grid}x{grid} x {dim}")
-        memory = StarMemory.load(folder / "visual", device=session.encoder.device)
-        with session._write_lock:
-            session.memory.close()
-            session.memory = memory
+        bank = {"device": self.memory.config.bank.device}  # the saved cap stays unless the config sets one
+        if self.config.bank_disk_gb is not None:
+            bank["disk_gb"] = self.config.bank_disk_gb
+        memory = StarMemory.load(folder / "visual", device=self.encoder.device, bank=bank)
+        with self._write_lock:
+            self.memory.close()
+            self.memory = memory
             from vstream.memory.transcript import TranscriptMemory
 
             for name in TIMED_TEXT:
                 if meta.get(name):
-                    setattr(session, name, TranscriptMemory.load(folder / name))
+                    setattr(self, name, TranscriptMemory.load(folder / name))
         saved = meta.get("stats") if isinstance(meta.get("stats"), dict) else {}
-        with session._stats_lock:
+        with self._stats_lock:
             for name in ("frames_in", "frames_dropped", "frames_processed", "audio_seconds", "audio_dropped",
                          "last_t", "questions"):
                 if isinstance(saved.get(name), (int, float)):
-                    setattr(session._stats, name, saved[name])
+                    setattr(self._stats, name, saved[name])
             for name in TIMED_TEXT:
-                texts = getattr(session, name)
-                setattr(session._stats, f"{name}_segments", len(texts) if texts is not None else 0)
-            session._newest = session._last_frame_t = session._stats.last_t
-        return session
+                texts = getattr(self, name)
+                setattr(self._stats, f"{name}_segments", len(texts) if texts is not None else 0)
+            self._newest = self._last_frame_t = self._stats.last_t
 
     def close(self) -> None:
         """Stop reading, writing and recognising; free the memories. Idempotent."""
