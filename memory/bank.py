@@ -134,7 +134,8 @@ def fit_thumbnail(data: bytes, limit: int) -> bytes:
         image.convert("RGB").save(out, "JPEG", quality=quality)
         if out.tell() <= limit:
             return out.getvalue()
-    logger.warning("a thumbnail of %d bytes does not fit a slot of %d even at JPEG quality 10; dropped", len(data), limit)
+    logger.warning("a thumbnail of %d bytes does not fit a slot of %d even at JPEG quality 10; dropped",
+                   len(data), limit)
     return b""
 
 
@@ -269,9 +270,12 @@ class FeatureBank:
                                        f"{self._times[n - 1]} s")
             if b == 0:
                 return range(n, n)
-            slots = self._take_slots(b)
-            for row, jpeg, slot in zip(rows, jpegs, slots):  # slots free or past the end: nothing refers to them
-                self._write_spill(row, slot)
+            slots = self._take_slots(b)  # free or past the end: nothing refers to them
+            done = 0
+            for first, count in _runs(np.asarray(slots)):  # one write per run of consecutive slots
+                self._write_spill(rows[done : done + count], first)
+                done += count
+            for jpeg, slot in zip(jpegs, slots):
                 _pwrite_all(self._thumbnail_fd, jpeg, slot * self.thumbnail_slot_bytes)
             self._keys.add(k.numpy())
             keep = max(0, b - self._capacity)  # a batch larger than the ring keeps its newest rows
@@ -314,7 +318,7 @@ class FeatureBank:
         pinned = set(wanted[: self.disk_frames // 2])  # the most needed first; room left to thin
         freed: list[int] = []
         while len(freed) < count:
-            kept = np.flatnonzero(self._slots[:n] >= 0)
+            kept = self._kept()
             t = self._times[kept]
             gaps = np.full(len(kept), np.inf)
             gaps[1:-1] = t[2:] - t[:-2]
@@ -337,7 +341,7 @@ class FeatureBank:
                 raise MemoryStateError(f"the bank cannot stay under BankConfig.disk_gb {self.config.disk_gb}: its "
                                        f"{len(kept)} kept frames are all pinned or at the ends")
         self._free.extend(sorted(freed, reverse=True))  # lowest slots reused first
-        logger.debug("feature bank thinned %d frames; %d of %d kept", len(freed), int((self._slots[:n] >= 0).sum()), n)
+        logger.debug("feature bank thinned %d frames; %d of %d kept", len(freed), len(self._kept()), n)
 
     def _encode(self, thumbnails, count: int) -> list[bytes]:
         """JPEG bytes of each of ``count`` frames' images (``b""`` for none)."""
@@ -369,7 +373,16 @@ class FeatureBank:
         """``[k]`` int64 ids of the frames whose features and thumbnails are kept (all of
         them until the disk cap thins the spill), ascending."""
         with self._lock:
-            return np.flatnonzero(self._slots[: self._n] >= 0)
+            return self._kept()
+
+    def kept(self, ids) -> np.ndarray:
+        """``[len(ids)]`` bool: whether each frame of ``ids`` (valid ids) is kept."""
+        with self._lock:
+            return self._slots[np.asarray(ids, np.int64)] >= 0
+
+    def _kept(self) -> np.ndarray:
+        """``kept_ids`` with the lock held."""
+        return np.flatnonzero(self._slots[: self._n] >= 0)
 
     def disk_bytes(self) -> int:
         """Bytes the spill files span (slots used, features and thumbnail slots): at most
@@ -479,7 +492,7 @@ class FeatureBank:
         with self._lock:
             self._check_open()
             n, trained, pending = self._n, self._keys.trained, self._keys.pending
-            kept = np.flatnonzero(self._slots[:n] >= 0)
+            kept = self._kept()
             _write_synced(folder / "times.npy", lambda f: np.save(f, self._times[:n], allow_pickle=False))
             _write_synced(folder / "kept.npy", lambda f: np.save(f, kept, allow_pickle=False))
             ends = np.cumsum(self._thumbnail_sizes[kept], dtype=np.int64)
@@ -496,10 +509,16 @@ class FeatureBank:
     def _copy_frames(self, ids: np.ndarray, f) -> None:
         """Write the features of the kept frames ``ids`` to the open file ``f``, in order;
         runs of consecutive slots in one read."""
+        per_chunk = self._frames_per_chunk
         for first, count in _runs(self._slots[ids]):
-            for start in range(0, count, max(1, _CHUNK_BYTES // self.bytes_per_frame)):
-                size = min(count - start, max(1, _CHUNK_BYTES // self.bytes_per_frame)) * self.bytes_per_frame
+            for start in range(0, count, per_chunk):
+                size = min(count - start, per_chunk) * self.bytes_per_frame
                 f.write(_pread_all(self._fd, size, (first + start) * self.bytes_per_frame, self.spill_path))
+
+    @property
+    def _frames_per_chunk(self) -> int:
+        """Frames per read or write when features.bin is streamed in or out."""
+        return max(1, _CHUNK_BYTES // self.bytes_per_frame)
 
     def _copy_thumbnails(self, ids: np.ndarray, f) -> None:
         """Write the JPEGs of the kept frames ``ids`` to the open file ``f``, back to back."""
@@ -545,7 +564,7 @@ class FeatureBank:
     def _restore(self, path: Path, times: np.ndarray, kept: np.ndarray) -> None:
         """Stream ``path`` (the ``kept`` frames' rows, checked) into slots 0, 1, ... of this
         bank's spill file and its ring; take ``times``."""
-        n, k, per_chunk = len(times), len(kept), max(1, _CHUNK_BYTES // self.bytes_per_frame)
+        n, k, per_chunk = len(times), len(kept), self._frames_per_chunk
         first_in_ram = n - min(n, self._capacity)
         try:
             size = os.stat(path).st_size

@@ -91,7 +91,7 @@ class StreamMemory:
         self.last_t = -math.inf
         self._lock = threading.RLock()
         self._cached: tuple[int, MemoryTokens] | None = None
-        self._retrieved: tuple[int, dict[int, torch.Tensor]] | None = None  # (grid, bank id -> pooled frame)
+        self._retrieved: dict[int, torch.Tensor] = {}  # bank id -> the frame the previous read retrieved, pooled
 
     # -- policy hooks -----------------------------------------------------------------
 
@@ -257,13 +257,13 @@ class StreamMemory:
         they are re-ranked by exact squared distance at the centroid's grid."""
         grid = math.isqrt(centroids.shape[1])
         keys = centroids.mean(dim=1).cpu()
-        kept = None if self.bank.disk_frames is None else set(self.bank.kept_ids().tolist())
         chosen: list[int] = []
         for k in range(centroids.shape[0]):
             proposed, wanted = [], candidates
             while not proposed:  # a thinned bank may hold none of the first candidates
                 ids, _ = self.bank.search(keys[k], wanted)
-                proposed = [i for i in ids[0].tolist() if i >= 0 and (kept is None or i in kept)]
+                found = ids[0][ids[0] >= 0].numpy()
+                proposed = found[self.bank.kept(found)].tolist()
                 if wanted >= len(self.bank):
                     break
                 wanted *= 8
@@ -311,13 +311,12 @@ class StreamMemory:
         """``[len(ids), grid*grid, D]``: the bank frames ``ids`` pooled to ``grid``, kept
         from the previous read for the ids it also retrieved (the heaviest scenes change
         seldom), so a read does not go to disk for them."""
-        cache = self._retrieved if self._retrieved is not None and self._retrieved[0] == grid else (grid, {})
-        missing = [i for i in ids if i not in cache[1]]
+        cache = self._retrieved  # a policy reads its retrieved frames at one grid
+        missing = [i for i in ids if i not in cache]
         if missing:
-            fresh = pool_grid(self.bank.features(missing).to(self.device), grid)
-            cache[1].update(zip(missing, fresh))
-        self._retrieved = (grid, {i: cache[1][i] for i in ids})
-        return torch.stack([self._retrieved[1][i] for i in ids])
+            cache.update(zip(missing, pool_grid(self.bank.features(missing).to(self.device), grid)))
+        self._retrieved = {i: cache[i] for i in ids}
+        return torch.stack([cache[i] for i in ids])
 
     # -- save and load ------------------------------------------------------------------
 

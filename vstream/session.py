@@ -218,11 +218,7 @@ class Session:
         self.config = config or SessionConfig()
         self.model, self.encoder = model_and_encoder(model, self.config, encoder)
         memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
-        # the bank's index follows the memory's device: the CPU's FAISS there, else faiss-gpu where installed
-        bank = replace(memory_config.bank, device="cpu" if self.encoder.device.type == "cpu" else "auto")
-        if self.config.bank_disk_gb is not None:
-            bank = replace(bank, disk_gb=self.config.bank_disk_gb)
-        memory_config = replace(memory_config, bank=bank)
+        memory_config = replace(memory_config, bank=replace(memory_config.bank, **self._bank_settings()))
         self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
         self.transcript = self.screen = self.shown = None  # what was said; text on screen; what was recognised
         self._shown_open: TranscriptSegment | None = None  # the labels of the newest frames, still on screen
@@ -719,6 +715,15 @@ class Session:
             raise
         return session
 
+    def _bank_settings(self) -> dict:
+        """The ``BankConfig`` fields this session sets over a memory config's (a new one's or
+        a saved one's): the index's device follows the memory's (the CPU's FAISS there,
+        faiss-gpu where installed on CUDA), and the disk cap when the config gives one."""
+        settings = {"device": "cpu" if self.encoder.device.type == "cpu" else "auto"}
+        if self.config.bank_disk_gb is not None:
+            settings["disk_gb"] = self.config.bank_disk_gb
+        return settings
+
     def _restore(self, folder: Path, meta: dict) -> None:
         """Take the memories and counters ``save`` wrote into ``folder`` (``meta``: its
         session.json)."""
@@ -726,10 +731,7 @@ class Session:
         if (meta.get("encoder_grid"), meta.get("encoder_dim")) != (grid, dim):
             raise MemoryStateError(f"{folder}: saved with a {meta.get('encoder_grid')}x{meta.get('encoder_grid')} x "
                                    f"{meta.get('encoder_dim')} frame encoder; this one gives {grid}x{grid} x {dim}")
-        bank = {"device": self.memory.config.bank.device}  # the saved cap stays unless the config sets one
-        if self.config.bank_disk_gb is not None:
-            bank["disk_gb"] = self.config.bank_disk_gb
-        memory = StarMemory.load(folder / "visual", device=self.encoder.device, bank=bank)
+        memory = StarMemory.load(folder / "visual", device=self.encoder.device, bank=self._bank_settings())
         with self._write_lock:
             self.memory.close()
             self.memory = memory
