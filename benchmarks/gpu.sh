@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The device check (issue 15): on a CUDA machine, the CUDA tests, the kernel and memory
-# benchmarks on CUDA and `vstream ask --device cuda` end to end with a tiny checkpoint,
+# The device check (issue 15): on a CUDA machine, the CUDA tests, the kernel, memory and
+# encoder-batching benchmarks on CUDA and `vstream ask --device cuda` end to end with a tiny checkpoint,
 # each step under STEP_SECONDS (default 150; the whole under 8 minutes), logs and results
 # under $OUT. It installs nothing from the network.
 #
@@ -42,6 +42,9 @@ step() {  # step NAME COMMAND...: run it under the step limit into $OUT/NAME.log
 step tests $PY -P -m pytest -q -p no:cacheprovider -rs tests/test_device.py tests/test_kernels.py
 step kernels $PY -P benchmarks/kernel_speed.py
 step memory $PY -P benchmarks/memory.py --frames 3600 --repeat 20 --device "$DEVICE"
+# streams one encoder sustains, batched or not: a CLIP-L shape on the GPU, a short smoke run on a CPU
+if [ "$DEVICE" = cuda ]; then BATCHING="--tower clip-large --streams 32 --frames 8"; else BATCHING="--streams 2 --frames 1 --repeats 1"; fi
+step batching $PY -P benchmarks/encoder_batching.py $BATCHING --device "$DEVICE"
 TINY=$(mktemp -d)
 step checkpoint $PY -P -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from tiny_models import tiny_llama; tiny_llama(Path('$TINY/llama'))"
 step ask $PY -P -m vstream ask tests/data/speech.mp4 "What is shown?" --model "$TINY/llama" --no-asr --no-ocr \

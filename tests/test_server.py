@@ -505,13 +505,15 @@ def test_sigterm_saves_every_stream_and_a_new_server_resumes(model, tmp_path):
         second.kill()
 
 
-def test_streams_share_one_frame_encoder(model, tmp_path):
-    """A vision tower is loaded once per server, not once per stream."""
+def test_streams_share_one_frame_encoder_and_its_forwards(model, tmp_path):
+    """A vision tower is loaded once per server, not once per stream, and frames that
+    several streams write at about the same time go through it in one forward."""
     import threading
 
     from vstream.server import Server, ServerConfig
 
-    config = ServerConfig(bind="tcp://127.0.0.1:*", state_dir=str(tmp_path), session=SessionConfig(asr=False))
+    config = ServerConfig(bind="tcp://127.0.0.1:*", state_dir=str(tmp_path), encoder_wait_ms=300.0,
+                          session=SessionConfig(asr=False, encoder="pixels", ocr=False))
     server = Server(config, model)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -520,6 +522,17 @@ def test_streams_share_one_frame_encoder(model, tmp_path):
             first, second = c.open_stream(), c.open_stream()
             sessions = [server.streams[first].session, server.streams[second].session]
             assert sessions[0].encoder is sessions[1].encoder is server.encoder
+            streams = [first, second, c.open_stream(), c.open_stream()]
+            for frame in frames(3):  # one frame to each stream, three times over
+                for stream in streams:
+                    assert c.send_frame(stream, frame)
+            for stream in streams:
+                wait_processed(c, stream, 3)
+            stats = c.stats()
+            assert stats["encoder_frames"] == 12
+            assert stats["encoder_forwards"] < 12, "every stream's frame had a forward of its own"
+            for stream in streams[2:]:
+                c.close_stream(stream)
             c.close_stream(first)
             resumed = c.open_stream(resume=first)
             assert server.streams[resumed].session.encoder is server.encoder

@@ -47,6 +47,7 @@ from zmq.utils import z85
 
 import vstream
 from vstream.config import JsonConfig, cache_dir, check_int, check_number
+from vstream.encoders.batching import BatchingConfig, BatchingEncoder
 from vstream.errors import ConfigError, ProtocolError, SourceError, VStreamError
 from vstream.ingest import SourceConfig
 from vstream.ingest.container import source_kind
@@ -87,6 +88,11 @@ class ServerConfig(JsonConfig):
             closed (default 300.0); a source the server reads keeps its stream alive
             while it delivers frames.
         queue_size: questions waiting for the model (default 32).
+        encoder_batch: most frames, from any streams, in one forward of the shared frame
+            encoder (default 32; 1: each stream's frames on their own,
+            ``vstream.encoders.batching`` has the policy).
+        encoder_wait_ms: how long an idle encoder waits for more streams' frames before
+            it runs what it has (default 2.0).
         sources: kinds of source a client may ask the server to read itself: any of
             ``url``, ``file`` (a path on the server), ``camera`` (default ``url`` only).
         session: ``SessionConfig`` of every stream.
@@ -104,17 +110,20 @@ class ServerConfig(JsonConfig):
     max_audio_speed: float = 30.0
     idle_timeout: float = 300.0
     queue_size: int = 32
+    encoder_batch: int = 32
+    encoder_wait_ms: float = 2.0
     sources: tuple[str, ...] = ("url",)
     session: SessionConfig = field(default_factory=SessionConfig)
 
     def __post_init__(self) -> None:
         self.session = SessionConfig.from_dict(self.session)
         self.curve_clients, self.sources = tuple(self.curve_clients), tuple(self.sources)
-        for name in ("max_streams", "max_frame_bytes", "max_header_bytes", "queue_size"):
+        for name in ("max_streams", "max_frame_bytes", "max_header_bytes", "queue_size", "encoder_batch"):
             check_int("ServerConfig", name, getattr(self, name), 1)
         check_number("ServerConfig", "max_fps", self.max_fps, 0.0)
         check_number("ServerConfig", "max_audio_speed", self.max_audio_speed, 0.0)
         check_number("ServerConfig", "idle_timeout", self.idle_timeout, 0.0)
+        check_number("ServerConfig", "encoder_wait_ms", self.encoder_wait_ms, 0.0, include_low=True)
         if not (isinstance(self.bind, str) and self.bind.startswith(("tcp://", "ipc://"))):
             raise ConfigError(f"ServerConfig.bind must be a tcp:// or ipc:// address, got {self.bind!r}")
         if self.token is not None and not (isinstance(self.token, str) and self.token):
@@ -195,8 +204,10 @@ class Server:
 
     def __init__(self, config: ServerConfig | None = None, model: ChatModel | str | None = None):
         self.config = config or ServerConfig()
-        # one frame encoder and one OCR for every stream: each model is loaded once, not per stream
-        self.model, self.encoder = model_and_encoder(model, self.config.session)
+        # one frame encoder and one OCR for every stream: each model is loaded once, not per
+        # stream, and the frames that streams write at about the same time share one forward
+        self.model, encoder = model_and_encoder(model, self.config.session)
+        self.encoder = BatchingEncoder(encoder, BatchingConfig(self.config.encoder_batch, self.config.encoder_wait_ms))
         self.screen_reader = shared_screen_reader(self.config.session)
         self.limits = Limits(self.config.max_header_bytes, self.config.max_frame_bytes)
         self.state_dir = Path(self.config.state_dir or cache_dir() / "streams")
@@ -221,6 +232,7 @@ class Server:
             self.socket.bind(self.config.bind)
         except zmq.ZMQError as exc:
             self._ctx.destroy(linger=0)
+            self.encoder.close()
             raise ConfigError(f"cannot bind {self.config.bind}: {exc}") from None
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._results_address = f"inproc://vstream-results-{id(self)}"
@@ -440,6 +452,7 @@ class Server:
             self._reply(identity, "ok", message.id, data={"stats": self._stream(message).describe()})
             return
         stats = {**self.counters, "streams": len(self.streams), "closing": len(self._closing),
+                 "encoder_forwards": self.encoder.forwards, "encoder_frames": self.encoder.frames,
                  "queue": self._jobs.qsize(), "queue_size": self.config.queue_size,
                  "uptime": round(time.monotonic() - self.started, 3)}
         self._reply(identity, "ok", message.id, data={"stats": stats})
@@ -586,6 +599,7 @@ class Server:
         logger.info("saved %d stream(s) into %s", len(self.streams) + len(self._closing), self.state_dir)
         self.streams.clear()
         self._closing.clear()
+        self.encoder.close()
         for sock in (self.socket, self._results, self._zap):
             if sock is not None:
                 sock.close(linger=0)

@@ -208,7 +208,8 @@ class Session:
             folder, or None for the embedded SmolLM2-135M-Instruct.
         config: ``SessionConfig``.
         encoder: a frame encoder to use (and share with other sessions) instead of
-            building ``config.encoder``; ignored when the model brings its own tower.
+            building ``config.encoder``; with a model that brings its own tower, that
+            tower (or a wrapper of it, such as a server's ``BatchingEncoder``).
         screen_reader: a ``ScreenReader`` to share with other sessions (it reads one
             frame at a time) instead of loading one when the session first reads text.
     """
@@ -814,10 +815,19 @@ def shared_screen_reader(config: SessionConfig):
 def model_and_encoder(model: ChatModel | str | None, config: SessionConfig,
                       encoder: FrameEncoder | None = None) -> tuple[ChatModel, FrameEncoder]:
     """The chat model (``model`` loaded by name with ``config.heads`` when it is not one)
-    and the frame encoder feeding its memories: the model's own tower, else ``encoder``,
-    else ``config.encoder`` built. What a session, a dialogue and a server each need once."""
+    and the frame encoder feeding its memories: ``encoder``, else the model's own tower,
+    else ``config.encoder`` built. What a session, a dialogue and a server each need once.
+
+    Raises:
+        ConfigError: ``encoder`` gives features of another shape than the model's own
+            tower (a server passes the tower itself, wrapped in a ``BatchingEncoder``).
+    """
     chat = model if isinstance(model, ChatModel) else load_model(model, config.dtype, config.device, config.heads)
-    return chat, chat.frame_encoder or encoder or create_encoder(config.encoder, device=config.device)
+    tower = chat.frame_encoder
+    if encoder is not None and tower is not None and (encoder.grid, encoder.dim) != (tower.grid, tower.dim):
+        raise ConfigError(f"{chat.name or type(chat).__name__} reads its own tower's {tower.grid}x{tower.grid} x "
+                          f"{tower.dim} features; the encoder given makes {encoder.grid}x{encoder.grid} x {encoder.dim}")
+    return chat, encoder or tower or create_encoder(config.encoder, device=config.device)
 
 
 def _overlaps(t0: float, t1: float, start: float | None, end: float | None) -> bool:
