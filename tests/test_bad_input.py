@@ -3,7 +3,9 @@ after yielding what did decode, and leaves no decoder thread behind."""
 
 from __future__ import annotations
 
+import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +116,25 @@ def test_bad_settings_name_the_setting():
         vstream.open_source("whatever.mp4", fps=-2)
     with pytest.raises(TypeError):
         vstream.open_source("whatever.mp4", frames_per_second=2)
+
+
+SPEECH = Path(__file__).parent / "data" / "speech.mp4"
+
+
+@pytest.mark.parametrize("seed, cause", [
+    (242, "video stream has a codec FFmpeg does not know"),  # a flipped codec tag: no codec context
+    (346, "audio stream has a codec FFmpeg does not know"),
+    (299, "cannot read its packets: Operation not permitted"),  # the demux fails part-way
+    (361, "cannot read its packets: Cannot allocate memory"),  # a flipped size field: PyAV's MemoryError
+])
+def test_byte_flipped_mp4_is_a_decode_error_naming_the_file(tmp_path, seed, cause):
+    """Bit flips in the committed speech clip (seeded): each failure PyAV raised raw before
+    is a DecodeError that names the file and the cause."""
+    data, flips = bytearray(SPEECH.read_bytes()), random.Random(seed)
+    for _ in range(flips.choice([1, 4, 16])):
+        data[flips.randrange(len(data))] ^= 1 << flips.randrange(8)
+    path = tmp_path / f"flipped-{seed}.mp4"
+    path.write_bytes(data)
+    with pytest.raises(DecodeError, match=cause) as raised:
+        vstream.open_source(path)
+    assert str(path) in str(raised.value)

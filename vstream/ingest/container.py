@@ -136,6 +136,9 @@ class MediaInfo:
 def describe_container(uri: str, container: av.container.InputContainer) -> MediaInfo:
     """A ``MediaInfo`` of an opened container."""
     video = audio = None
+    for stream in (*container.streams.video[:1], *container.streams.audio[:1]):
+        if stream.codec_context is None:  # a codec id FFmpeg does not know: damaged or foreign
+            raise DecodeError(f"source {uri!r}: its {stream.type} stream has a codec FFmpeg does not know")
     if container.streams.video:
         vs = container.streams.video[0]
         rate = vs.average_rate or vs.guessed_rate

@@ -43,7 +43,10 @@ class FileSource(Source):
                 wanted = " or ".join(k for k, on in (("video", config.video), ("audio", config.audio)) if on)
                 raise DecodeError(f"source {uri!r}: has no {wanted} stream")
             if self.has_video:
-                self.index = FileIndex.build(container)
+                try:
+                    self.index = FileIndex.build(container)
+                except av.error.FFmpegError as e:  # damaged packets can fail the demux in many ways
+                    raise DecodeError(f"source {uri!r}: cannot read its packets: {e.strerror or e}") from None
                 if len(self.index) == 0:
                     raise DecodeError(f"source {uri!r}: its video stream holds no frames")
                 stream = container.streams.video[0]
