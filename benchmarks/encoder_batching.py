@@ -102,8 +102,7 @@ def main() -> None:
                                            dtype="float16" if device.type == "cuda" else "float32",
                                            device=str(device), batch_size=args.streams))
         tower.encode([np.zeros((360, 640, 3), np.uint8)])  # warm-up
-        plain = batched = 0.0
-        mean_batch = 0.0
+        plain = batched = mean_batch = 0.0
         for repeat in range(args.repeats):
             plain = max(plain, streams_throughput(tower, args.streams, args.frames))
             with BatchingEncoder(tower, BatchingConfig(max_frames=args.streams)) as batching:

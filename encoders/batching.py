@@ -68,12 +68,11 @@ class _Request:
 
 class BatchingEncoder:
     """A ``FrameEncoder`` that runs the frames of concurrent ``encode`` calls as one batch
-    through ``encoder``. Everything else (``labels``, ``describe``, ``config``...) is the
-    wrapped encoder's.
+    through ``encoder``. Everything else (``grid``, ``dim``, ``device``, ``labels``,
+    ``describe``...) is the wrapped encoder's, looked up on it.
 
     Attributes:
         encoder: the wrapped encoder.
-        grid, dim, device: the wrapped encoder's.
         forwards, frames: forward passes run and frames encoded so far (their ratio is
             the mean batch).
 
@@ -85,7 +84,6 @@ class BatchingEncoder:
     def __init__(self, encoder: FrameEncoder, config: BatchingConfig | None = None):
         self.encoder = encoder
         self.config = config or BatchingConfig()
-        self.grid, self.dim, self.device = encoder.grid, encoder.dim, encoder.device
         self.forwards = self.frames = 0
         self._requests: queue.SimpleQueue = queue.SimpleQueue()  # _Request, or _STOP
         self._closed = False
@@ -96,8 +94,8 @@ class BatchingEncoder:
     def __repr__(self) -> str:
         return f"BatchingEncoder({self.encoder!r}, max_frames={self.config.max_frames}, wait_ms={self.config.wait_ms})"
 
-    def __getattr__(self, name: str):
-        if name == "encoder":  # not set yet (during construction): no recursion
+    def __getattr__(self, name: str):  # only for what this class does not set itself
+        if name == "encoder":  # not set (a half-built object): no recursion
             raise AttributeError(name)
         return getattr(self.encoder, name)
 

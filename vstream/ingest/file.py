@@ -46,7 +46,7 @@ class FileSource(Source):
                 try:
                     self.index = FileIndex.build(container)
                 except av.error.FFmpegError as e:  # damaged packets can fail the demux in many ways
-                    raise DecodeError(f"source {uri!r}: cannot read its packets: {e.strerror or e}") from None
+                    raise DecodeError(f"source {uri!r}: cannot read its packets: {e.strerror or e}") from e
                 if len(self.index) == 0:
                     raise DecodeError(f"source {uri!r}: its video stream holds no frames")
                 stream = container.streams.video[0]
