@@ -17,6 +17,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # directory, the checkout root, on sys.path: its kernels/ folder would stand in for the
 # installed `kernels` package (kernels/__init__.py guards that case too; see test_install.py).
 os.environ["PYTHONSAFEPATH"] = "1"
+# Ray clusters in tests stay on loopback: Ray reads this when it is imported, and without it
+# rewrites a loopback node address to the machine's other interface (README, design notes).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -122,7 +122,31 @@ def _parser() -> argparse.ArgumentParser:
                        help="frames and audio chunks waiting per stream; beyond that the oldest is dropped (default 64)")
     _generation_flags(serve, max_new_tokens=160)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    cluster = serve.add_argument_group("Ray cluster (pip install 'vstream[cluster]')")
+    cluster.add_argument("--cluster", metavar="ADDRESS",
+                         help="host the streams on a Ray cluster's nodes: auto (the cluster `ray start` runs here), "
+                              "local (start one in this process) or the head's HOST:PORT")
+    cluster.add_argument("--streams-per-worker", type=int, default=16, help="streams one node's worker hosts (default 16)")
+    cluster.add_argument("--worker-cpus", type=float, default=1.0,
+                         help="Ray CPUs (and torch threads) of each node's worker (default 1)")
+    cluster.add_argument("--worker-gpus", type=float, default=0.0, help="Ray GPUs of each node's worker (default 0)")
+    cluster.add_argument("--checkpoint-every", type=float, default=30.0,
+                         help="seconds between saves of each stream into --state-dir, which every node must share "
+                              "(default 30): a node's death loses at most this much of its streams")
     serve.set_defaults(run=_serve)
+
+    cluster_cmd = commands.add_parser("cluster", help="manage a cluster server (vstream serve --cluster)")
+    cluster_actions = cluster_cmd.add_subparsers(dest="action", required=True)
+    drain = cluster_actions.add_parser("drain", help="move every stream off a node, losing nothing, and stop its "
+                                                     "worker (then the node can go)")
+    drain.add_argument("node", help="the Ray node id, or a unique prefix of it (vstream cluster workers lists them)")
+    drain.add_argument("--server", required=True, metavar="ADDR", help="the server's address")
+    _client_flags(drain)
+    drain.set_defaults(run=_cluster_drain)
+    workers = cluster_actions.add_parser("workers", help="list the cluster's workers: node, streams, state")
+    workers.add_argument("--server", required=True, metavar="ADDR", help="the server's address")
+    _client_flags(workers)
+    workers.set_defaults(run=_cluster_workers)
 
     stream = commands.add_parser("stream", help="send a file, URL or camera to a server as a stream")
     stream.add_argument("source", help="file path, URL, camera (/dev/video0) or - for stdin")
@@ -428,14 +452,21 @@ def _serve(args) -> None:
     generation = _generation(args)
     session = SessionConfig(fps=args.fps, asr=args.asr, encoder=args.encoder, ocr=args.ocr, device=args.device,
                             dtype=args.dtype, bank_disk_gb=args.bank_disk, batch_frames=args.batch_frames,
-                            queue_frames=args.queue_frames, generation=generation)
+                            queue_frames=args.queue_frames, generation=generation, heads=tuple(args.head))
+    cluster = None
+    if args.cluster:
+        from vstream.cluster import ClusterConfig
+
+        cluster = ClusterConfig(address=args.cluster, streams_per_worker=args.streams_per_worker,
+                                worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
+                                checkpoint_every=args.checkpoint_every)
     sources = tuple(kind.strip() for kind in args.sources.split(",") if kind.strip() not in ("", "none"))
     config = ServerConfig(bind=args.bind, token=args.token, curve_secret_key=curve_secret,
                           curve_clients=curve_clients, state_dir=args.state_dir, max_streams=args.max_streams,
                           max_frame_bytes=args.max_frame_bytes, max_header_bytes=args.max_header_bytes,
                           max_fps=args.max_fps, max_audio_speed=args.max_audio_speed, idle_timeout=args.idle_timeout,
                           queue_size=args.queue_size, encoder_batch=args.encoder_batch,
-                          encoder_wait_ms=args.encoder_wait_ms, sources=sources, session=session)
+                          encoder_wait_ms=args.encoder_wait_ms, sources=sources, session=session, cluster=cluster)
     if args.threads:
         import torch
 
@@ -445,9 +476,27 @@ def _serve(args) -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    server = Server(config, load_model(args.model, args.dtype, args.device, args.head))
+    # on a cluster each node's worker loads the model; here, the server does
+    server = Server(config, args.model if cluster else load_model(args.model, args.dtype, args.device, args.head))
     print(f"vstream serve: listening on {server.address}", flush=True)
     server.serve()
+
+
+def _cluster_drain(args) -> None:
+    with _client(args) as client:
+        client.ask_timeout = max(client.ask_timeout, args.timeout)
+        result = client.drain(args.node)
+    print(f"node {result['node']}: {result['moved']} stream(s) moved")
+
+
+def _cluster_workers(args) -> None:
+    with _client(args) as client:
+        workers = client.stats().get("workers")
+    if workers is None:
+        raise vstream.ConfigError(f"{args.server} runs no cluster (vstream serve --cluster)")
+    for worker in workers:
+        state = "draining" if worker["draining"] else "alive" if worker["alive"] else "gone"
+        print(f"{worker['node']}  {worker['streams']:4d} stream(s)  {state}")
 
 
 def _stream(args) -> None:

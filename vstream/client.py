@@ -178,6 +178,14 @@ class Client:
         """``{"status", "protocol", "version", "model", "streams", "queue", "uptime"}``."""
         return self._call("health")
 
+    def drain(self, node: str) -> dict:
+        """On a cluster server (``vstream serve --cluster``): move every stream off the Ray
+        node ``node`` (its id or a unique prefix) with nothing lost, then stop its worker.
+        Returns ``{"node", "moved"}``; waits up to ``ask_timeout`` (moving takes seconds)."""
+        request_id = next(self._ids)
+        self._send(encode("drain", request_id, token=self.token, node=node))
+        return self._receive(request_id, self.ask_timeout).get("data") or {}
+
     # -- plumbing -------------------------------------------------------------------------
 
     def _call(self, kind: str, **fields) -> dict:

@@ -30,6 +30,7 @@ close     stream*                                                        ok {str
 list      -                                                              ok {streams}
 stats     stream (none: the server's own)                                ok {stats}
 health    -                                                              ok {status, ...}
+drain     node* (a Ray node id or a unique prefix; cluster servers)      ok {node, moved}
 ========  =============================================================  ====================
 
 Times are seconds on the stream's clock; a stream's frame times never go back.
@@ -66,7 +67,7 @@ from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame
 
 VERSION = "vstream/1"
 
-REQUESTS = ("open", "frame", "audio", "ask", "close", "list", "stats", "health")
+REQUESTS = ("open", "frame", "audio", "ask", "close", "list", "stats", "health", "drain")
 REPLIES = ("ok", "error", "token", "answer", "busy")
 ERROR_CODES = (
     "bad_message",     # malformed: parts, JSON, field types, shape against bytes
@@ -81,6 +82,7 @@ ERROR_CODES = (
     "not_found",       # no saved memory for that stream id
     "exists",          # a stream with that id is already open
     "forbidden",       # the server does not read sources of that kind
+    "moved",           # the stream's cluster worker stopped while answering; it moved: ask again
     "source",          # the server could not open the source
     "shutting_down",   # the server stops; the request was not served
     "internal",        # a bug: the server logged it with a traceback
@@ -103,6 +105,7 @@ _FIELDS = {
     "list": {},
     "stats": {"stream": ("stream", False)},
     "health": {},
+    "drain": {"node": ("str", True)},
     "ok": {"data": ("dict", False)},
     "error": {"code": ("str", True), "message": ("str", True), "retry_after": ("number", False)},
     "token": {"text": ("str", True)},

@@ -46,6 +46,7 @@ import zmq
 from zmq.utils import z85
 
 import vstream
+from vstream.cluster import ClusterConfig, ClusterHost
 from vstream.config import JsonConfig, cache_dir, check_int, check_number
 from vstream.encoders.batching import BatchingConfig, BatchingEncoder
 from vstream.errors import ConfigError, ProtocolError, SourceError, VStreamError
@@ -96,6 +97,8 @@ class ServerConfig(JsonConfig):
         sources: kinds of source a client may ask the server to read itself: any of
             ``url``, ``file`` (a path on the server), ``camera`` (default ``url`` only).
         session: ``SessionConfig`` of every stream.
+        cluster: ``ClusterConfig``: the streams' sessions live on the workers of a Ray
+            cluster (``vstream.cluster``); None: in this process (default).
     """
 
     bind: str = "tcp://127.0.0.1:5555"
@@ -114,9 +117,12 @@ class ServerConfig(JsonConfig):
     encoder_wait_ms: float = 2.0
     sources: tuple[str, ...] = ("url",)
     session: SessionConfig = field(default_factory=SessionConfig)
+    cluster: ClusterConfig | None = None
 
     def __post_init__(self) -> None:
         self.session = SessionConfig.from_dict(self.session)
+        if self.cluster is not None:
+            self.cluster = ClusterConfig.from_dict(self.cluster)
         self.curve_clients, self.sources = tuple(self.curve_clients), tuple(self.sources)
         for name in ("max_streams", "max_frame_bytes", "max_header_bytes", "queue_size", "encoder_batch"):
             check_int("ServerConfig", name, getattr(self, name), 1)
@@ -176,9 +182,10 @@ class Stream:
     waiters: list = field(default_factory=list)  # (identity, request id) of close requests
 
     def describe(self) -> dict:
+        placement = getattr(self.session, "placement", None)  # a cluster stream: its node, moves and losses
         return {"stream": self.id, "source": self.source, "rate_dropped": self.rate_dropped, "busy": self.busy,
                 "pending": self.pending, "idle_seconds": round(time.monotonic() - self.seen, 3),
-                **self.session.stats.to_dict()}
+                **self.session.stats.to_dict(), **(placement() if placement else {})}
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,7 +203,8 @@ class Job:
 
 class Server:
     """A stream server on ``config.bind`` answering from ``model`` (a loaded
-    ``ChatModel``, a hub id or folder, or None for the embedded default).
+    ``ChatModel``, a hub id or folder, or None for the embedded default; with
+    ``config.cluster``, not a loaded model: each worker loads it).
 
     ``serve()`` runs until SIGTERM or SIGINT; ``run()`` until ``stop()``; ``step()``
     is one turn of the loop. ``close()`` saves every stream and frees everything.
@@ -204,13 +212,20 @@ class Server:
 
     def __init__(self, config: ServerConfig | None = None, model: ChatModel | str | None = None):
         self.config = config or ServerConfig()
-        # one frame encoder and one OCR for every stream: each model is loaded once, not per
-        # stream, and the frames that streams write at about the same time share one forward
-        self.model, encoder = model_and_encoder(model, self.config.session)
-        self.encoder = BatchingEncoder(encoder, BatchingConfig(self.config.encoder_batch, self.config.encoder_wait_ms))
-        self.screen_reader = shared_screen_reader(self.config.session)
         self.limits = Limits(self.config.max_header_bytes, self.config.max_frame_bytes)
         self.state_dir = Path(self.config.state_dir or cache_dir() / "streams")
+        self.cluster = self.model = self.encoder = self.screen_reader = None
+        if self.config.cluster is not None:  # the sessions live on the cluster's workers, each loads the models
+            self.cluster = ClusterHost(self.config.cluster, model, self.config.session, self.state_dir,
+                                       self.config.encoder_batch, self.config.encoder_wait_ms)
+        else:
+            # one frame encoder and one OCR for every stream: each model is loaded once, not per
+            # stream, and the frames that streams write at about the same time share one forward
+            self.model, encoder = model_and_encoder(model, self.config.session)
+            self.encoder = BatchingEncoder(encoder, BatchingConfig(self.config.encoder_batch,
+                                                                   self.config.encoder_wait_ms))
+            self.screen_reader = shared_screen_reader(self.config.session)
+        self.model_name = self.cluster.name if self.cluster else self.model.name or type(self.model).__name__
         self.streams: dict[str, Stream] = {}
         self._closing: dict[str, Stream] = {}  # waiting for their questions before they close
         self.counters = dict.fromkeys(("requests", "errors", "refused", "busy", "answers", "rate_dropped"), 0)
@@ -232,7 +247,7 @@ class Server:
             self.socket.bind(self.config.bind)
         except zmq.ZMQError as exc:
             self._ctx.destroy(linger=0)
-            self.encoder.close()
+            self._close_host()
             raise ConfigError(f"cannot bind {self.config.bind}: {exc}") from None
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._results_address = f"inproc://vstream-results-{id(self)}"
@@ -243,10 +258,15 @@ class Server:
             if sock is not None:
                 self._poller.register(sock, zmq.POLLIN)
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=self.config.queue_size)
-        self._openers: list[threading.Thread] = []
-        self._worker = threading.Thread(target=self._work, name="vstream-server-model", daemon=True)
-        self._worker.start()
-        logger.info("serving on %s with model %s", self.address, self.model.name or type(self.model).__name__)
+        self._openers: list[threading.Thread] = []  # threads opening sources or draining nodes
+        # one model worker here; on a cluster one per worker actor, each answering on its own node
+        answerers = len(self.cluster.workers) if self.cluster else 1
+        self._answerers = [threading.Thread(target=self._work, name=f"vstream-server-model-{i}", daemon=True)
+                           for i in range(answerers)]
+        for thread in self._answerers:
+            thread.start()
+        logger.info("serving on %s with model %s%s", self.address, self.model_name,
+                    f" on {answerers} Ray worker(s)" if self.cluster else "")
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -308,7 +328,8 @@ class Server:
         except ProtocolError as exc:
             if exc.code == "auth":
                 self._refused(identity, parts[0].get("Peer-Address"), str(exc))
-            self._error(identity, exc.request_id, exc.code, str(exc))
+            request_id = exc.request_id if exc.request_id is not None else message and message.id
+            self._error(identity, request_id, exc.code, str(exc))
         except (VStreamError, ValueError) as exc:
             code = "source" if isinstance(exc, SourceError) else "invalid"
             self._error(identity, message and message.id, code, str(exc))
@@ -356,12 +377,17 @@ class Server:
                 raise ProtocolError(f"stream {resume!r} is already open", "exists", message.id)
             if not (self.state_dir / resume / "session.json").is_file():
                 raise ProtocolError(f"no saved stream {resume!r} in the state folder", "not_found", message.id)
-            session, stream_id = Session.load(self.state_dir / resume, self.model, self.config.session,
-                                              self.encoder, self.screen_reader), resume
+            stream_id = resume
         else:
             stream_id = secrets.token_hex(8)
             while (self.state_dir / stream_id).exists():
                 stream_id = secrets.token_hex(8)
+        if self.cluster is not None:
+            session = self.cluster.open(stream_id, resume is not None)
+        elif resume is not None:
+            session = Session.load(self.state_dir / resume, self.model, self.config.session, self.encoder,
+                                   self.screen_reader)
+        else:
             session = Session(self.model, self.config.session, self.encoder, self.screen_reader)
         now = time.monotonic()
         stream = Stream(stream_id, session, source, seen=now, frame_bucket=TokenBucket(self.config.max_fps, now),
@@ -452,15 +478,39 @@ class Server:
             self._reply(identity, "ok", message.id, data={"stats": self._stream(message).describe()})
             return
         stats = {**self.counters, "streams": len(self.streams), "closing": len(self._closing),
-                 "encoder_forwards": self.encoder.forwards, "encoder_frames": self.encoder.frames,
                  "queue": self._jobs.qsize(), "queue_size": self.config.queue_size,
-                 "uptime": round(time.monotonic() - self.started, 3)}
+                 "uptime": round(time.monotonic() - self.started, 3),
+                 **(self.cluster.stats() if self.cluster else {"encoder_forwards": self.encoder.forwards,
+                                                                 "encoder_frames": self.encoder.frames})}
         self._reply(identity, "ok", message.id, data={"stats": stats})
+
+    def _on_drain(self, identity: bytes, message: Message) -> None:
+        if self.cluster is None:
+            raise ProtocolError("this server runs no cluster: there is no node to drain", "invalid", message.id)
+        # moving streams takes seconds (each is written, saved and reopened): not on the loop
+        drainer = threading.Thread(target=self._drain, args=(message.get("node"), identity, message.id),
+                                   name="vstream-server-drain", daemon=True)
+        self._openers = [t for t in self._openers if t.is_alive()] + [drainer]
+        drainer.start()
+
+    def _drain(self, node: str, identity: bytes, request_id: int) -> None:
+        out = self._ctx.socket(zmq.PUSH)
+        out.connect(self._results_address)
+        try:
+            reply = encode("ok", request_id, data=self.cluster.drain(node))
+        except (VStreamError, ValueError) as exc:
+            reply = encode("error", request_id, code=exc.code if isinstance(exc, ProtocolError) else "invalid",
+                           message=str(exc))
+        except Exception as exc:
+            logger.exception("draining node %s failed", node)
+            reply = encode("error", request_id, code="internal", message=f"{type(exc).__name__}: {exc}")
+        out.send_multipart([b"admin", b"", identity, b"", *reply])
+        out.close()
 
     def _on_health(self, identity: bytes, message: Message) -> None:
         self._reply(identity, "ok", message.id, data={
             "status": "stopping" if self._stopping else "ok", "protocol": VERSION, "version": vstream.__version__,
-            "model": self.model.name, "streams": len(self.streams), "queue": self._jobs.qsize(),
+            "model": self.model_name, "streams": len(self.streams), "queue": self._jobs.qsize(),
             "uptime": round(time.monotonic() - self.started, 3)})
 
     # -- workers --------------------------------------------------------------------------
@@ -485,8 +535,8 @@ class Server:
                 if job.tokens:
                     send(b"part", "token", text=piece)
             send(b"answer", "answer", **answer_stream.result().to_dict())
-        except (VStreamError, ValueError) as exc:
-            send(b"done", "error", code="invalid", message=str(exc))
+        except (VStreamError, ValueError) as exc:  # a cluster stream's worker died: "moved"
+            send(b"done", "error", code=exc.code if isinstance(exc, ProtocolError) else "invalid", message=str(exc))
         except Exception as exc:
             logger.exception("answering %r on stream %s failed", job.question, job.stream)
             send(b"done", "error", code="internal", message=f"{type(exc).__name__}: {exc}")
@@ -516,7 +566,7 @@ class Server:
             except zmq.Again:
                 return
             self.socket.send_multipart(reply)
-            if tag == b"part":
+            if tag in (b"part", b"admin"):  # a piece of an answer; a reply about no stream
                 continue
             self.counters["answers"] += tag == b"answer"
             stream_id = stream_id.decode()
@@ -588,9 +638,10 @@ class Server:
                 self._error(job.identity, job.request_id, "shutting_down", "the server is stopping")
                 stream = self.streams.get(job.stream) or self._closing.get(job.stream)
                 stream.pending -= 1
-        self._jobs.put(None)
+        for _ in self._answerers:
+            self._jobs.put(None)
         deadline = time.monotonic() + 30.0
-        while (self._worker.is_alive() or any(t.is_alive() for t in self._openers)) and time.monotonic() < deadline:
+        while self._busy_threads() and time.monotonic() < deadline:
             if self._results.poll(50):
                 self._forward()
         self._forward()
@@ -599,12 +650,22 @@ class Server:
         logger.info("saved %d stream(s) into %s", len(self.streams) + len(self._closing), self.state_dir)
         self.streams.clear()
         self._closing.clear()
-        self.encoder.close()
+        self._close_host()
         for sock in (self.socket, self._results, self._zap):
             if sock is not None:
                 sock.close(linger=0)
-        if not self._worker.is_alive() and not any(t.is_alive() for t in self._openers):
+        if not self._busy_threads():
             self._ctx.term()
+
+    def _busy_threads(self) -> bool:
+        return any(t.is_alive() for t in [*self._answerers, *self._openers])
+
+    def _close_host(self) -> None:
+        """Free the shared frame encoder, or stop the cluster's workers."""
+        if self.cluster is not None:
+            self.cluster.close()
+        else:
+            self.encoder.close()
 
     def _authenticate(self) -> None:
         """Answer one ZAP request: a CURVE client is let in if its key is allowed."""
