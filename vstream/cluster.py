@@ -70,7 +70,9 @@ class ClusterConfig(JsonConfig):
         worker_gpus: Ray GPUs each worker takes (default 0.0; 1.0 puts the model on the
             node's GPU).
         checkpoint_every: seconds between a worker's saves of its streams (default 30.0).
-        batch_frames: frames and audio chunks sent to a worker in one call (default 8).
+        batch_frames: frames and audio chunks sent to a worker in one call (default 32:
+            a call costs a few milliseconds whatever it carries; 8 made the cluster path
+            1.6x the single process's per-frame cost, 32 1.3x, benchmarks/cluster.py).
         health_every: seconds between health checks of the workers (default 1.0).
         dead_after: seconds a worker may leave a health check unanswered before it is
             taken for dead (default 10.0).
@@ -81,7 +83,7 @@ class ClusterConfig(JsonConfig):
     worker_cpus: float = 1.0
     worker_gpus: float = 0.0
     checkpoint_every: float = 30.0
-    batch_frames: int = 8
+    batch_frames: int = 32
     health_every: float = 1.0
     dead_after: float = 10.0
 
@@ -274,8 +276,8 @@ class RemoteAnswer:
 class RemoteAnswerStream:
     """The tokens of an answer being generated on a worker (iterate), then ``result()``."""
 
-    def __init__(self, generator, stream_id: str):
-        self._generator, self._stream_id, self._answer = generator, stream_id, None
+    def __init__(self, generator, remote: RemoteSession, worker: Worker):
+        self._generator, self._remote, self._worker, self._answer = generator, remote, worker, None
 
     def __iter__(self):
         ray = _import_ray()
@@ -289,7 +291,8 @@ class RemoteAnswerStream:
                 else:
                     raise ProtocolError(item[2], item[1])
         except ray.exceptions.RayActorError:
-            raise ProtocolError(f"stream {self._stream_id}: its worker stopped while answering; the stream moves to "
+            self._remote.host.worker_failed(self._worker)  # now, not at the next health check
+            raise ProtocolError(f"stream {self._remote.id}: its worker stopped while answering; the stream moved to "
                                 "another worker: ask again", "moved") from None
 
     def result(self) -> RemoteAnswer:
@@ -409,7 +412,7 @@ class RemoteSession:
         worker = self._worker()
         window = {name: value for name, value in (("start", start), ("end", end), ("last", last)) if value is not None}
         generator = worker.handle.ask.options(num_returns="streaming").remote(self.id, question, window)
-        return RemoteAnswerStream(generator, self.id)
+        return RemoteAnswerStream(generator, self, worker)
 
     def start_source(self, source: str, **settings) -> None:
         self._reads_source = True
