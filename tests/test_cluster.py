@@ -17,6 +17,7 @@ import pytest
 import ray
 import torch
 from ray.cluster_utils import Cluster
+from server_process import ServerProcess
 from tiny_models import tiny_llama
 
 from vstream import Frame
@@ -113,6 +114,26 @@ def local_answer(model, tmp_path_factory):
     finally:
         server.stop()
         thread.join(timeout=60)
+
+
+def test_vstream_serve_cluster_local_streams_answers_and_saves_on_sigterm(model, tmp_path):
+    """The CLI end to end: ``vstream serve --cluster local`` starts Ray in its own process."""
+    server = ServerProcess(tmp_path, "--model", model, "--no-asr", "--max-new-tokens", "8", "--cluster", "local",
+                           "--checkpoint-every", "60")
+    try:
+        address = server.wait_ready(timeout=120)
+        with Client(address) as client:
+            stream = client.open_stream()
+            send(client, stream, frames(6))
+            written(client, stream, 6)
+            assert client.ask(stream, QUESTION)["answer"]
+            workers = client.stats()["workers"]
+            assert [w["node"] for w in workers] == [client.stats(stream)["node"]]
+        assert server.stop(timeout=60) == 0  # SIGTERM: the stream is saved before Ray stops
+        assert (server.state_dir / stream / "session.json").is_file()
+        assert "on 1 Ray worker(s)" in server.log()
+    finally:
+        server.kill()
 
 
 def test_streams_spread_over_the_nodes_and_answer_as_one_process_does(server, local_answer):
