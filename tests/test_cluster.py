@@ -170,6 +170,27 @@ def test_a_full_cluster_refuses_new_streams_and_takes_them_once_there_is_room(se
             client.close_stream(stream)
 
 
+def test_bad_requests_get_the_single_process_errors(server):
+    with Client(server.address) as client:
+        damaged = server.state_dir / "damaged"
+        damaged.mkdir(parents=True)
+        (damaged / "session.json").write_text("{not json")
+        with pytest.raises(ServerError) as refused:
+            client.open_stream(resume="damaged")
+        assert refused.value.code == "invalid" and "damaged" in str(refused.value)
+        assert "Traceback" not in str(refused.value)  # the worker's error, not Ray's wrapping of it
+        stream = client.open_stream()
+        send(client, stream, frames(3, offset=5))
+        with pytest.raises(ServerError) as back:
+            client.send_frame(stream, frames(1)[0])  # t=0 after t=7
+        assert back.value.code == "invalid" and "earlier than the previous frame" in str(back.value)
+        with pytest.raises(ServerError) as window:
+            client.ask(stream, QUESTION, start=5.0, end=1.0)
+        assert window.value.code == "invalid"
+        assert len(client.list_streams()) == 1  # the refused resume left nothing open
+        client.close_stream(stream)
+
+
 def test_drain_moves_a_nodes_streams_with_nothing_lost(server, capsys):
     with Client(server.address) as client:
         stream = client.open_stream()

@@ -106,6 +106,18 @@ def _import_ray():
     return ray
 
 
+def _result(ref, timeout: float | None = CALL_TIMEOUT):
+    """``ray.get(ref)``; an error of ours raised in the worker is raised here as itself
+    (Ray would wrap it with the worker's traceback in its message)."""
+    ray = _import_ray()
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, (VStreamError, ValueError)):
+            raise exc.cause from None
+        raise
+
+
 # -- the worker, in a Ray actor process -------------------------------------------------
 
 
@@ -416,7 +428,7 @@ class RemoteSession:
 
     def start_source(self, source: str, **settings) -> None:
         self._reads_source = True
-        _import_ray().get(self._worker().handle.start_source.remote(self.id, source, settings), timeout=CALL_TIMEOUT)
+        _result(self._worker().handle.start_source.remote(self.id, source, settings))
 
     @property
     def stats(self) -> SessionStats:
@@ -426,7 +438,7 @@ class RemoteSession:
         worker = self.worker
         if worker is not None and worker.alive:
             try:
-                self._last_stats = ray.get(worker.handle.stats.remote(self.id), timeout=5.0)
+                self._last_stats = _result(worker.handle.stats.remote(self.id), timeout=5.0)
             except (ray.exceptions.RayError, TimeoutError, ConfigError):  # moving, or gone: the last ones known
                 pass
         stats = SessionStats(**self._last_stats)
@@ -441,7 +453,7 @@ class RemoteSession:
 
     def wait(self, timeout: float | None = None) -> bool:
         timeout = CALL_TIMEOUT if timeout is None else timeout
-        return self.flush(timeout) and _import_ray().get(self._worker().handle.wait.remote(self.id, timeout))
+        return self.flush(timeout) and _result(self._worker().handle.wait.remote(self.id, timeout), timeout + 5.0)
 
     def save(self, folder) -> None:
         """Write what was pushed and save it into ``folder`` (the server's state folder,
@@ -453,7 +465,7 @@ class RemoteSession:
             worker = self._worker()
             self.worker = None
             worker.streams.discard(self)
-        _import_ray().get(worker.handle.close.remote(self.id, True), timeout=CALL_TIMEOUT)
+        _result(worker.handle.close.remote(self.id, True))
 
     def close(self) -> None:
         """Stop forwarding; close the session on its worker (unsaved) if ``save`` did not."""
@@ -468,7 +480,7 @@ class RemoteSession:
         if worker is not None and worker.alive:
             worker.streams.discard(self)
             try:
-                _import_ray().get(worker.handle.close.remote(self.id, False), timeout=CALL_TIMEOUT)
+                _result(worker.handle.close.remote(self.id, False))
             except Exception as exc:  # noqa: BLE001 - the worker may be gone; nothing is left to free there
                 logger.warning("stream %s: closing on node %s: %s", self.id, worker.node, exc)
 
@@ -574,7 +586,6 @@ class ClusterHost:
 
     def open(self, stream_id: str, resume: bool) -> RemoteSession:
         """A new stream (from its save with ``resume``) on the worker with the most room."""
-        ray = _import_ray()
         with self._lock:
             worker = self._roomiest()
             if worker is None:
@@ -583,7 +594,7 @@ class ClusterHost:
             remote = RemoteSession(self, stream_id, worker, self.queue_frames)
             worker.streams.add(remote)
         try:
-            remote.forwarded = ray.get(worker.handle.open.remote(stream_id, resume), timeout=CALL_TIMEOUT)
+            remote.forwarded = _result(worker.handle.open.remote(stream_id, resume))
         except BaseException:
             remote.close()
             raise
@@ -668,7 +679,6 @@ class ClusterHost:
     def _move(self, remote: RemoteSession, lossless: bool) -> None:
         """Reopen ``remote`` on another worker: with ``lossless`` (its worker is alive),
         from a save made now; otherwise from its last checkpoint, counting what is lost."""
-        ray = _import_ray()
         with remote._send_lock:  # no batch is on its way while the stream moves
             old = remote.worker
             if old is None:
@@ -676,7 +686,7 @@ class ClusterHost:
             old.streams.discard(remote)
             kept = None
             if lossless:
-                kept = ray.get(old.handle.close.remote(remote.id, True), timeout=CALL_TIMEOUT)
+                kept = _result(old.handle.close.remote(remote.id, True))
             target = self._roomiest(exclude=old)
             resume = (self.state_dir / remote.id / "session.json").is_file()
             if target is None:
@@ -684,7 +694,7 @@ class ClusterHost:
                 remote.frames_lost += remote.forwarded
                 logger.error("stream %s: no worker has room; it is lost", remote.id)
                 return
-            restored = ray.get(target.handle.open.remote(remote.id, resume), timeout=CALL_TIMEOUT)
+            restored = _result(target.handle.open.remote(remote.id, resume))
             if kept is not None and restored != kept:
                 raise VStreamError(f"stream {remote.id}: moved with {kept} frames, reopened with {restored}")
             remote.frames_lost += max(0, remote.forwarded - restored)
