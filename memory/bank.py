@@ -403,6 +403,11 @@ class FeatureBank:
     def thumbnails(self, ids) -> list[Image.Image | None]:
         """The thumbnails of the frames ``ids`` (ints), None where a frame was added without
         an image or was thinned."""
+        return [decode_thumbnail(jpeg) for jpeg in self.thumbnail_jpegs(ids)]
+
+    def thumbnail_jpegs(self, ids) -> list[bytes]:
+        """The JPEG files of the frames ``ids``' thumbnails, as stored; ``b""`` where a frame
+        was added without an image or was thinned."""
         ids = [int(i) for i in ids]
         with self._lock:
             self._check_open()
@@ -411,9 +416,8 @@ class FeatureBank:
                 raise MemoryStateError(f"frame id {bad[0]} is out of range: the bank holds ids 0..{self._n - 1}")
             slots = len(self._thumbnail_ring)
             first_in_ram = self._n - min(self._n, slots)
-            jpegs = [b"" if self._slots[i] < 0 else self._thumbnail_ring[i % slots] if i >= first_in_ram
-                     else self._read_thumbnail(i) for i in ids]
-        return [decode_thumbnail(jpeg) for jpeg in jpegs]
+            return [b"" if self._slots[i] < 0 else self._thumbnail_ring[i % slots] if i >= first_in_ram
+                    else self._read_thumbnail(i) for i in ids]
 
     def _read_thumbnail(self, i: int) -> bytes:
         size = int(self._thumbnail_sizes[i])

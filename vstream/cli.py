@@ -122,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="frames and audio chunks waiting per stream; beyond that the oldest is dropped (default 64)")
     _generation_flags(serve, max_new_tokens=160)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    web = serve.add_argument_group("HTTP API and web page (pip install 'vstream[web]')")
+    web.add_argument("--http", metavar="HOST:PORT",
+                     help="also serve the HTTP API and the page there, e.g. 127.0.0.1:8080 (without --token: "
+                          "loopback only)")
+    web.add_argument("--max-upload-bytes", type=int, default=2 * 1024**3,
+                     help="largest video uploaded through the page or the API (default 2 GiB)")
     cluster = serve.add_argument_group("Ray cluster (pip install 'vstream[cluster]')")
     cluster.add_argument("--cluster", metavar="ADDRESS",
                          help="host the streams on a Ray cluster's nodes: auto (the cluster `ray start` runs here), "
@@ -477,9 +483,25 @@ def _serve(args) -> None:
 
         transformers_logging.disable_progress_bar()
     # on a cluster each node's worker loads the model; here, the server does
+    if args.http and curve_secret:
+        raise vstream.ConfigError("--http does not go with CURVE yet: the page talks to the server as a client "
+                                  "with the token")
+    gateway = None
+    if args.http:
+        from vstream.http import HttpConfig, HttpGateway
+
+        http_config = HttpConfig(bind=args.http, max_upload_bytes=args.max_upload_bytes, fps=args.fps)
     server = Server(config, args.model if cluster else load_model(args.model, args.dtype, args.device, args.head))
-    print(f"vstream serve: listening on {server.address}", flush=True)
-    server.serve()
+    try:
+        if args.http:
+            gateway = HttpGateway(server.address, args.token, http_config)
+            print(f"vstream serve: page and HTTP API on {gateway.start()}", flush=True)
+        print(f"vstream serve: listening on {server.address}", flush=True)
+        server.serve()
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        server.close()
 
 
 def _cluster_drain(args) -> None:

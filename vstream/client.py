@@ -31,7 +31,7 @@ from vstream.protocol import Limits, Message, decode, encode, encode_audio, enco
 from vstream.types import AudioChunk, Frame
 
 logger = logging.getLogger(__name__)
-REPLY_LIMITS = Limits(max_header_bytes=64 * 1024 * 1024, max_payload_bytes=0)  # replies carry no payload
+REPLY_LIMITS = Limits(max_header_bytes=64 * 1024 * 1024, max_payload_bytes=16 * 1024 * 1024)  # a thumbnail at most
 
 
 class Client:
@@ -177,6 +177,19 @@ class Client:
     def health(self) -> dict:
         """``{"status", "protocol", "version", "model", "streams", "queue", "uptime"}``."""
         return self._call("health")
+
+    def thumbnail(self, stream: str, t: float) -> tuple[float, bytes]:
+        """The JPEG thumbnail of the stream's kept frame nearest to ``t`` seconds, and that
+        frame's time (``ServerError`` ``not_found`` before its first frame)."""
+        request_id = next(self._ids)
+        self._send(encode("thumbnail", request_id, token=self.token, stream=stream, t=t))
+        reply = self._receive(request_id, self.timeout)
+        return float(reply.get("t")), reply.array.tobytes()
+
+    def texts(self, stream: str, limit: int = 200) -> dict:
+        """The stream's newest ``limit`` transcript and screen-text lines, oldest first:
+        ``{"transcript": [[start, end, text], ...], "screen": [...]}``."""
+        return self._call("texts", stream=stream, limit=limit)
 
     def drain(self, node: str) -> dict:
         """On a cluster server (``vstream serve --cluster``): move every stream off the Ray

@@ -193,6 +193,12 @@ class StreamWorker:
     def wait(self, stream_id: str, timeout: float) -> bool:
         return self._session(stream_id).wait(timeout)
 
+    def thumbnail(self, stream_id: str, t: float) -> tuple[float, bytes] | None:
+        return self._session(stream_id).thumbnail(t)
+
+    def texts(self, stream_id: str, limit: int) -> dict:
+        return self._session(stream_id).texts(limit)
+
     def ask(self, stream_id: str, question: str, window: dict):
         """Answer ``question`` (a generator: Ray streams its items): ``("token", text)``
         for each piece, then ``("answer", answer dict)``, or ``("error", code, message)``."""
@@ -446,6 +452,12 @@ class RemoteSession:
             stats.frames_in = self._pushed.frames_in
         stats.frames_dropped += self._pushed.frames_dropped
         return stats
+
+    def thumbnail(self, t: float) -> tuple[float, bytes] | None:
+        return _result(self._worker().handle.thumbnail.remote(self.id, t))
+
+    def texts(self, limit: int = 200) -> dict:
+        return _result(self._worker().handle.texts.remote(self.id, limit))
 
     def placement(self) -> dict:
         """Where the stream runs and what moving cost it: ``node``, ``moved``, ``frames_lost``."""

@@ -31,13 +31,17 @@ list      -                                                              ok {str
 stats     stream (none: the server's own)                                ok {stats}
 health    -                                                              ok {status, ...}
 drain     node* (a Ray node id or a unique prefix; cluster servers)      ok {node, moved}
+thumbnail stream*, t* (seconds)                                          image {t}; 1 payload
+texts     stream*, limit (lines, default 200)                            ok {transcript, screen}
 ========  =============================================================  ====================
 
 Times are seconds on the stream's clock; a stream's frame times never go back.
 
 Replies (server -> client): ``ok`` {data}, ``error`` {code*, message*, retry_after},
 ``token`` {text*} (a streamed piece of an answer), ``answer`` {answer*, evidence*,
-timings*} (the shape ``vstream ask --json`` prints), ``busy`` {reason*: "frames",
+timings*} (the shape ``vstream ask --json`` prints), ``image`` {t*, dtype* uint8,
+shape* [n]} with the JPEG file of the kept frame nearest the time asked (``t`` is that
+frame's time) as its payload, ``busy`` {reason*: "frames",
 "full" or "queue"}. Any request may get ``error``; ``busy`` answers a frame or audio
 chunk whose stream was full: reason ``frames``, the session dropped its oldest
 waiting item for it; reason ``full`` (the item was sent ``lossless``), the item itself
@@ -67,8 +71,8 @@ from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame
 
 VERSION = "vstream/1"
 
-REQUESTS = ("open", "frame", "audio", "ask", "close", "list", "stats", "health", "drain")
-REPLIES = ("ok", "error", "token", "answer", "busy")
+REQUESTS = ("open", "frame", "audio", "ask", "close", "list", "stats", "health", "drain", "thumbnail", "texts")
+REPLIES = ("ok", "error", "token", "answer", "busy", "image")
 ERROR_CODES = (
     "bad_message",     # malformed: parts, JSON, field types, shape against bytes
     "version",         # another protocol version
@@ -87,7 +91,7 @@ ERROR_CODES = (
     "shutting_down",   # the server stops; the request was not served
     "internal",        # a bug: the server logged it with a traceback
 )
-DTYPES = {"frame": "uint8", "audio": "float32"}  # the one dtype each array kind may have
+DTYPES = {"frame": "uint8", "audio": "float32", "image": "uint8"}  # the one dtype each array kind may have
 STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_REQUEST_ID = 2**63 - 1
 
@@ -106,11 +110,14 @@ _FIELDS = {
     "stats": {"stream": ("stream", False)},
     "health": {},
     "drain": {"node": ("str", True)},
+    "thumbnail": {"stream": ("stream", True), "t": ("number", True)},
+    "texts": {"stream": ("stream", True), "limit": ("int", False)},
     "ok": {"data": ("dict", False)},
     "error": {"code": ("str", True), "message": ("str", True), "retry_after": ("number", False)},
     "token": {"text": ("str", True)},
     "answer": {"answer": ("str", True), "evidence": ("list", True), "timings": ("dict", True)},
     "busy": {"reason": ("str", True)},
+    "image": {"t": ("number", True), "dtype": ("str", True), "shape": ("shape", True)},
 }
 
 
@@ -288,8 +295,8 @@ def _array(kind: str, header: dict, payloads: list, limits: Limits, request_id) 
                             request_id=request_id)
     if kind == "frame" and (len(shape) != 3 or shape[2] != 3):
         raise ProtocolError(f"field 'shape' of a frame must be [H, W, 3], got {shape}", request_id=request_id)
-    if kind == "audio" and len(shape) != 1:
-        raise ProtocolError(f"field 'shape' of audio must be [n], got {shape}", request_id=request_id)
+    if kind in ("audio", "image") and len(shape) != 1:
+        raise ProtocolError(f"field 'shape' of {kind} must be [n], got {shape}", request_id=request_id)
     expected = math.prod(shape) * np.dtype(dtype).itemsize
     if expected != size:
         raise ProtocolError(f"field 'shape' {shape} of {dtype} needs {expected} bytes; the payload has {size}",

@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import zmq
 from zmq.utils import z85
 
@@ -61,6 +62,7 @@ logger = logging.getLogger(__name__)
 POLL_MS = 100  # longest wait of one step; also how late a stop request is seen
 RECEIVE_BATCH = 256  # requests served per step before the worker's replies get their turn
 SOURCE_KINDS = ("url", "file", "camera")
+TEXT_LINES = 1000  # most transcript / screen lines one ``texts`` reply carries
 
 
 @dataclass
@@ -506,6 +508,19 @@ class Server:
             reply = encode("error", request_id, code="internal", message=f"{type(exc).__name__}: {exc}")
         out.send_multipart([b"admin", b"", identity, b"", *reply])
         out.close()
+
+    def _on_thumbnail(self, identity: bytes, message: Message) -> None:
+        stream = self._stream(message)
+        found = stream.session.thumbnail(message.get("t"))
+        if found is None:
+            raise ProtocolError(f"stream {stream.id} has no frame near t={message.get('t')} yet", "not_found",
+                                message.id)
+        t, jpeg = found
+        self._reply(identity, "image", message.id, array=np.frombuffer(jpeg, np.uint8), t=t)
+
+    def _on_texts(self, identity: bytes, message: Message) -> None:
+        stream = self._stream(message)
+        self._reply(identity, "ok", message.id, data=stream.session.texts(min(message.get("limit", 200), TEXT_LINES)))
 
     def _on_health(self, identity: bytes, message: Message) -> None:
         self._reply(identity, "ok", message.id, data={

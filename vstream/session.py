@@ -667,6 +667,21 @@ class Session:
                     shown.append((float(self.memory.bank.times[i]), image))
         return shown
 
+    def thumbnail(self, t: float) -> tuple[float, bytes] | None:
+        """The stored JPEG thumbnail of the kept frame nearest to ``t`` seconds, with that
+        frame's time; None before the first frame or when it has none (what a page shows
+        as evidence and as the latest frame)."""
+        with self._write_lock:
+            i = self.memory.frame_at(t)
+            jpeg = None if i is None else self.memory.bank.thumbnail_jpegs([i])[0]
+            return (float(self.memory.bank.times[i]), jpeg) if jpeg else None
+
+    def texts(self, limit: int = 200) -> dict:
+        """The newest ``limit`` lines of the transcript and of the text read on screen,
+        oldest first: ``{"transcript": [[start, end, text], ...], "screen": [...]}``."""
+        return {name: [[s.start, s.end, s.text] for s in memory.recent(limit)] if memory is not None else []
+                for name, memory in (("transcript", self.transcript), ("screen", self.screen))}
+
     def imagine(self, t: float, level: int, head, decoder) -> Image.Image:
         """A picture of the frame at ``t`` seconds as the model sees it: ``head`` (a
         ``MultigranularHead``) generates its features at ``level`` tokens from the request
