@@ -488,7 +488,7 @@ def _serve(args) -> None:
                                   "with the token")
     gateway = None
     if args.http:
-        from vstream.http import HttpConfig, HttpGateway
+        from vstream.http_api import HttpConfig, HttpGateway
 
         http_config = HttpConfig(bind=args.http, max_upload_bytes=args.max_upload_bytes, fps=args.fps)
     server = Server(config, args.model if cluster else load_model(args.model, args.dtype, args.device, args.head))
