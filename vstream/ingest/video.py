@@ -48,6 +48,8 @@ class FileIndex:
         declared_duration: what the container says its duration is, seconds, or None.
         video_start: where the video stream's own clock starts, seconds from the start
             of the source (decord counts frame times from there).
+        declared_frames: how many frames the container says the stream has (0: it does
+            not say); a damaged header may claim billions.
     """
 
     pts: np.ndarray
@@ -56,6 +58,7 @@ class FileIndex:
     end: float
     declared_duration: float | None
     video_start: float
+    declared_frames: int = 0
 
     @classmethod
     def build(cls, container: av.container.InputContainer) -> FileIndex:
@@ -85,7 +88,7 @@ class FileIndex:
         times = sorted_pts * float(stream.time_base) - base
         declared = container.duration / av.time_base if container.duration else None
         video_start = (stream.start_time or 0) * float(stream.time_base) - base
-        return cls(sorted_pts, times, keyframes, end, declared, video_start)
+        return cls(sorted_pts, times, keyframes, end, declared, video_start, int(stream.frames or 0))
 
     def __len__(self) -> int:
         return len(self.pts)
@@ -220,6 +223,12 @@ class DecordDecoder:
 def open_video_decoder(uri: str, index: FileIndex, size: tuple[int, int], threads: int) -> DecordDecoder | PyAVDecoder:
     """A decord decoder when decord reads ``uri`` with the same frames and times as
     ``index``, a PyAV decoder otherwise."""
+    if index.declared_frames > 2 * len(index) + 16:
+        # decord sizes its tables by the header: a damaged one claiming billions of frames
+        # aborts the whole process (std::bad_alloc) where Python cannot catch it
+        log.warning("%s: the header claims %d video frames, the file holds %d; decoding with PyAV", uri,
+                    index.declared_frames, len(index))
+        return PyAVDecoder(uri, index, size, threads)
     try:
         import decord
 
@@ -232,7 +241,11 @@ def open_video_decoder(uri: str, index: FileIndex, size: tuple[int, int], thread
         log.debug("decord disagrees with the demuxer on the frames of %s; using PyAV", uri)
         return PyAVDecoder(uri, index, size, threads)
     # decord2 3.4 returns garbage in 4 channels at some sizes (96x64, 48x32): check one frame
-    shape = tuple(reader[0].shape) if len(reader) else (size[1], size[0], 3)
+    try:
+        shape = tuple(reader[0].shape) if len(reader) else (size[1], size[0], 3)
+    except Exception as e:  # noqa: BLE001 - decord's own error type: a damaged first frame
+        log.debug("decord cannot decode the first frame of %s (%s); using PyAV", uri, e)
+        return PyAVDecoder(uri, index, size, threads)
     if shape != (size[1], size[0], 3):
         log.debug("decord decodes %s as %s, not %sx%s RGB; using PyAV", uri, shape, *size)
         return PyAVDecoder(uri, index, size, threads)
