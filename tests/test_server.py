@@ -358,6 +358,22 @@ def test_rate_limit_drops_and_counts(client):
     client.close_stream(stream)
 
 
+def test_a_time_far_ahead_or_negative_is_refused_and_changes_nothing(client):
+    """One frame at t=1e308 would have made every later frame "earlier than the previous"."""
+    stream = client.open_stream()
+    assert client.send_frame(stream, Frame(np.zeros((64, 96, 3), np.uint8), 5.0, 0))
+    for t, why in ((1e308, "jumps"), (5.0 + 3601, "jumps"), (-1.0, "negative")):
+        with pytest.raises(ServerError) as refused:
+            client.send_frame(stream, Frame(np.zeros((64, 96, 3), np.uint8), t, 1))
+        assert refused.value.code == "invalid" and why in str(refused.value)
+    with pytest.raises(ServerError, match="jumps"):
+        client.send_audio(stream, AudioChunk(np.zeros(1600, np.float32), 1e9, 1e9 + 0.1))
+    assert client.send_frame(stream, Frame(np.zeros((64, 96, 3), np.uint8), 6.0, 1))  # the owner's frames go on
+    stats = wait_processed(client, stream, 2)
+    assert (stats["frames_in"], stats["last_t"], stats["rate_dropped"]) == (2, 6.0, 0)
+    client.close_stream(stream)
+
+
 def test_audio_rate_limit(client):
     """4 s of audio per second: a flood of 1-second chunks is cut to about that."""
     stream = client.open_stream()

@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-timeout", type=float, default=300.0,
                        help="seconds without a message before a stream is saved and closed (default 300)")
     serve.add_argument("--queue-size", type=int, default=32, help="questions waiting for the model (default 32)")
+    serve.add_argument("--max-time-jump", type=float, default=3600.0,
+                       help="seconds a frame's or audio chunk's time may jump past the stream's newest (default 3600)")
     serve.add_argument("--encoder-batch", type=int, default=32,
                        help="most frames, from any streams, in one frame-encoder forward (default 32; 1: none shared)")
     serve.add_argument("--encoder-wait-ms", type=float, default=2.0,
@@ -471,7 +473,8 @@ def _serve(args) -> None:
                           curve_clients=curve_clients, state_dir=args.state_dir, max_streams=args.max_streams,
                           max_frame_bytes=args.max_frame_bytes, max_header_bytes=args.max_header_bytes,
                           max_fps=args.max_fps, max_audio_speed=args.max_audio_speed, idle_timeout=args.idle_timeout,
-                          queue_size=args.queue_size, encoder_batch=args.encoder_batch,
+                          queue_size=args.queue_size, max_time_jump=args.max_time_jump,
+                          encoder_batch=args.encoder_batch,
                           encoder_wait_ms=args.encoder_wait_ms, sources=sources, session=session, cluster=cluster)
     if args.threads:
         import torch

@@ -91,6 +91,9 @@ class ServerConfig(JsonConfig):
             closed (default 300.0); a source the server reads keeps its stream alive
             while it delivers frames.
         queue_size: questions waiting for the model (default 32).
+        max_time_jump: seconds a frame or audio time may lie ahead of the stream's
+            previous one (default 3600.0); times must also be >= 0. One frame at
+            ``t = 1e308`` would otherwise make every later frame "earlier than the previous".
         encoder_batch: most frames, from any streams, in one forward of the shared frame
             encoder (default 32; 1: each stream's frames on their own,
             ``vstream.encoders.batching`` has the policy).
@@ -115,6 +118,7 @@ class ServerConfig(JsonConfig):
     max_audio_speed: float = 30.0
     idle_timeout: float = 300.0
     queue_size: int = 32
+    max_time_jump: float = 3600.0
     encoder_batch: int = 32
     encoder_wait_ms: float = 2.0
     sources: tuple[str, ...] = ("url",)
@@ -131,6 +135,7 @@ class ServerConfig(JsonConfig):
         check_number("ServerConfig", "max_fps", self.max_fps, 0.0)
         check_number("ServerConfig", "max_audio_speed", self.max_audio_speed, 0.0)
         check_number("ServerConfig", "idle_timeout", self.idle_timeout, 0.0)
+        check_number("ServerConfig", "max_time_jump", self.max_time_jump, 0.0)
         check_number("ServerConfig", "encoder_wait_ms", self.encoder_wait_ms, 0.0, include_low=True)
         if not (isinstance(self.bind, str) and self.bind.startswith(("tcp://", "ipc://"))):
             raise ConfigError(f"ServerConfig.bind must be a tcp:// or ipc:// address, got {self.bind!r}")
@@ -181,6 +186,7 @@ class Stream:
     busy: int = 0  # frames and audio chunks answered busy
     pending: int = 0  # questions queued or being answered, and a source being opened
     frames_in: int = -1  # the session's frames_in at the last idle check
+    last_time: float | None = None  # the newest frame or audio time taken, seconds
     waiters: list = field(default_factory=list)  # (identity, request id) of close requests
 
     def describe(self) -> dict:
@@ -418,28 +424,44 @@ class Server:
 
     def _on_frame(self, identity: bytes, message: Message) -> None:
         stream = self._stream(message)
+        frame = message.frame(stream.frames)
+        self._check_time(stream, frame.t, "frame time", message)
         wait = stream.frame_bucket.take(1.0, time.monotonic())
         if wait:
             self._rate_dropped(identity, message, stream, f"over {self.config.max_fps:g} frames/s; the frame at "
-                               f"t={message.get('t')} was dropped", wait)
+                               f"t={frame.t} was dropped", wait)
             return
-        frame = message.frame(stream.frames)
         lossless = bool(message.get("lossless"))
         # a frame back in time raises: an "invalid" reply
         accepted = stream.session.push_frame(frame, evict=not lossless)
         if accepted or not lossless:  # a refused lossless frame will come again
             stream.frames += 1
+            stream.last_time = max(frame.t, stream.last_time or 0.0)
         self._pushed(identity, message, stream, accepted)
 
     def _on_audio(self, identity: bytes, message: Message) -> None:
         stream = self._stream(message)
         chunk = message.audio()
+        self._check_time(stream, chunk.start, "audio start", message)
         wait = stream.audio_bucket.take(chunk.duration, time.monotonic())
         if wait:
             self._rate_dropped(identity, message, stream, f"over {self.config.max_audio_speed:g} s of audio per "
                                f"second; the chunk at {chunk.start:g}-{chunk.end:g} s was dropped", wait)
             return
-        self._pushed(identity, message, stream, stream.session.push_audio(chunk, evict=not message.get("lossless")))
+        accepted = stream.session.push_audio(chunk, evict=not message.get("lossless"))
+        if accepted or not message.get("lossless"):
+            stream.last_time = max(chunk.start, stream.last_time or 0.0)
+        self._pushed(identity, message, stream, accepted)
+
+    def _check_time(self, stream: Stream, t: float, what: str, message: Message) -> None:
+        """Refuse (``invalid``, nothing changed) a negative time or one that jumps more than
+        ``max_time_jump`` seconds ahead of the stream's newest."""
+        if t < 0:
+            raise ProtocolError(f"stream {stream.id}: {what} {t} s is negative", "invalid", message.id)
+        if stream.last_time is not None and t - stream.last_time > self.config.max_time_jump:
+            raise ProtocolError(f"stream {stream.id}: {what} {t} s jumps {t - stream.last_time:.0f} s past the "
+                                f"stream's newest ({stream.last_time} s); the limit is {self.config.max_time_jump:g} "
+                                "s (--max-time-jump)", "invalid", message.id)
 
     def _rate_dropped(self, identity: bytes, message: Message, stream: Stream, why: str, wait: float) -> None:
         stream.rate_dropped += 1
