@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     _model_flags(serve)
     serve.add_argument("--token", default=os.environ.get("VSTREAM_TOKEN"),
                        help="shared secret every request must carry (default: $VSTREAM_TOKEN; none if unset)")
+    serve.add_argument("--tokens", metavar="FILE",
+                       help="named principals, each with its own token: a JSON object name -> {\"sha256\": "
+                            "sha256 of the token, \"admin\", \"max_streams\", \"max_fps\", "
+                            "\"questions_per_minute\", \"disk_gb\"}; a stream belongs to whoever opened it")
     serve.add_argument("--curve-secret", metavar="FILE",
                        help="the server's CURVE secret certificate (zmq.auth.create_certificates): encrypt and "
                             "authenticate with CURVE")
@@ -469,7 +473,12 @@ def _serve(args) -> None:
                                 worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
                                 checkpoint_every=args.checkpoint_every)
     sources = tuple(kind.strip() for kind in args.sources.split(",") if kind.strip() not in ("", "none"))
-    config = ServerConfig(bind=args.bind, token=args.token, curve_secret_key=curve_secret,
+    tokens = None
+    if args.tokens:
+        from vstream.auth import Principals
+
+        tokens = Principals.load_tokens(args.tokens)
+    config = ServerConfig(bind=args.bind, token=args.token, tokens=tokens, curve_secret_key=curve_secret,
                           curve_clients=curve_clients, state_dir=args.state_dir, max_streams=args.max_streams,
                           max_frame_bytes=args.max_frame_bytes, max_header_bytes=args.max_header_bytes,
                           max_fps=args.max_fps, max_audio_speed=args.max_audio_speed, idle_timeout=args.idle_timeout,
@@ -497,7 +506,7 @@ def _serve(args) -> None:
     server = Server(config, args.model if cluster else load_model(args.model, args.dtype, args.device, args.head))
     try:
         if args.http:
-            gateway = HttpGateway(server.address, args.token, http_config)
+            gateway = HttpGateway(server.address, bool(args.token or tokens), http_config)
             print(f"vstream serve: page and HTTP API on {gateway.start()}", flush=True)
         print(f"vstream serve: listening on {server.address}", flush=True)
         server.serve()

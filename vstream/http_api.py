@@ -11,9 +11,11 @@ ones. Starlette routes, uvicorn serves, on a thread of their own.
   fed into a new stream on a thread, lossless), questions (server-sent events: ``token``
   events as the answer is generated, then ``answer`` with the JSON ``vstream ask --json``
   prints, or ``error``), frames as JPEG, transcript and screen text.
-- Auth: the server's token as ``Authorization: Bearer TOKEN`` or ``?token=`` (an ``<img>``
-  or ``EventSource`` cannot send headers). Without a token the API listens on loopback
-  only. Each client address gets ``rate`` requests a second (one second's worth at once).
+- Auth: the client's token, as ``Authorization: Bearer TOKEN`` or ``?token=`` (an
+  ``<img>`` or ``EventSource`` cannot send headers), goes with its requests to the
+  server, which checks it (the shared token or a principal's, ``vstream.auth``). A
+  server without tokens gets an API on loopback only. Each client address gets ``rate``
+  requests a second (one second's worth at once).
 - Errors are JSON ``{"error": {"code", "message"}}``, with the server's codes and an HTTP
   status that fits.
 """
@@ -21,7 +23,6 @@ ones. Starlette routes, uvicorn serves, on a thread of their own.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import json
 import logging
@@ -96,18 +97,18 @@ def _is_loopback(host: str) -> bool:
 
 
 class HttpGateway:
-    """The HTTP API and page for the stream server at ``server_address`` (its ``token``,
-    if any). ``start()`` serves on a thread; ``stop()`` ends the feeding of uploads and
-    the HTTP server."""
+    """The HTTP API and page for the stream server at ``server_address``; ``authenticated``:
+    the server checks tokens (``--token`` or ``--tokens``). ``start()`` serves on a
+    thread; ``stop()`` ends the feeding of uploads and the HTTP server."""
 
-    def __init__(self, server_address: str, token: str | None = None, config: HttpConfig | None = None):
+    def __init__(self, server_address: str, authenticated: bool = False, config: HttpConfig | None = None):
         import uvicorn
 
         self.config = config or HttpConfig()
-        if token is None and not _is_loopback(self.config.host):
-            raise ConfigError(f"--http {self.config.bind}: without a token the HTTP API listens on loopback only "
-                              "(give the server --token)")
-        self.server_address, self.token = server_address, token
+        if not authenticated and not _is_loopback(self.config.host):
+            raise ConfigError(f"--http {self.config.bind}: a server without tokens gets an HTTP API on loopback "
+                              "only (give it --token or --tokens)")
+        self.server_address = server_address
         self.uploads = Path(self.config.uploads_dir or cache_dir() / "uploads")
         self._buckets: dict[str, TokenBucket] = {}
         self._stopping = threading.Event()
@@ -178,7 +179,7 @@ class HttpGateway:
 
         async def endpoint(request):
             try:
-                self._admit(request)
+                request.state.token = self._admit(request)
                 return await handler(request)
             except (ServerError, ApiError) as exc:
                 return JSONResponse({"error": {"code": exc.code, "message": str(exc)}},
@@ -192,7 +193,8 @@ class HttpGateway:
 
         return endpoint
 
-    def _admit(self, request) -> None:
+    def _admit(self, request) -> str | None:
+        """Apply the rate limit; the token the client gave (checked by the server), if any."""
         peer = request.client.host if request.client else "?"
         bucket = self._buckets.get(peer)
         if bucket is None:
@@ -201,27 +203,23 @@ class HttpGateway:
             bucket = self._buckets[peer] = TokenBucket(self.config.rate, time.monotonic())
         if bucket.take(1.0, time.monotonic()):
             raise ApiError(f"over {self.config.rate:g} requests a second from {peer}", "rate")
-        if self.token is None:
-            return
-        given = request.query_params.get("token")
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
-            given = header[7:].strip()
-        if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
-            raise ApiError("wrong token" if given else "missing token: Authorization: Bearer TOKEN or ?token=",
-                           "auth")
+            return header[7:].strip()
+        return request.query_params.get("token")
 
-    def _client(self, ask_timeout: float = 300.0):
+    def _client(self, token: str | None, ask_timeout: float = 300.0):
         from vstream.client import Client
 
-        return Client(self.server_address, token=self.token, ask_timeout=ask_timeout)
+        return Client(self.server_address, token=token, ask_timeout=ask_timeout)
 
-    async def _call(self, method: str, *args, **kwargs):
-        """A ``Client`` method on a worker thread (each call its own client: they are not
-        thread-safe, and a new DEALER socket costs well under a millisecond)."""
+    async def _call(self, request, method: str, *args, **kwargs):
+        """A ``Client`` method, with the request's token, on a worker thread (each call its
+        own client: they are not thread-safe, and a new DEALER socket costs well under a
+        millisecond)."""
 
         def run():
-            with self._client() as client:
+            with self._client(request.state.token) as client:
                 return getattr(client, method)(*args, **kwargs)
 
         return await asyncio.to_thread(run)
@@ -236,41 +234,41 @@ class HttpGateway:
     async def health(self, request):
         from starlette.responses import JSONResponse
 
-        return JSONResponse(await self._call("health"))
+        return JSONResponse(await self._call(request, "health"))
 
     async def list_streams(self, request):
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"streams": await self._call("list_streams")})
+        return JSONResponse({"streams": await self._call(request, "list_streams")})
 
     async def open_stream(self, request):
         from starlette.responses import JSONResponse
 
         body = await _json(request)
-        stream = await self._call("open_stream", source=_field(body, "source", str), resume=_field(body, "resume", str))
+        stream = await self._call(request, "open_stream", source=_field(body, "source", str), resume=_field(body, "resume", str))
         return JSONResponse({"stream": stream}, status_code=201)
 
     async def stream_stats(self, request):
         from starlette.responses import JSONResponse
 
-        return JSONResponse(await self._call("stats", request.path_params["stream"]))
+        return JSONResponse(await self._call(request, "stats", request.path_params["stream"]))
 
     async def close_stream(self, request):
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"saved": await self._call("close_stream", request.path_params["stream"])})
+        return JSONResponse({"saved": await self._call(request, "close_stream", request.path_params["stream"])})
 
     async def texts(self, request):
         from starlette.responses import JSONResponse
 
         limit = _number(request.query_params, "limit", 200)
-        return JSONResponse(await self._call("texts", request.path_params["stream"], int(limit or 200)))
+        return JSONResponse(await self._call(request, "texts", request.path_params["stream"], int(limit or 200)))
 
     async def frame(self, request):
         from starlette.responses import Response
 
         t = _number(request.query_params, "t", LATEST)
-        at, jpeg = await self._call("thumbnail", request.path_params["stream"], t)
+        at, jpeg = await self._call(request, "thumbnail", request.path_params["stream"], t)
         return Response(jpeg, media_type="image/jpeg", headers={"X-Frame-Time": f"{at:.3f}", "Cache-Control": "no-store"})
 
     async def ask_json(self, request):
@@ -279,7 +277,7 @@ class HttpGateway:
         body = await _json(request)
         question = _field(body, "question", str, required=True)
         window = {name: _field(body, name, (int, float)) for name in ("start", "end", "last")}
-        return JSONResponse(await self._call("ask", request.path_params["stream"], question, **window))
+        return JSONResponse(await self._call(request, "ask", request.path_params["stream"], question, **window))
 
     async def ask_events(self, request):
         """Server-sent events: the answer's pieces as they come (``token``), then
@@ -292,7 +290,7 @@ class HttpGateway:
             raise ApiError("query parameter 'question' is missing or empty", "invalid")
         window = {name: _number(request.query_params, name, None) for name in ("start", "end", "last")}
         stream = request.path_params["stream"]
-        await self._call("stats", stream)  # an unknown stream is a 404, not an event stream holding an error
+        await self._call(request, "stats", stream)  # an unknown stream is a 404, not an event stream holding an error
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -301,7 +299,7 @@ class HttpGateway:
                 loop.call_soon_threadsafe(events.put_nowait, (kind, data))
 
             try:
-                with self._client() as client:
+                with self._client(request.state.token) as client:
                     put("answer", client.ask(stream, question, on_token=lambda text: put("token", {"text": text}),
                                              **window))
             except (ServerError, VStreamError) as exc:
@@ -355,18 +353,18 @@ class HttpGateway:
             except VStreamError as exc:  # not media, damaged, no streams: named by the upload's name
                 raise ApiError(f"{name}: not a video or audio file the server can read: "
                                f"{str(exc).replace(str(path), name)}", "invalid") from None
-            stream = await self._call("open_stream")
+            stream = await self._call(request, "open_stream")
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        feeder = threading.Thread(target=self._feed, args=(path, stream), name=f"vstream-http-feed-{stream}",
+        feeder = threading.Thread(target=self._feed, args=(path, stream, request.state.token), name=f"vstream-http-feed-{stream}",
                                   daemon=True)
         self._feeders = [t for t in self._feeders if t.is_alive()] + [feeder]
         feeder.start()
         return JSONResponse({"stream": stream, "name": name, "bytes": size,
                              "duration": info.duration}, status_code=201)
 
-    def _feed(self, path: Path, stream: str) -> None:
+    def _feed(self, path: Path, stream: str, token: str | None) -> None:
         """Send the uploaded file into ``stream`` as fast as it takes it, losing nothing;
         then delete the file (the stream's memory holds what it needs)."""
         from vstream.ingest import open_source
@@ -376,7 +374,7 @@ class HttpGateway:
                 raise ApiError("the HTTP API stops", "shutting_down")
 
         try:
-            with open_source(str(path), fps=self.config.fps) as source, self._client() as client:
+            with open_source(str(path), fps=self.config.fps) as source, self._client(token) as client:
                 client.send_source(stream, source, on_progress=check)
         except ApiError:
             logger.info("stream %s: feeding %s stopped with the server", stream, path.name)

@@ -85,7 +85,8 @@ ERROR_CODES = (
     "invalid",         # well-formed, but the request's values were refused (empty question, bad window, ...)
     "not_found",       # no saved memory for that stream id
     "exists",          # a stream with that id is already open
-    "forbidden",       # the server does not read sources of that kind
+    "forbidden",       # the server does not read sources of that kind; a stream that is not the sender's
+    "quota",           # the sender's saved memories are over its disk quota
     "moved",           # the stream's cluster worker stopped while answering; it moved: ask again
     "source",          # the server could not open the source
     "shutting_down",   # the server stops; the request was not served
@@ -143,6 +144,7 @@ class Message:
     kind: str
     header: dict
     array: np.ndarray | None = None
+    principal: object = None  # who sent it, when ``decode`` was given ``authenticate``
 
     @property
     def id(self) -> int | None:
@@ -188,10 +190,14 @@ def encode_audio(stream: str, chunk: AudioChunk, request_id: int, token: str | N
                   lossless=lossless or None)
 
 
-def decode(parts: list, limits: Limits = Limits(), token: str | None = None, reply: bool = False) -> Message:
+def decode(parts: list, limits: Limits = Limits(), token: str | None = None, reply: bool = False,
+           authenticate=None) -> Message:
     """Check and decode ``[b"", header, payload...]`` (the server strips the identity
-    first). With ``token``, the header's token must equal it. ``reply`` decodes a
-    server's reply instead of a request. Raises ``ProtocolError``."""
+    first). With ``token``, the header's token must equal it; with ``authenticate``
+    (``vstream.auth.Principals.identify`` bound to the peer), it is called with the
+    header's token, at the same point, and what it returns is the message's
+    ``principal``. ``reply`` decodes a server's reply instead of a request. Raises
+    ``ProtocolError``."""
     if len(parts) < 2:
         raise ProtocolError(f"a message has an empty delimiter, a header and its payload; got {len(parts)} part(s)")
     if len(parts[0]) != 0:
@@ -209,6 +215,12 @@ def decode(parts: list, limits: Limits = Limits(), token: str | None = None, rep
         given = header.get("token")
         if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
             raise ProtocolError("wrong token" if given is not None else "missing token", "auth", request_id)
+    principal = None
+    if authenticate is not None:
+        try:
+            principal = authenticate(header.get("token"))
+        except ProtocolError as exc:
+            raise ProtocolError(str(exc), exc.code, request_id) from None
     kind = header.get("kind")
     if kind not in (REPLIES if reply else REQUESTS):
         raise ProtocolError(f"field 'kind': unknown kind {kind!r}; known: {', '.join(REPLIES if reply else REQUESTS)}",
@@ -222,7 +234,7 @@ def decode(parts: list, limits: Limits = Limits(), token: str | None = None, rep
                             request_id=request_id)
     if kind == "ask" and not header["question"].strip():
         raise ProtocolError("field 'question' must be a non-empty string", "invalid", request_id)
-    return Message(kind, header, array)
+    return Message(kind, header, array, principal)
 
 
 def _parse(raw) -> dict:

@@ -32,6 +32,7 @@ Design (the engine decides, workers execute; the wire format is ``vstream.protoc
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -47,12 +48,15 @@ import zmq
 from zmq.utils import z85
 
 import vstream
+from vstream.auth import DEFAULT as DEFAULT_PRINCIPAL
+from vstream.auth import Principal, Principals
 from vstream.cluster import ClusterConfig, ClusterHost
 from vstream.config import JsonConfig, cache_dir, check_int, check_number
 from vstream.encoders.batching import BatchingConfig, BatchingEncoder
 from vstream.errors import ConfigError, ProtocolError, SourceError, VStreamError
 from vstream.ingest import SourceConfig
 from vstream.ingest.container import source_kind
+from vstream.memory.persist import read_json, write_json
 from vstream.models import ChatModel
 from vstream.protocol import VERSION, Limits, Message, decode, encode
 from vstream.session import Session, SessionConfig, model_and_encoder, shared_screen_reader
@@ -63,6 +67,7 @@ POLL_MS = 100  # longest wait of one step; also how late a stop request is seen
 RECEIVE_BATCH = 256  # requests served per step before the worker's replies get their turn
 SOURCE_KINDS = ("url", "file", "camera")
 TEXT_LINES = 1000  # most transcript / screen lines one ``texts`` reply carries
+OWNER_FILE = "owner.json"  # in a stream's state folder: the principal that opened it
 
 
 @dataclass
@@ -73,6 +78,9 @@ class ServerConfig(JsonConfig):
         bind: address of the ROUTER socket, ``tcp://HOST:PORT`` (port ``*``: any free
             one, see ``Server.address``) or ``ipc://PATH`` (default ``tcp://127.0.0.1:5555``).
         token: shared secret every request must carry; None: no token (default).
+        tokens: named principals (``vstream.auth``: name -> ``{"sha256": ..., "admin",
+            "max_streams", "max_fps", "questions_per_minute", "disk_gb"}``, what a
+            ``--tokens`` file holds): each stream belongs to the principal that opened it.
         curve_secret_key: the server's CURVE secret key (z85, 40 characters); None: no
             CURVE (default). Clients then need the matching public key.
         curve_clients: z85 public keys of the clients allowed in with CURVE; empty: any
@@ -108,6 +116,7 @@ class ServerConfig(JsonConfig):
 
     bind: str = "tcp://127.0.0.1:5555"
     token: str | None = None
+    tokens: dict | None = None
     curve_secret_key: str | None = None
     curve_clients: tuple[str, ...] = ()
     state_dir: str | None = None
@@ -141,6 +150,10 @@ class ServerConfig(JsonConfig):
             raise ConfigError(f"ServerConfig.bind must be a tcp:// or ipc:// address, got {self.bind!r}")
         if self.token is not None and not (isinstance(self.token, str) and self.token):
             raise ConfigError("ServerConfig.token must be a non-empty string or None")
+        if self.tokens is not None:
+            if self.token is not None:
+                raise ConfigError("ServerConfig: give token (one shared principal) or tokens (named ones), not both")
+            Principals(tokens=self.tokens)  # refuses a malformed entry by name
         for key in (self.curve_secret_key, *self.curve_clients):
             if key is not None and not (isinstance(key, str) and len(key) == 40):
                 raise ConfigError(f"ServerConfig: CURVE keys are 40 z85 characters, got {len(str(key))}")
@@ -151,11 +164,11 @@ class ServerConfig(JsonConfig):
 
 
 class TokenBucket:
-    """A rate limit: ``rate`` units a second, of which one second's worth (at least
-    one unit) may come at once."""
+    """A rate limit: ``rate`` units a second, of which ``capacity`` (default one second's
+    worth, at least one unit) may come at once."""
 
-    def __init__(self, rate: float, now: float):
-        self.rate, self.capacity = rate, max(1.0, rate)
+    def __init__(self, rate: float, now: float, capacity: float | None = None):
+        self.rate, self.capacity = rate, max(1.0, rate if capacity is None else capacity)
         self.tokens, self.refilled = self.capacity, now
 
     def take(self, amount: float, now: float) -> float:
@@ -177,6 +190,7 @@ class Stream:
 
     id: str
     session: Session
+    owner: str  # the principal that opened it
     source: str | None
     seen: float  # time.monotonic() of the last message naming it
     frame_bucket: TokenBucket  # frames the rate limit lets through
@@ -236,6 +250,8 @@ class Server:
         self.model_name = self.cluster.name if self.cluster else self.model.name or type(self.model).__name__
         self.streams: dict[str, Stream] = {}
         self._closing: dict[str, Stream] = {}  # waiting for their questions before they close
+        self.principals = Principals(self.config.token, self.config.tokens, curve=bool(self.config.curve_secret_key))
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}  # (principal, "frames" / "questions") -> its limit
         self.counters = dict.fromkeys(("requests", "errors", "refused", "busy", "answers", "rate_dropped"), 0)
         self.started = time.monotonic()
         self._stopping = False
@@ -329,13 +345,17 @@ class Server:
     def _handle(self, parts: list) -> None:
         """Check one request and serve it; whatever goes wrong becomes an error reply."""
         identity, message = parts[0].bytes, None
+        curve_key = parts[0].get("User-Id") if self._zap is not None else None
         try:
-            message = decode([p.buffer for p in parts[1:]], self.limits, self.config.token)
+            message = decode([p.buffer for p in parts[1:]], self.limits,
+                             authenticate=lambda given: self.principals.identify(given, curve_key))
             self.counters["requests"] += 1
             getattr(self, f"_on_{message.kind}")(identity, message)
         except ProtocolError as exc:
-            if exc.code == "auth":
-                self._refused(identity, parts[0].get("Peer-Address"), str(exc))
+            if exc.code in ("auth", "forbidden", "quota"):
+                self._refused(identity, parts[0].get("Peer-Address"), f"{exc.code}: {exc}",
+                              message.principal.name if message is not None else None,
+                              message.kind if message is not None else None)
             request_id = exc.request_id if exc.request_id is not None else message and message.id
             self._error(identity, request_id, exc.code, str(exc))
         except (VStreamError, ValueError) as exc:
@@ -352,35 +372,81 @@ class Server:
         self.counters["errors"] += 1
         self._reply(identity, "error", request_id, code=code, message=message, **fields)
 
-    def _refused(self, identity: bytes, peer: str, why: str) -> None:
+    def _refused(self, identity: bytes, peer: str, why: str, principal: str | None = None,
+                 kind: str | None = None) -> None:
+        """The audit line of a refused request: one structured line per peer per 10 s."""
         self.counters["refused"] += 1
         now = time.monotonic()
-        if now - self._refusals.get(identity, -math.inf) >= 10.0:  # one line per peer per 10 s
+        if now - self._refusals.get(identity, -math.inf) >= 10.0:
             if len(self._refusals) > 1000:
                 self._refusals.clear()
             self._refusals[identity] = now
-            logger.warning("refused a request from %s (identity %s): %s", peer, identity.hex() or "none", why)
+            logger.warning("refused principal=%s peer=%s identity=%s kind=%s reason=%s", principal or "-", peer,
+                           identity.hex() or "none", kind or "-", json.dumps(why))
 
     # -- requests -------------------------------------------------------------------------
 
     def _stream(self, message: Message) -> Stream:
         stream = self.streams.get(message.get("stream"))
+        if self.principals.separate and not self._owns(message.principal, stream):
+            # the same reply whether the stream is another's or does not exist: it tells nothing
+            raise ProtocolError(f"no open stream {message.get('stream')!r} of yours", "forbidden", message.id)
         if stream is None:
             closing = " (it is closing)" if message.get("stream") in self._closing else ""
             raise ProtocolError(f"no open stream {message.get('stream')!r}{closing}", "unknown_stream", message.id)
         stream.seen = time.monotonic()
         return stream
 
+    def _owns(self, principal: Principal, stream: Stream | None) -> bool:
+        return stream is not None and (principal.admin or stream.owner == principal.name)
+
+    def _saved_owner(self, stream_id: str) -> str:
+        """Who opened the saved stream ``stream_id`` (saves from before principals: ``default``)."""
+        try:
+            return read_json(self.state_dir / stream_id / OWNER_FILE)["owner"]
+        except (OSError, ValueError, KeyError, TypeError, VStreamError):
+            return DEFAULT_PRINCIPAL
+
+    def _check_principal_room(self, principal: Principal, request_id: int) -> None:
+        """A principal's stream count and disk quota."""
+        held = sum(s.owner == principal.name for s in [*self.streams.values(), *self._closing.values()])
+        if principal.max_streams is not None and held >= principal.max_streams:
+            raise ProtocolError(f"principal {principal.name} holds its maximum of {principal.max_streams} streams; "
+                                "close one first", "max_streams", request_id)
+        if principal.disk_gb is not None:
+            used = sum(_folder_bytes(folder) for folder in self.state_dir.glob("*")
+                       if folder.is_dir() and self._saved_owner(folder.name) == principal.name)
+            if used > principal.disk_gb * 1e9:
+                raise ProtocolError(f"principal {principal.name}: its saved memories take {used / 1e9:.3f} GB, over "
+                                    f"its quota of {principal.disk_gb:g} GB", "quota", request_id)
+
+    def _take(self, principal: Principal, what: str, rate: float | None, capacity: float | None = None) -> float:
+        """Seconds to wait before the principal's ``what`` limit (``rate`` a second,
+        ``capacity`` at once) allows one more; 0.0: taken (also when it has no such limit)."""
+        if rate is None:
+            return 0.0
+        key = (principal.name, what)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) > 10000:
+                self._buckets.clear()
+            bucket = self._buckets[key] = TokenBucket(rate, time.monotonic(), capacity)
+        return bucket.take(1.0, time.monotonic())
+
     def _on_open(self, identity: bytes, message: Message) -> None:
         if len(self.streams) + len(self._closing) >= self.config.max_streams:
             raise ProtocolError(f"the server holds its maximum of {self.config.max_streams} streams; "
                                 "close one first", "max_streams", message.id)
+        principal = message.principal
+        self._check_principal_room(principal, message.id)
         source, settings, resume = message.get("source"), message.get("settings") or {}, message.get("resume")
         if source is not None:
             self._check_source(source, settings, message.id)
         elif settings:
             raise ProtocolError("field 'settings' needs a 'source'", "invalid", message.id)
         if resume is not None:
+            if self.principals.separate and not (principal.admin or self._saved_owner(resume) == principal.name):
+                raise ProtocolError(f"no saved stream {resume!r} of yours", "forbidden", message.id)
             if resume in self.streams or resume in self._closing:
                 raise ProtocolError(f"stream {resume!r} is already open", "exists", message.id)
             if not (self.state_dir / resume / "session.json").is_file():
@@ -397,8 +463,12 @@ class Server:
                                    self.screen_reader)
         else:
             session = Session(self.model, self.config.session, self.encoder, self.screen_reader)
+        owner = self._saved_owner(resume) if resume is not None else principal.name  # an admin resumes for its owner
+        if resume is None:
+            (self.state_dir / stream_id).mkdir(parents=True, exist_ok=True)
+            write_json(self.state_dir / stream_id / OWNER_FILE, {"owner": owner})
         now = time.monotonic()
-        stream = Stream(stream_id, session, source, seen=now, frame_bucket=TokenBucket(self.config.max_fps, now),
+        stream = Stream(stream_id, session, owner, source, seen=now, frame_bucket=TokenBucket(self.config.max_fps, now),
                         audio_bucket=TokenBucket(self.config.max_audio_speed, now))
         self.streams[stream_id] = stream
         logger.info("opened stream %s%s%s", stream_id, " (resumed)" if resume else "",
@@ -426,7 +496,8 @@ class Server:
         stream = self._stream(message)
         frame = message.frame(stream.frames)
         self._check_time(stream, frame.t, "frame time", message)
-        wait = stream.frame_bucket.take(1.0, time.monotonic())
+        wait = stream.frame_bucket.take(1.0, time.monotonic()) or self._take(
+            message.principal, "frames", message.principal.max_fps)
         if wait:
             self._rate_dropped(identity, message, stream, f"over {self.config.max_fps:g} frames/s; the frame at "
                                f"t={frame.t} was dropped", wait)
@@ -478,6 +549,12 @@ class Server:
 
     def _on_ask(self, identity: bytes, message: Message) -> None:
         stream = self._stream(message)
+        per_minute = message.principal.questions_per_minute
+        wait = self._take(message.principal, "questions", None if per_minute is None else per_minute / 60, per_minute)
+        if wait:
+            self._error(identity, message.id, "rate", f"principal {message.principal.name}: over {per_minute:g} "
+                        "questions a minute", retry_after=round(wait, 4))
+            return
         window = {name: message.get(name) for name in ("start", "end", "last") if message.get(name) is not None}
         job = Job(identity, message.id, stream.id, stream.session, message.get("question"), window,
                   message.get("tokens", False))
@@ -495,7 +572,8 @@ class Server:
         self._close_stream(stream, "closed by a client")
 
     def _on_list(self, identity: bytes, message: Message) -> None:
-        self._reply(identity, "ok", message.id, data={"streams": [s.describe() for s in self.streams.values()]})
+        mine = [s for s in self.streams.values() if not self.principals.separate or self._owns(message.principal, s)]
+        self._reply(identity, "ok", message.id, data={"streams": [s.describe() for s in mine]})
 
     def _on_stats(self, identity: bytes, message: Message) -> None:
         if message.get("stream") is not None:
@@ -509,6 +587,8 @@ class Server:
         self._reply(identity, "ok", message.id, data={"stats": stats})
 
     def _on_drain(self, identity: bytes, message: Message) -> None:
+        if self.principals.separate and not message.principal.admin:
+            raise ProtocolError("only an admin principal may drain a node", "forbidden", message.id)
         if self.cluster is None:
             raise ProtocolError("this server runs no cluster: there is no node to drain", "invalid", message.id)
         # moving streams takes seconds (each is written, saved and reopened): not on the loop
@@ -714,3 +794,6 @@ class Server:
         status = (b"200", b"OK") if allowed else (b"400", b"key not allowed")
         self._zap.send_multipart([version, request_id, *status, key.encode() if allowed else b"", b""])
 
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
