@@ -256,6 +256,35 @@ def test_read_live_udp(serve):
     check_broadcast(frames, chunks, fps=2)
 
 
+@pytest.mark.timeout(60)
+def test_a_udp_listener_waits_for_a_sender_that_starts_later(serve, no_leaked_threads):
+    port = free_port(socket.SOCK_DGRAM)
+    began = time.monotonic()
+    with vstream.open_source(f"udp://127.0.0.1:{port}", fps=2, read_timeout=2, open_timeout=None) as source:
+        assert time.monotonic() - began < 1.0 and source.info is None  # it reads nothing until data comes
+        started = threading.Timer(3.5, serve, args=("--udp", f"127.0.0.1:{port}"))  # longer than any open attempt
+        started.start()
+        frames, chunks = read_for(source, seconds=20, frames=5)
+        started.join()
+        assert source.info is not None and source.info.video is not None
+    assert len(frames) == 5
+    check_broadcast(frames, chunks, fps=2)
+
+
+@pytest.mark.timeout(30)
+def test_closing_a_listener_that_still_waits_ends_its_wait(no_leaked_threads):
+    port = free_port(socket.SOCK_DGRAM)
+    source = vstream.open_source(f"udp://127.0.0.1:{port}", open_timeout=None)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(source))
+    reader.start()
+    time.sleep(1.5)
+    began = time.monotonic()
+    source.close()
+    reader.join(timeout=10)
+    assert not reader.is_alive() and time.monotonic() - began < 3.0 and got == []
+
+
 @pytest.mark.timeout(30)
 def test_read_stdin(tmp_path):
     clip = synth.write_clip(tmp_path / "clip.ts", duration=2.0, fps=10)

@@ -173,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--fps", type=float, default=1.0, help="frames sent per second of video (default 1)")
     stream.add_argument("--size", type=int, default=None, help="resize so the shorter side is this many pixels")
     stream.add_argument("--no-audio", action="store_true", help="send no audio")
+    stream.add_argument("--wait", action="store_true",
+                        help="a listener (udp://, rtp://, srt://...?mode=listener) waits for its sender as long as "
+                             "it takes, instead of giving up after 10 s")
     stream.add_argument("--close", action="store_true", help="close the stream when the source ends (it is saved)")
     stream.add_argument("--quiet", action="store_true", help="no progress line")
     _client_flags(stream)
@@ -535,7 +538,7 @@ def _cluster_workers(args) -> None:
 
 def _stream(args) -> None:
     source = vstream.open_source(args.source, fps=args.fps, size=args.size, audio=not args.no_audio,
-                                 realtime=args.realtime)
+                                 realtime=args.realtime, open_timeout=None if args.wait else 10.0)
     with source, _client(args) as client:
         stream, offset = args.stream or client.open_stream(), 0.0
         if args.stream:  # go on with the stream's clock, after what it holds

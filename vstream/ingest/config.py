@@ -30,7 +30,11 @@ class SourceConfig:
             unknown length, cameras, pipes) and paced files, and makes the decoder of a
             file, or of a URL of known length, wait otherwise.
         queue_size: frames and audio chunks held between decoder and consumer (default 32).
-        open_timeout: seconds to wait for a live source to open (default 10.0).
+        open_timeout: seconds to wait for a live source to open (default 10.0). None:
+            wait as long as it takes, for a receiver started before its sender (a UDP,
+            RTP or SRT listener): ``open_source`` returns at once, reading nothing, and
+            the source's reader opens it when the first data comes (``info`` is None
+            until then); closing the source ends the wait.
         read_timeout: seconds without data before a live source counts as lost (default 5.0).
         reconnect_tries: reopen attempts in a row before a lost live source is given up
             with a ``SourceError`` (default 10: about a minute with the default back-off;
@@ -49,7 +53,7 @@ class SourceConfig:
     realtime: bool = False
     drop: bool | None = None
     queue_size: int = 32
-    open_timeout: float = 10.0
+    open_timeout: float | None = 10.0
     read_timeout: float = 5.0
     reconnect_tries: int = 10
     reconnect_backoff: float = 0.5
@@ -69,7 +73,7 @@ class SourceConfig:
                 raise ConfigError(f"SourceConfig.size must be None, an int or (width, height) >= 2, got {self.size!r}")
         positive = {
             "chunk_seconds": self.chunk_seconds,
-            "open_timeout": self.open_timeout,
+            "open_timeout": 1.0 if self.open_timeout is None else self.open_timeout,
             "read_timeout": self.read_timeout,
             "reconnect_backoff": self.reconnect_backoff,
             "reconnect_backoff_max": self.reconnect_backoff_max,

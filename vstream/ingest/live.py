@@ -19,14 +19,22 @@ from vstream.types import Frame
 log = logging.getLogger(__name__)
 
 
+WAIT_SLICE = 1.0  # seconds of each open attempt while waiting without limit for a sender
+
+
 class LiveSource(Source):
     """A URL, camera or pipe: read as it comes, reopened with back-off when lost."""
 
     def __init__(self, uri: str, config: SourceConfig):
         super().__init__(uri, config)
+        self._opened: av.container.InputContainer | None = None
+        self.info: MediaInfo | None = None
+        self.live = True
+        if config.open_timeout is None:  # a listener waiting for its sender: the reader opens it
+            return
         # Open now, so an unreachable URL or a missing camera fails here, not later.
-        self._opened: av.container.InputContainer | None = open_container(uri, config.open_timeout, config.read_timeout)
-        self.info: MediaInfo = describe_container(uri, self._opened)
+        self._opened = open_container(uri, config.open_timeout, config.read_timeout)
+        self.info = describe_container(uri, self._opened)
         # A resource of known length (a file over HTTP, a VOD playlist) is read like a
         # file: the decoder waits for a slow consumer instead of dropping frames.
         self.live = self.info.duration is None
@@ -44,7 +52,7 @@ class LiveSource(Source):
         converter = AudioConverter(config.chunk_seconds, offset=0.0)
         clock = _LiveClock()
         opened_at = time.monotonic()
-        container, self._opened = self._opened or open_container(self.uri, config.open_timeout, config.read_timeout), None
+        container, self._opened = self._opened or self._first_open(), None
         while container is not None:
             offset = clock.offset_for(start_time(container), opened_at)
             yield from converter.restart(offset)
@@ -69,6 +77,22 @@ class LiveSource(Source):
                 log.warning("reconnected to %s", self.uri)
         yield from converter.flush()
 
+    def _first_open(self) -> av.container.InputContainer | None:
+        """Open a source that waits without limit (``open_timeout=None``): attempts of
+        ``WAIT_SLICE`` seconds until data comes; None once the source is closed."""
+        waited = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                container = open_container(self.uri, WAIT_SLICE, self.config.read_timeout)
+            except SourceError as e:  # nothing yet (a timeout, a refused connection): wait on
+                log.debug("waiting for %s (%s)", self.uri, e)
+                self._stop.wait(0.1)
+                continue
+            self.info = describe_container(self.uri, container)
+            log.info("%s: first data after %.1f s of waiting", self.uri, time.monotonic() - waited)
+            return container
+        return None
+
     def _reopen(self) -> tuple[av.container.InputContainer | None, float]:
         """Open the source again with back-off: ``(container, wall clock when the open
         began)``, or ``(None, 0)`` if closed meanwhile; ``SourceError`` after
@@ -77,7 +101,7 @@ class LiveSource(Source):
         for attempt in range(1, config.reconnect_tries + 1):
             opened_at = time.monotonic()  # a live stream's first packet is about when we connect
             try:
-                return open_container(self.uri, config.open_timeout, config.read_timeout), opened_at
+                return open_container(self.uri, config.open_timeout or WAIT_SLICE, config.read_timeout), opened_at
             except VStreamError as e:
                 if attempt == config.reconnect_tries:
                     raise SourceError(f"source {self.uri!r}: lost, and {attempt} reconnect attempts failed: {e}") from e
