@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -70,15 +69,13 @@ FRAME_SECONDS = FRAME / AUDIO_SAMPLE_RATE
 _JUMP = 0.02  # seconds of disagreement between a chunk's start and the clock treated as a gap
 _SNAP_FRAMES = 3  # word times snap to voiced frames widened by this many frames (90 ms)
 
-# whisper decodes through forward hooks it installs on the model (the kv cache, the
-# alignment attention), so two decodes on one model at once would mix their caches.
-_model_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_model_locks_guard = threading.Lock()
-
-
-def _lock_for(model) -> threading.Lock:
-    with _model_locks_guard:
-        return _model_locks.setdefault(model, threading.Lock())
+# One whisper decode at a time in the process, whatever the model: whisper decodes
+# through forward hooks it installs on the model (two decodes on one model would mix
+# their caches), and its word alignment switches scaled-dot-product attention off and
+# back on with a class attribute shared by every model, so a decode beside another
+# stream's alignment found the attention weights missing (a TypeError in whisper,
+# found by uploading damaged clips to a server: many streams, each its recogniser).
+_TRANSCRIBE_LOCK = threading.Lock()
 
 
 _RANGES = {  # allowed [low, high] of ASRConfig's numbers
@@ -365,7 +362,7 @@ class WhisperASR:
         if flags.sum() * FRAME_SECONDS < c.min_speech:
             return []
         t0 = self._origin + self._dropped / AUDIO_SAMPLE_RATE
-        with _lock_for(self.model):
+        with _TRANSCRIBE_LOCK:
             began = time.perf_counter()
             result = whisper.transcribe(self.model, audio, **self._options)
             self.stats.decode_wall_seconds += time.perf_counter() - began

