@@ -57,10 +57,11 @@ def curve_keys(tmp_path_factory):
     import zmq.auth
 
     folder = tmp_path_factory.mktemp("curve")
-    for name in ("server", "allowed", "stranger"):
+    for name in ("server", "allowed", "partner", "stranger"):
         zmq.auth.create_certificates(folder, name)
     (folder / "clients").mkdir()
-    os.replace(folder / "allowed.key", folder / "clients" / "allowed.key")
+    for name in ("allowed", "partner"):
+        os.replace(folder / f"{name}.key", folder / "clients" / f"{name}.key")
     return folder
 
 
@@ -329,9 +330,14 @@ def test_curve_lets_in_only_known_keys(servers, curve_keys):
         public, secret = zmq.auth.load_certificate(curve_keys / f"{name}.key_secret")
         return server_public.decode(), public.decode(), secret.decode()
 
-    with Client(server.address, curve=keys("allowed")) as c:
+    with Client(server.address, curve=keys("allowed")) as c, Client(server.address, curve=keys("partner")) as other:
         stream = c.open_stream()
         assert c.send_frame(stream, frames(1)[0])
+        # each key is its own principal: another allowed key cannot reach the stream, nor see it
+        with pytest.raises(ServerError) as forbidden:
+            other.send_frame(stream, frames(2)[1])
+        assert forbidden.value.code == "forbidden" and other.list_streams() == []
+        assert [s["stream"] for s in c.list_streams()] == [stream]
         c.close_stream(stream)
     for curve in (keys("stranger"), None):
         with Client(server.address, curve=curve, timeout=1.0) as c, pytest.raises(ServerTimeout):
