@@ -38,6 +38,7 @@ import torch
 
 from vstream.errors import ConfigError
 from vstream.memory import MemoryTokens
+from vstream.types import clock, evidence_line
 
 SYSTEM_PROMPT = (
     "Answer the question about a video from its transcript and notes. Quote the transcript when it holds "
@@ -67,8 +68,7 @@ class Evidence:
 
     def line(self) -> str:
         """``m:ss-m:ss  kind  score  [source]``: how the CLI and the examples print it."""
-        line = f"{clock(self.start)}-{clock(self.end)}  {self.kind:<10} {self.score:.2f}"
-        return line if self.source is None else f"{line}  {self.source}"
+        return evidence_line(self.start, self.end, self.kind, self.score, self.source)
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,14 +133,6 @@ class Medium:
     def source(self) -> str:
         """``"video 1"``, ``"image 2"``: how its evidence names it."""
         return self.label.lower()
-
-
-def clock(seconds: float, hours: bool = False) -> str:
-    """``m:ss`` (``h:mm:ss`` from an hour on, or always with ``hours``) of a time in seconds."""
-    whole = round(max(seconds, 0.0))
-    h, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{h}:{minutes:02d}:{secs:02d}" if h or hours else f"{minutes}:{secs:02d}"
 
 
 def span(start: float, end: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -246,6 +247,11 @@ def test_cli_stream_then_ask(main_server, make_clip, capsys):
         assert main(["ask", "what happens?", "--stream", stream, "--json", *flags]) == 0
         answer = json.loads(capsys.readouterr().out)
         assert set(answer) == {"answer", "evidence", "timings"} and answer["evidence"]
+        assert main(["ask", "what happens?", "--stream", stream, *flags]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        best = answer["evidence"][0]  # the same evidence, in the format `vstream ask VIDEO` prints
+        assert re.fullmatch(r"  \d+:\d\d-\d+:\d\d  (frame|transcript|screen) +\d\.\d\d", lines[1]), lines
+        assert lines[1].split()[1] == best["kind"]
         c.close_stream(stream)
     assert main(["ask", "what happens?", "--stream", stream, *flags]) == 1
     assert f"no open stream '{stream}'" in capsys.readouterr().err

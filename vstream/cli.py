@@ -13,6 +13,7 @@ import numpy as np
 
 import vstream
 from vstream.errors import VStreamError
+from vstream.types import evidence_line
 
 log = logging.getLogger("vstream")
 
@@ -443,8 +444,8 @@ def _ask_server(args, window: dict) -> None:
                 print(f"Q: {question}")
             answer = client.ask(args.stream, question, **window, on_token=lambda text: print(text, end="", flush=True))
             print()
-            for evidence in answer["evidence"][:5]:
-                print(f"  {evidence['start']:.1f}-{evidence['end']:.1f} s  {evidence['kind']:<10} {evidence['score']:.2f}")
+            for evidence in answer["evidence"][:5]:  # printed as `vstream ask` prints it
+                print(f"  {evidence_line(**evidence)}")
 
 
 def _serve(args) -> None:

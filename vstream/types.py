@@ -117,3 +117,18 @@ class TranscriptSegment:
             raise ValueError(f"TranscriptSegment needs finite start <= end, got {self.start!r}..{self.end!r}")
         if not isinstance(self.text, str):
             raise ValueError(f"TranscriptSegment.text must be a str, got {type(self.text).__name__}")
+
+
+def clock(seconds: float, hours: bool = False) -> str:
+    """``m:ss`` (``h:mm:ss`` from an hour on, or always with ``hours``) of a time in seconds."""
+    whole = round(max(seconds, 0.0))
+    h, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{h}:{minutes:02d}:{secs:02d}" if h or hours else f"{minutes}:{secs:02d}"
+
+
+def evidence_line(start: float, end: float, kind: str, score: float, source: str | None = None) -> str:
+    """One piece of an answer's evidence as every CLI path prints it: ``m:ss-m:ss  kind
+    score  [source]`` (``Evidence.line()``, and ``vstream ask --server`` from the JSON)."""
+    line = f"{clock(start)}-{clock(end)}  {kind:<10} {score:.2f}"
+    return line if source is None else f"{line}  {source}"
