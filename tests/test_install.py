@@ -86,3 +86,20 @@ def test_no_script_folder_or_stage_folder_shadows_an_installed_module():
     stages = {path.name for path in ROOT.iterdir() if (path / "__init__.py").is_file()}
     assert stages == {"vstream", "encoders", "memory", "kernels", "models"}
     assert stages & installed == {"vstream", "kernels"}  # vstream is this package itself
+
+
+@pytest.mark.parametrize("module", ["vstream", "vstream.kernels", "vstream.memory", "vstream.client"])
+def test_a_stage_imports_without_the_decoders_or_transformers(module, tmp_path):
+    """Importing one stage runs ``vstream/__init__`` first: it must not drag in PyAV,
+    decord or transformers (the ingest and answer stages load on first use)."""
+    code = (f"import sys, {module}\n"
+            "print(sorted(m for m in ('av', 'decord', 'transformers', 'whisper') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    if module != "vstream":
+        return
+    lazy = subprocess.run([sys.executable, "-c", "import vstream; print(vstream.open_source.__module__)"],
+                          capture_output=True, text=True, check=False, cwd=tmp_path, timeout=120)
+    assert lazy.stdout.strip() == "vstream.ingest.open"  # and the names still work, loaded on first use

@@ -14,22 +14,25 @@ from vstream.errors import (
     SourceError,
     VStreamError,
 )
-from vstream.ingest import FileSource, LiveSource, MediaInfo, Source, SourceConfig, SourceStats, open_source, probe
 from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame, TranscriptSegment, Word
 
 __version__ = "0.1.0"
 
+# Loaded on first use: ingest pulls in PyAV and decord, the answer stage torch and
+# transformers, and `import vstream.memory` (or any stage) runs this file first.
+_LAZY = {
+    **dict.fromkeys(("FileSource", "LiveSource", "MediaInfo", "Source", "SourceConfig", "SourceStats", "open_source",
+                     "probe"), "vstream.ingest"),
+    **dict.fromkeys(("Session", "SessionConfig", "SessionStats"), "vstream.session"),
+    "Dialogue": "vstream.dialogue",
+}
+
 
 def __getattr__(name: str):
-    # the answer stage pulls in torch and transformers: load it on first use only
-    if name in ("Session", "SessionConfig", "SessionStats"):
-        from vstream import session
+    if name in _LAZY:
+        import importlib
 
-        return getattr(session, name)
-    if name == "Dialogue":
-        from vstream import dialogue
-
-        return dialogue.Dialogue
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vstream' has no attribute {name!r}")
 
 __all__ = [
