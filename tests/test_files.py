@@ -113,7 +113,14 @@ def test_frames_are_resized_by_the_decoder(make_clip, size, shape):
     assert [synth.read_index(f.image) for f in frames] == [f.index for f in frames]
 
 
-def test_file_source_indexes_like_a_sequence(make_clip):
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_file_source_indexes_like_a_sequence(make_clip, monkeypatch, decoder):
+    """Random access, backwards too, with either decoder (PyAV's used to return nothing
+    for frames before the last one it had decoded)."""
+    import vstream.ingest.video as video
+
+    monkeypatch.setattr(video, "_MEASURED", {})
+    monkeypatch.setattr(video, "_faster", lambda *args: decoder)
     clip = make_clip("cfr.mp4", duration=6.0, fps=30)
     source = vstream.open_source(clip.path, fps=2.0)
     assert len(source) == 12
@@ -126,6 +133,7 @@ def test_file_source_indexes_like_a_sequence(make_clip):
         source[12]
     audio = source.audio_between(1.3, 2.3)
     assert audio.start == pytest.approx(1.3, abs=1e-3) and len(audio.samples) == 16000
+    assert source.stats.decoder == decoder
     source.close()
 
 
@@ -227,6 +235,30 @@ def test_decord_and_pyav_decode_the_same_frames(make_clip):
         results.append([(i, synth.read_index(as_array(pixels))) for i, pixels in each.frames(wanted)])
     decoder.close()
     assert results[0] == results[1] == [(i, i) for i in wanted]
+
+
+def test_the_faster_decoder_is_chosen_by_measurement(make_clip, monkeypatch):
+    """Whichever of decord and PyAV reads the first sampled frames faster decodes the file
+    (measured once per codec, size and density; ``stats.decoder`` says which)."""
+    import vstream.ingest.video as video
+
+    clip = make_clip("choice.mp4", duration=3.0, fps=10, size=(160, 120), audio=False)
+    for slowed, expected in ((DecordDecoder, "pyav"), (PyAVDecoder, "decord")):
+        with monkeypatch.context() as patch:
+            patch.setattr(video, "_MEASURED", {})
+            original = slowed.frames
+
+            def frames(self, indices, original=original):
+                for item in original(self, indices):
+                    time.sleep(0.01)  # 10 ms a frame: far slower than either decodes 160x120
+                    yield item
+
+            patch.setattr(slowed, "frames", frames)
+            with vstream.open_source(clip.path, fps=None, audio=False) as source:
+                read = [synth.read_index(item.image) for item in source]
+            assert source.stats.decoder == expected
+            assert read == list(range(30))
+            assert list(video._MEASURED.values()) == [expected]  # one measurement for the codec and size
 
 
 def test_iterating_twice_reads_the_file_again(make_clip):

@@ -119,7 +119,10 @@ class FileSource(Source):
         return self._iterate_threaded(items)
 
     def _open_decoder(self):
-        return open_video_decoder(self.uri, self.index, self.size, self.config.decoder_threads)
+        decoder = open_video_decoder(self.uri, self.index, self.size, self.config.decoder_threads,
+                                     self.sampled_indices)
+        self._stats.decoder = decoder.name
+        return decoder
 
     def _require_video(self) -> None:
         if not self.has_video:

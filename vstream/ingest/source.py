@@ -35,6 +35,9 @@ class SourceStats:
         audio_seconds: audio delivered in chunks, seconds.
         dropped_audio_seconds: audio dropped because the consumer fell behind, seconds.
         reconnects: times a live source was reopened after it was lost.
+        decoder: what decodes a file's video, ``decord`` or ``pyav`` (the faster on this
+            file's codec and size, measured; see ``vstream.ingest.video``); ``pyav`` for
+            live sources once reading.
     """
 
     decoded: int = 0
@@ -43,6 +46,7 @@ class SourceStats:
     audio_seconds: float = 0.0
     dropped_audio_seconds: float = 0.0
     reconnects: int = 0
+    decoder: str = ""
 
 
 @dataclass
