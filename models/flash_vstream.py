@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vstream.config import cache_first
 from vstream.errors import ModelLoadError
 from vstream.memory import SemanticAttention, StarConfig
 
@@ -109,8 +110,11 @@ def _local_folder(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(name, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack"]))
-        return folder if any(folder.glob("*.safetensors")) else Path(snapshot_download(name))
+        folder = Path(cache_first(lambda local: snapshot_download(
+            name, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack"], local_files_only=local)))
+        if any(folder.glob("*.safetensors")):
+            return folder
+        return Path(cache_first(lambda local: snapshot_download(name, local_files_only=local)))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot find the Flash-VStream checkpoint {name!r}: {exc}") from exc
 

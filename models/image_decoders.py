@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vstream.config import JsonConfig, check_int
+from vstream.config import JsonConfig, cache_first, check_int
 from vstream.errors import ConfigError, ModelLoadError
 from vstream.kernels import pool_grid
 from vstream.memory import StreamMemory
@@ -201,11 +201,9 @@ def _scheduler_class(diffusers, name: str):
     try:
         if folder.exists():
             path = folder / "scheduler" / "scheduler_config.json"
-        else:  # the local cache first, as load_pretrained does
-            try:
-                path = hf_hub_download(name, "scheduler_config.json", subfolder="scheduler", local_files_only=True)
-            except OSError:
-                path = hf_hub_download(name, "scheduler_config.json", subfolder="scheduler")
+        else:
+            path = cache_first(lambda local: hf_hub_download(name, "scheduler_config.json", subfolder="scheduler",
+                                                             local_files_only=local))
         class_name = json.loads(Path(path).read_text()).get("_class_name")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"diffusion decoder {name!r}: cannot read scheduler/scheduler_config.json ({exc})") from None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vstream.config import cache_dir, package_folder
+from vstream.config import cache_dir, cache_first, package_folder
 from vstream.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -77,15 +77,9 @@ def load_pretrained(loader, name: str, what: str, **kwargs):
     folder = Path(name)
     if not folder.exists() and (os.sep in name or name.startswith(".")) and name.count("/") != 1:
         raise ModelLoadError(f"{what} {name!r}: no such folder")
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     try:
-        try:
-            return loader.from_pretrained(name, local_files_only=True, **kwargs)
-        except OSError:
-            if folder.exists() or offline:
-                raise
-            return loader.from_pretrained(name, **kwargs)
+        return cache_first(lambda local: loader.from_pretrained(name, local_files_only=local, **kwargs),
+                           remote=not folder.exists())
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {what} {name!r}: {first_line}") from exc

@@ -18,6 +18,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VSTREAM_CACHE") or Path.home() / ".cache" / "vstream")
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE`` set to 1/true/yes/on), read at each call."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def cache_first(fetch, remote: bool = True):
+    """How every model loader finds its files: ``fetch(True)`` reads a local folder or the
+    Hugging Face cache only (``local_files_only=True``); only when that raises ``OSError``,
+    ``remote`` is true (not a local folder) and the hub is not switched off
+    (``hub_offline``) is ``fetch(False)`` allowed to download. A cached model never waits
+    on the network."""
+    try:
+        return fetch(True)
+    except OSError:
+        if not remote or hub_offline():
+            raise
+        return fetch(False)
+
+
 def package_folder(package: str) -> Path | None:
     """The folder of an installed package, found without importing it (the packages that
     ship model files may import what is not installed, or be slow to import), or None."""
