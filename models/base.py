@@ -177,6 +177,7 @@ class ChatModel:
 
     frame_encoder = None  # the vision tower whose features the memory must hold; None: any
     reads_memory_tokens = False
+    timed_memory = True  # memory tokens after time markers (``vstream.models.prompt.memory_pieces``)
 
     def __init__(self, lm, tokenizer, name: str = ""):
         self.lm, self.tokenizer, self.name = lm.eval(), tokenizer, name
@@ -245,7 +246,7 @@ class ChatModel:
                history: Turns = ()) -> AnswerStream:
         """Answer ``question`` from ``context``, token by token, after the earlier turns
         of ``history``."""
-        pieces = user_pieces(context, question, visual=self.reads_memory_tokens)
+        pieces = user_pieces(context, question, visual=self.reads_memory_tokens, timed=self.timed_memory)
         return AnswerStream(self, pieces, generation or GenerationConfig(), SYSTEM_PROMPT, history)
 
     def stream_media(self, media: list[Medium], question: str, generation: GenerationConfig | None = None,

@@ -214,6 +214,10 @@ class FlashVStreamModel(ChatModel):
     """
 
     reads_memory_tokens = True
+    # The released checkpoint was trained on the memory as one contiguous block in the
+    # reference's order, with no text inside it: ~54 time markers among its 681 tokens
+    # would be text it never saw there.
+    timed_memory = False
 
     def __init__(self, lm, tokenizer, projector: nn.Module, attention: SemanticAttention, frame_encoder,
                  memory: StarConfig, name: str = ""):

@@ -141,29 +141,33 @@ def span(start: float, end: float) -> str:
     return f"[{clock(start, hours=True)}-{clock(end, hours=True)}]"
 
 
-def memory_pieces(memory: MemoryTokens, source: str | None = None) -> list[Piece]:
+def memory_pieces(memory: MemoryTokens, source: str | None = None, timed: bool = True) -> list[Piece]:
     """The visual memory as marker + tokens pieces, one pair per run of tokens of the
-    same kind and span; the tokens' evidence carries ``source``."""
+    same kind and span; the tokens' evidence carries ``source``. Without ``timed``, the
+    tokens only, in the memory's order: one contiguous block, as a checkpoint trained on
+    a block (Flash-VStream-7b) saw it; each run stays its own piece for evidence."""
     pieces: list[Piece] = []
     start = 0
     for i in range(1, len(memory) + 1):
         if i == len(memory) or (memory.kinds[i], memory.spans[i]) != (memory.kinds[start], memory.spans[start]):
             kind, (t0, t1) = memory.kinds[start], memory.spans[start]
-            pieces.append(Piece(text=f" <{kind} {span(t0, t1)[1:-1]}>"))
+            if timed:
+                pieces.append(Piece(text=f" <{kind} {span(t0, t1)[1:-1]}>"))
             pieces.append(Piece(features=memory.tokens[start:i], evidence=(t0, t1, FRAME), source=source))
             start = i
     return pieces
 
 
-def context_pieces(context: Context, visual: bool, source: str | None = None) -> list[Piece]:
+def context_pieces(context: Context, visual: bool, source: str | None = None, timed: bool = True) -> list[Piece]:
     """What a stream's ``context`` shows and says: its memory tokens (``visual``: the
-    model reads them), scene notes, texts read on screen and transcript lines, or a line
+    model reads them; ``timed``: with a time marker before each run, see
+    ``memory_pieces``), scene notes, texts read on screen and transcript lines, or a line
     saying it is empty.
     Evidence pieces carry ``source``."""
     pieces: list[Piece] = []
     if visual and context.memory is not None and len(context.memory):
         pieces.append(Piece(text=f"Video memory ({clock(context.duration)} of video):"))
-        pieces.extend(memory_pieces(context.memory, source))
+        pieces.extend(memory_pieces(context.memory, source, timed))
         pieces.append(Piece(text="\n"))
     if context.scenes:
         pieces.append(Piece(text="What the video shows:\n"))
@@ -186,9 +190,10 @@ def context_pieces(context: Context, visual: bool, source: str | None = None) ->
     return pieces
 
 
-def user_pieces(context: Context, question: str, visual: bool) -> list[Piece]:
-    """The user turn for ``question``; ``visual`` says whether the model reads memory tokens."""
-    return [*context_pieces(context, visual), Piece(text=f"Question: {question}")]
+def user_pieces(context: Context, question: str, visual: bool, timed: bool = True) -> list[Piece]:
+    """The user turn for ``question``; ``visual`` says whether the model reads memory
+    tokens, ``timed`` whether each run of them comes after its time marker."""
+    return [*context_pieces(context, visual, timed=timed), Piece(text=f"Question: {question}")]
 
 
 def medium_pieces(medium: Medium, visual: bool) -> list[Piece]:

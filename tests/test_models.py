@@ -13,7 +13,7 @@ import torch
 from tiny_models import CHATML, tiny_clip, tiny_flash_vstream, tiny_llava_onevision
 
 from vstream.errors import ModelLoadError
-from vstream.memory import BankConfig, StarConfig, StarMemory
+from vstream.memory import BankConfig, MemoryTokens, StarConfig, StarMemory
 from vstream.models import Context, GenerationConfig, list_models, load_model
 from vstream.models.flash_vstream import FlashVStreamModel, vision_tower_name
 from vstream.models.llava_onevision import LlavaOnevisionModel
@@ -91,6 +91,19 @@ def test_flash_vstream_maps_every_key_of_the_released_layout(tmp_path, folders, 
     assert list(projector) == ["model.mm_projector.0.weight", "model.mm_projector.0.bias",
                                "model.mm_projector.2.weight", "model.mm_projector.2.bias"]
     assert isinstance(model.projector[1], torch.nn.GELU)
+
+
+def test_flash_vstream_reads_its_memory_as_one_block_and_other_vlms_with_time_markers(flash, folders):
+    """The released Flash-VStream-7b saw one contiguous block of memory tokens; a model's
+    question turn holds no text inside its memory (others get a time marker per run)."""
+    dim = flash.lm.config.hidden_size
+    memory = MemoryTokens(torch.zeros(4, dim), ["spatial", "spatial", "temporal", "temporal"],
+                          [(0, 1), (0, 1), (2, 3), (4, 5)])
+    pieces = flash.stream(Context(memory=memory, duration=5.0), "What?")._pieces
+    block = [i for i, p in enumerate(pieces) if p.features is not None]
+    assert len(block) == 3 and block == list(range(block[0], block[-1] + 1))
+    marked = load_model(str(folders["onevision"])).stream(Context(memory=memory, duration=5.0), "What?")._pieces
+    assert sum(p.text.startswith(" <") for p in marked) == 3
 
 
 def test_flash_vstream_memory_follows_the_checkpoint_config(flash, folders):

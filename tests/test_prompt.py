@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from vstream.errors import ConfigError
-from vstream.memory import MemoryTokens
-from vstream.memory import SceneRuns
+from vstream.memory import MemoryTokens, SceneRuns
 from vstream.models import GenerationConfig, describe_order, describe_scenes
 from vstream.models.prompt import Context, Piece, clock, memory_pieces, rank_evidence, user_pieces
 from vstream.types import TranscriptSegment
@@ -30,6 +29,21 @@ def test_memory_tokens_are_grouped_by_kind_and_span_behind_a_time_marker():
     assert [p.features.flatten().tolist() for p in pieces[1::2]] == [[0, 1], [2, 3], [4], [5, 6]]
     assert [p.evidence for p in pieces[1::2]] == [(0, 90, "frame"), (3, 9, "frame"), (12, 20, "frame"),
                                                   (95, 95, "frame")]
+
+
+def test_an_untimed_memory_is_one_block_of_tokens_in_the_memorys_order():
+    """Flash-VStream-7b's layout: no text inside the memory, the tokens contiguous, each run
+    still its own piece so the answer's evidence keeps its times."""
+    memory = MemoryTokens(torch.arange(7.0).reshape(7, 1),
+                          ["abstract", "abstract", "temporal", "temporal", "temporal", "spatial", "spatial"],
+                          [(0, 90), (0, 90), (3, 9), (3, 9), (12, 20), (95, 95), (95, 95)])
+    pieces = memory_pieces(memory, timed=False)
+    assert all(not p.text and p.features is not None for p in pieces)
+    assert torch.cat([p.features for p in pieces]).flatten().tolist() == list(range(7))
+    assert [p.evidence for p in pieces] == [(0, 90, "frame"), (3, 9, "frame"), (12, 20, "frame"), (95, 95, "frame")]
+    turn = user_pieces(Context(memory=memory, duration=95.0), "What?", visual=True, timed=False)
+    block = [i for i, p in enumerate(turn) if p.features is not None]
+    assert block == list(range(block[0], block[-1] + 1))  # nothing between the memory's tokens
 
 
 def test_user_turn_layout():
