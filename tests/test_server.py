@@ -489,6 +489,9 @@ def test_a_client_that_disappears_is_saved_and_closed_when_idle(client, main_ser
         assert time.monotonic() < deadline, "the idle stream was never closed"
         assert client.send_frame(other, frames(1)[0])
         time.sleep(0.2)
+    while client.stats()["closing"]:  # saved on a closer thread
+        assert time.monotonic() < deadline, "the idle stream was never saved"
+        time.sleep(0.05)
     assert (main_server.state_dir / stream / "session.json").is_file()
     assert f"closing stream {stream}: idle" in main_server.log()
     resumed = client.open_stream(resume=stream)
@@ -569,3 +572,45 @@ def test_streams_share_one_frame_encoder_and_its_forwards(model, tmp_path):
         server.stop()
         thread.join(10)
         server.close()
+
+
+def test_closing_a_stream_does_not_hold_up_the_others(model, tmp_path, monkeypatch):
+    """A close writes the stream's backlog and saves it (seconds, for a long stream) on a
+    thread of its own: meanwhile every other stream's frames are answered at once."""
+    import threading as threads
+
+    from vstream.server import Server, ServerConfig
+
+    saving = threads.Event()
+    original = Session.save
+
+    def slow_save(self, folder):
+        saving.set()
+        time.sleep(2.0)
+        original(self, folder)
+
+    monkeypatch.setattr(Session, "save", slow_save)
+    server = Server(ServerConfig(bind="tcp://127.0.0.1:*", state_dir=str(tmp_path / "state"),
+                                 session=SessionConfig(asr=False, generation=GenerationConfig(max_new_tokens=4))), model)
+    loop = threads.Thread(target=server.run, daemon=True)
+    loop.start()
+    try:
+        with Client(server.address) as closer, Client(server.address) as other:
+            slow, busy = closer.open_stream(), other.open_stream()
+            assert closer.send_frame(slow, frames(1)[0])
+            closing = threads.Thread(target=closer.close_stream, args=(slow,))
+            closing.start()
+            assert saving.wait(10)
+            began = time.monotonic()
+            for frame in frames(5):
+                assert other.send_frame(busy, frame)
+            assert time.monotonic() - began < 1.0  # not behind the 2-second save
+            assert other.stats()["closing"] == 1
+            closing.join(timeout=30)
+            assert not closing.is_alive() and (tmp_path / "state" / slow / "session.json").is_file()
+            assert other.stats()["closing"] == 0
+            with pytest.raises(ServerError, match="no open stream"):
+                other.stats(slow)
+    finally:
+        server.stop()
+        loop.join(timeout=60)

@@ -202,6 +202,7 @@ class Stream:
     frames_in: int = -1  # the session's frames_in at the last idle check
     last_time: float | None = None  # the newest frame or audio time taken, seconds
     waiters: list = field(default_factory=list)  # (identity, request id) of close requests
+    closer: threading.Thread | None = None  # the thread saving and closing it, once started
 
     def describe(self) -> dict:
         placement = getattr(self.session, "placement", None)  # a cluster stream: its node, moves and losses
@@ -682,8 +683,12 @@ class Server:
                 tag, stream_id, *reply = self._results.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.socket.send_multipart(reply)
+            if reply:
+                self.socket.send_multipart(reply)
             if tag in (b"part", b"admin"):  # a piece of an answer; a reply about no stream
+                continue
+            if tag == b"closed":  # a closer thread saved the stream and answered its closers
+                self._closing.pop(stream_id.decode(), None)
                 continue
             self.counters["answers"] += tag == b"answer"
             stream_id = stream_id.decode()
@@ -697,7 +702,7 @@ class Server:
                 stream.session.close()
                 continue
             if stream.pending == 0 and stream_id in self._closing:
-                self._finish_close(self._closing.pop(stream_id))
+                self._start_closer(self._closing[stream_id])
 
     # -- closing ------------------------------------------------------------------------
 
@@ -716,27 +721,52 @@ class Server:
     def _close_stream(self, stream: Stream, why: str) -> None:
         del self.streams[stream.id]
         logger.info("closing stream %s: %s", stream.id, why)
-        if stream.pending:
-            self._closing[stream.id] = stream  # closes when its last question is answered
-        else:
-            self._finish_close(stream)
+        self._closing[stream.id] = stream  # until it is saved; with questions pending, until they are answered
+        if not stream.pending:
+            self._start_closer(stream)
 
-    def _finish_close(self, stream: Stream) -> None:
-        """Write what was pushed, save the memory, free the session, answer the closers."""
+    def _start_closer(self, stream: Stream) -> None:
+        """Save and close ``stream`` on a thread of its own: writing its backlog and saving
+        take seconds, and the loop serves every other stream meanwhile."""
+        closer = threading.Thread(target=self._closer, args=(stream,), name=f"vstream-server-close-{stream.id}",
+                                  daemon=True)
+        stream.closer = closer
+        self._openers = [t for t in self._openers if t.is_alive()] + [closer]
+        closer.start()
+
+    def _closer(self, stream: Stream) -> None:
+        out = self._ctx.socket(zmq.PUSH)
+        out.connect(self._results_address)
+        try:
+            error, folder = self._save_and_close(stream), self.state_dir / stream.id
+            for identity, request_id in stream.waiters:
+                reply = (encode("ok", request_id, data={"stream": stream.id, "saved": str(folder)}) if error is None
+                         else encode("error", request_id, code="internal", message=error))
+                out.send_multipart([b"admin", b"", identity, b"", *reply])
+            out.send_multipart([b"closed", stream.id.encode()])
+        finally:
+            out.close()
+
+    def _save_and_close(self, stream: Stream) -> str | None:
+        """Write what was pushed, save the memory, free the session; why saving failed, if it did."""
         folder = self.state_dir / stream.id
         try:
             if stream.source is None:
                 stream.session.wait(timeout=5.0)
             stream.session.save(folder)
-            error = None
+            return None
         except Exception as exc:
             logger.exception("saving stream %s into %s failed", stream.id, folder)
-            error = f"saving the stream failed: {type(exc).__name__}: {exc}"
+            return f"saving the stream failed: {type(exc).__name__}: {exc}"
         finally:
             stream.session.close()
+
+    def _finish_close(self, stream: Stream) -> None:
+        """``_save_and_close`` here, on the loop (at shutdown), answering the closers."""
+        error = self._save_and_close(stream)
         for identity, request_id in stream.waiters:
             if error is None:
-                self._reply(identity, "ok", request_id, data={"stream": stream.id, "saved": str(folder)})
+                self._reply(identity, "ok", request_id, data={"stream": stream.id, "saved": str(self.state_dir / stream.id)})
             else:
                 self._error(identity, request_id, "internal", error)
 
@@ -763,7 +793,8 @@ class Server:
                 self._forward()
         self._forward()
         for stream in [*self.streams.values(), *self._closing.values()]:
-            self._finish_close(stream)
+            if stream.closer is None:  # a closer thread has saved the others (waited for above)
+                self._finish_close(stream)
         logger.info("saved %d stream(s) into %s", len(self.streams) + len(self._closing), self.state_dir)
         self.streams.clear()
         self._closing.clear()
