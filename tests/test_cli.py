@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ def test_probe_prints_streams_duration_fps_resolution_and_audio_rate(make_clip):
     info = json.loads(run("probe", str(clip.path), "--json").stdout)
     assert info["video"]["width"] == 160 and info["audio"]["sample_rate"] == 48000
     assert abs(info["duration"] - 6.0) < 0.1
+    assert info["decoder"] in ("decord", "pyav")  # measured in each run: the two runs may differ
+    assert re.search(r"decoder:  (decord|pyav) \(the faster", text.stdout)
 
 
 def test_frames_lists_sampled_frames_and_audio(make_clip):
