@@ -133,6 +133,11 @@ def test_file_source_indexes_like_a_sequence(make_clip, monkeypatch, decoder):
         source[12]
     audio = source.audio_between(1.3, 2.3)
     assert audio.start == pytest.approx(1.3, abs=1e-3) and len(audio.samples) == 16000
+    # one frame at a time through the whole file, as a needle check reads it (PyAV's decoder,
+    # drained at the end by an earlier call, raised "End of file" on the next)
+    swept = [source.frame_at(t).index for t in np.arange(0.0, 6.0, 0.25)]
+    assert swept == [int(t * 30 + 1e-6) for t in np.arange(0.0, 6.0, 0.25)]  # the frame on screen at t
+    assert source.frame_at(5.99).index == 179 and source.frame_at(0.0).index == 0
     assert source.stats.decoder == decoder
     source.close()
 
@@ -235,6 +240,22 @@ def test_decord_and_pyav_decode_the_same_frames(make_clip):
         results.append([(i, synth.read_index(as_array(pixels))) for i, pixels in each.frames(wanted)])
     decoder.close()
     assert results[0] == results[1] == [(i, i) for i in wanted]
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_frames_one_at_a_time_through_a_whole_file_with_either_decoder(tmp_path, monkeypatch, decoder):
+    """The needle checks read a clip one frame_at() at a time; PyAV's decoder, drained at
+    the file's end by an earlier call, raised "End of file" on a later one."""
+    import vstream.ingest.video as video
+    from vstream.evaluate.needle import make_needle_clip
+
+    monkeypatch.setattr(video, "_MEASURED", {})
+    monkeypatch.setattr(video, "_faster", lambda *args: decoder)
+    path, _ = make_needle_clip(tmp_path, "recurrence", 60, "middle", seed=1)
+    with vstream.open_source(str(path)) as source:
+        times = [source.frame_at(t).t for t in np.arange(0.0, 60.0, 0.5)]
+        assert source.stats.decoder == decoder
+    assert times == sorted(times) and times[0] == 0.0 and times[-1] >= 59.0
 
 
 def test_the_faster_decoder_is_chosen_by_measurement(make_clip, monkeypatch):

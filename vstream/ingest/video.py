@@ -126,16 +126,20 @@ class PyAVDecoder:
         if threads:
             self.stream.thread_count = threads
         self.decoded = 0
-        self._position = -1  # index of the last frame decoded
+        self._used = False  # an earlier frames() call moved the decoder
 
     def frames(self, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(index, image [H, W, 3] uint8)`` for ``indices`` (ascending)."""
         pending = deque(indices)
-        position = self._position  # where an earlier call left the decoder: a later call may go back
+        position = -1  # index of the last frame decoded
+        # A decoder an earlier call used is somewhere in the file, with frames of its own
+        # still buffered (or drained at the end): start again from a key frame.
+        must_seek, self._used = self._used, True
         exhausted = False
         while pending and not exhausted:
             key = self.index.keyframe_before(pending[0])
-            if key > position + 1 or position >= pending[0]:
+            if must_seek or key > position + 1 or position >= pending[0]:
+                must_seek = False
                 self.container.seek(int(self.index.pts[key]), stream=self.stream, backward=True, any_frame=False)
                 position = key - 1
             exhausted = True
@@ -143,7 +147,6 @@ class PyAVDecoder:
                 position = self._index_of(frame, position)
                 while pending and pending[0] < position:
                     pending.popleft()  # a frame the decoder never produced (damaged packet)
-                self._position = position
                 if pending and pending[0] == position:
                     pending.popleft()
                     yield position, frame.to_ndarray(width=self.size[0], height=self.size[1], format="rgb24")
