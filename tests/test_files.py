@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import first_at_or_after
 
 import vstream
 from vstream import AudioChunk, Frame, synth
 from vstream.ingest.container import open_container
 from vstream.ingest.video import DecordDecoder, FileIndex, PyAVDecoder, as_array, open_video_decoder
-
-from helpers import first_at_or_after
 
 FORMATS = [".mp4", ".mkv", ".mov", ".webm", ".avi", ".ts"]
 
@@ -117,7 +116,7 @@ def test_frames_are_resized_by_the_decoder(make_clip, size, shape):
 def test_file_source_indexes_like_a_sequence(make_clip, monkeypatch, decoder):
     """Random access, backwards too, with either decoder (PyAV's used to return nothing
     for frames before the last one it had decoded)."""
-    import vstream.ingest.video as video
+    from vstream.ingest import video
 
     monkeypatch.setattr(video, "_MEASURED", {})
     monkeypatch.setattr(video, "_faster", lambda *args: decoder)
@@ -246,8 +245,8 @@ def test_decord_and_pyav_decode_the_same_frames(make_clip):
 def test_frames_one_at_a_time_through_a_whole_file_with_either_decoder(tmp_path, monkeypatch, decoder):
     """The needle checks read a clip one frame_at() at a time; PyAV's decoder, drained at
     the file's end by an earlier call, raised "End of file" on a later one."""
-    import vstream.ingest.video as video
     from vstream.evaluate.needle import make_needle_clip
+    from vstream.ingest import video
 
     monkeypatch.setattr(video, "_MEASURED", {})
     monkeypatch.setattr(video, "_faster", lambda *args: decoder)
@@ -261,7 +260,7 @@ def test_frames_one_at_a_time_through_a_whole_file_with_either_decoder(tmp_path,
 def test_the_faster_decoder_is_chosen_by_measurement(make_clip, monkeypatch):
     """Whichever of decord and PyAV reads the first sampled frames faster decodes the file
     (measured once per codec, size and density; ``stats.decoder`` says which)."""
-    import vstream.ingest.video as video
+    from vstream.ingest import video
 
     clip = make_clip("choice.mp4", duration=3.0, fps=10, size=(160, 120), audio=False)
     for slowed, expected in ((DecordDecoder, "pyav"), (PyAVDecoder, "decord")):
