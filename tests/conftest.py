@@ -20,6 +20,10 @@ os.environ["PYTHONSAFEPATH"] = "1"
 # Ray clusters in tests stay on loopback: Ray reads this when it is imported, and without it
 # rewrites a loopback node address to the machine's other interface (README, design notes).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# One decoder for the suite, not the faster-by-measurement one (timing decides it, and
+# tests then take different paths run to run); the measured choice and PyAV have tests
+# of their own (test_files.py), which name the decoder.
+os.environ["VSTREAM_DECODER"] = "decord"
 
 
 @pytest.fixture(scope="session")

@@ -113,15 +113,11 @@ def test_frames_are_resized_by_the_decoder(make_clip, size, shape):
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])
-def test_file_source_indexes_like_a_sequence(make_clip, monkeypatch, decoder):
+def test_file_source_indexes_like_a_sequence(make_clip, decoder):
     """Random access, backwards too, with either decoder (PyAV's used to return nothing
     for frames before the last one it had decoded)."""
-    from vstream.ingest import video
-
-    monkeypatch.setattr(video, "_MEASURED", {})
-    monkeypatch.setattr(video, "_faster", lambda *args: decoder)
     clip = make_clip("cfr.mp4", duration=6.0, fps=30)
-    source = vstream.open_source(clip.path, fps=2.0)
+    source = vstream.open_source(clip.path, fps=2.0, decoder=decoder)
     assert len(source) == 12
     assert source.times.tolist() == pytest.approx([k / 2 for k in range(12)], abs=1e-3)
     assert source[0].index == 0 and source[3].index == 45 and source[-1].index == 165
@@ -242,16 +238,13 @@ def test_decord_and_pyav_decode_the_same_frames(make_clip):
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])
-def test_frames_one_at_a_time_through_a_whole_file_with_either_decoder(tmp_path, monkeypatch, decoder):
+def test_frames_one_at_a_time_through_a_whole_file_with_either_decoder(tmp_path, decoder):
     """The needle checks read a clip one frame_at() at a time; PyAV's decoder, drained at
     the file's end by an earlier call, raised "End of file" on a later one."""
     from vstream.evaluate.needle import make_needle_clip
-    from vstream.ingest import video
 
-    monkeypatch.setattr(video, "_MEASURED", {})
-    monkeypatch.setattr(video, "_faster", lambda *args: decoder)
     path, _ = make_needle_clip(tmp_path, "recurrence", 60, "middle", seed=1)
-    with vstream.open_source(str(path)) as source:
+    with vstream.open_source(str(path), decoder=decoder) as source:
         times = [source.frame_at(t).t for t in np.arange(0.0, 60.0, 0.5)]
         assert source.stats.decoder == decoder
     assert times == sorted(times) and times[0] == 0.0 and times[-1] >= 59.0
@@ -274,7 +267,7 @@ def test_the_faster_decoder_is_chosen_by_measurement(make_clip, monkeypatch):
                     yield item
 
             patch.setattr(slowed, "frames", frames)
-            with vstream.open_source(clip.path, fps=None, audio=False) as source:
+            with vstream.open_source(clip.path, fps=None, audio=False, decoder="auto") as source:
                 read = [synth.read_index(item.image) for item in source]
             assert source.stats.decoder == expected
             assert read == list(range(30))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 
 from vstream.errors import ConfigError
+
+DECODERS = ("auto", "decord", "pyav")  # SourceConfig.decoder
 
 
 @dataclass
@@ -43,6 +46,9 @@ class SourceConfig:
             doubled after each failure (default 0.5; the first attempt is immediate).
         reconnect_backoff_max: longest wait between reopen attempts, seconds (default 8.0).
         decoder_threads: threads per decoder; 0 lets FFmpeg choose (default 0).
+        decoder: what decodes a file's video: ``auto`` (the faster of decord and PyAV on
+            its first frames, measured), ``decord`` (wherever it reads the file as the
+            demuxer does) or ``pyav``; default ``$VSTREAM_DECODER``, else ``auto``.
     """
 
     fps: float | None = 1.0
@@ -59,6 +65,7 @@ class SourceConfig:
     reconnect_backoff: float = 0.5
     reconnect_backoff_max: float = 8.0
     decoder_threads: int = 0
+    decoder: str = field(default_factory=lambda: os.environ.get("VSTREAM_DECODER", "auto"))
 
     def __post_init__(self) -> None:
         if self.fps is not None and not (isinstance(self.fps, (int, float)) and self.fps > 0):
@@ -87,6 +94,8 @@ class SourceConfig:
             raise ConfigError(f"SourceConfig.reconnect_tries must be an int >= 0, got {self.reconnect_tries!r}")
         if not (isinstance(self.decoder_threads, int) and self.decoder_threads >= 0):
             raise ConfigError(f"SourceConfig.decoder_threads must be an int >= 0, got {self.decoder_threads!r}")
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"SourceConfig.decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """The ``(width, height)`` frames of a ``width`` x ``height`` source come out at."""

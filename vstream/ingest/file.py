@@ -120,7 +120,7 @@ class FileSource(Source):
 
     def _open_decoder(self):
         decoder = open_video_decoder(self.uri, self.index, self.size, self.config.decoder_threads,
-                                     self.sampled_indices)
+                                     self.sampled_indices, self.config.decoder)
         self._stats.decoder = decoder.name
         return decoder
 

@@ -236,11 +236,14 @@ _MEASURED: dict[tuple, str] = {}  # (codec, size, threads, dense) -> the faster 
 
 
 def open_video_decoder(uri: str, index: FileIndex, size: tuple[int, int], threads: int,
-                       indices: Sequence[int] = ()) -> DecordDecoder | PyAVDecoder:
-    """The faster of decord and PyAV for ``uri``'s frames ``indices`` (the ones to be
-    read), measured on the first ``TRIAL_FRAMES`` of them once per codec, size, thread
-    count and sampling density in a process; PyAV when decord does not read the file
-    with the same frames and times as ``index``."""
+                       indices: Sequence[int] = (), choice: str = "auto") -> DecordDecoder | PyAVDecoder:
+    """The decoder of ``uri``'s frames ``indices`` (the ones to be read): with ``choice``
+    ``auto``, the faster of decord and PyAV, measured on the first ``TRIAL_FRAMES`` of them
+    once per codec, size, thread count and sampling density in a process; ``decord`` or
+    ``pyav`` as named. PyAV whenever decord does not read the file with the same frames
+    and times as ``index``."""
+    if choice == PyAVDecoder.name:
+        return PyAVDecoder(uri, index, size, threads)
     if index.declared_frames > 2 * len(index) + 16:
         # decord sizes its tables by the header: a damaged one claiming billions of frames
         # aborts the whole process (std::bad_alloc) where Python cannot catch it
@@ -268,10 +271,10 @@ def open_video_decoder(uri: str, index: FileIndex, size: tuple[int, int], thread
         log.debug("decord decodes %s as %s, not %sx%s RGB; using PyAV", uri, shape, *size)
         return PyAVDecoder(uri, index, size, threads)
     key = (index.codec, size, threads, bool(len(indices) > 1 and np.all(np.diff(indices[:TRIAL_FRAMES]) == 1)))
-    if key not in _MEASURED:
+    if choice == "auto" and key not in _MEASURED:
         _MEASURED[key] = _faster(reader, uri, index, size, threads, list(indices[:TRIAL_FRAMES]))
         log.debug("decoder for %s frames at %sx%s: %s (measured on %s)", index.codec, *size, _MEASURED[key], uri)
-    if _MEASURED[key] == PyAVDecoder.name:
+    if choice == "auto" and _MEASURED[key] == PyAVDecoder.name:
         return PyAVDecoder(uri, index, size, threads)
     reader.seek(0)
     return DecordDecoder(reader, uri, index, size, threads)
