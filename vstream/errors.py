@@ -85,3 +85,8 @@ class ServerTimeout(ServerError, TimeoutError):
 class JudgeError(VStreamError, OSError):
     """A judge server (``vstream eval --judge-endpoint``) could not be reached or
     answered with something that is not a chat completion, after its retries."""
+
+
+class DataError(VStreamError, ValueError):
+    """A training or evaluation data file that cannot be read as its format says: the
+    message names the file, the record and the field."""

@@ -1,0 +1,103 @@
+"""LLaVA-style conversation files (JSON arrays and JSON Lines), read as a stream."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+
+from vstream.data import ConversationRecord, Turn, read_conversations, read_json_records
+from vstream.data import conversations as module
+from vstream.errors import DataError
+
+VIDEO = {"id": "v_1", "video": "academic/v_1.mp4",
+         "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+                           {"from": "gpt", "value": "A man parks a red car."},
+                           {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "At the station."}]}
+IMAGES = {"id": 7, "image": ["a.jpg", "b.jpg"],
+          "conversations": [{"from": "system", "value": "Be brief."},
+                            {"from": "human", "value": "<image>\n<image>\nSame place?"},
+                            {"from": "gpt", "value": "Yes."}]}
+TEXT = {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+
+
+@pytest.mark.parametrize("layout", ["array", "lines", "array-compact"])
+def test_both_layouts_give_the_records_with_media_and_turns(tmp_path, layout):
+    path = tmp_path / "data.json"
+    records = [VIDEO, IMAGES, TEXT]
+    path.write_text({"array": json.dumps(records, indent=2), "array-compact": json.dumps(records),
+                     "lines": "\n".join(json.dumps(r) for r in records) + "\n"}[layout])
+    got = list(read_conversations(path, media_root=tmp_path / "media"))
+    assert got[0] == ConversationRecord("v_1", "video", (tmp_path / "media" / "academic/v_1.mp4",), (
+        Turn("user", "<video>\nWhat happens?"), Turn("assistant", "A man parks a red car."),
+        Turn("user", "Where?"), Turn("assistant", "At the station.")))
+    assert got[1].id == "7" and got[1].media == "image" and [p.name for p in got[1].paths] == ["a.jpg", "b.jpg"]
+    assert got[1].turns[0] == Turn("system", "Be brief.")
+    assert got[2].media is None and got[2].paths == ()
+
+
+def test_a_large_file_is_read_one_record_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(module, "CHUNK", 4096)  # records cross chunk boundaries all the time
+    path = tmp_path / "big.json"
+    count = 20_000
+    with open(path, "w") as out:
+        out.write("[\n")
+        for i in range(count):
+            record = {**VIDEO, "id": f"v_{i}"}  # one video name: pathlib interns each new name
+            out.write(json.dumps(record) + (",\n" if i < count - 1 else "\n"))
+        out.write("]\n")
+    size = path.stat().st_size
+    ids = (record.id for record in read_conversations(path))
+    first = next(ids)  # imports and caches settle before memory is measured
+    tracemalloc.start()
+    last, seen = first, 1
+    for last in ids:
+        seen += 1
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (first, last, seen) == ("v_0", f"v_{count - 1}", count)
+    assert peak < size / 20, (peak, size)  # a bounded buffer, not the file (5 MB)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"id": 1, "conversations": []}, {"id": 2', "ends inside the JSON array|record 1 is not valid JSON"),
+    ('[{"id": 1}, 5]', "record 1 is a JSON int"),
+    ('{"id": "a"}\n{"id": nope}\n', "record 1 is not valid JSON"),
+    ('[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}] x',
+     "text after the end"),
+])
+def test_broken_json_names_the_file_and_the_record(tmp_path, content, message):
+    path = tmp_path / "broken.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as raised:
+        list(read_json_records(path))
+    assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"conversations": [{"from": "bot", "value": "x"}]}, r"field 'conversations'\[0\]\['from'\] must be one of"),
+    ({"conversations": [{"from": "human", "value": 3}]}, r"\['value'\] must be a string"),
+    ({"conversations": [{"from": "gpt", "value": "<video> no"}]}, "must start with 'human'"),
+    ({"conversations": [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "x"}]},
+     "<video> appears 0 time"),
+    ({"image": "x.jpg"}, "both 'video' and 'image'"),
+    ({"video": ""}, "field 'video' must be a path"),
+    ({"id": None}, "field 'id'"),
+    ({"conversations": "hi"}, "non-empty list"),
+])
+def test_a_record_that_does_not_fit_names_its_index_id_and_field(tmp_path, change, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(TEXT) + "\n" + json.dumps({**VIDEO, **change}) + "\n")
+    with pytest.raises(DataError, match=message) as raised:
+        list(read_conversations(path))
+    assert f"{path}: record 1 (id " in str(raised.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="cannot read it"):
+        list(read_json_records(tmp_path / "absent.json"))
+    (tmp_path / "empty.json").write_text("")
+    assert list(read_json_records(tmp_path / "empty.json")) == []
+    (tmp_path / "empty-array.json").write_text("[ ]")
+    assert list(read_json_records(tmp_path / "empty-array.json")) == []
