@@ -101,3 +101,21 @@ def test_missing_and_empty_files(tmp_path):
     assert list(read_json_records(tmp_path / "empty.json")) == []
     (tmp_path / "empty-array.json").write_text("[ ]")
     assert list(read_json_records(tmp_path / "empty-array.json")) == []
+
+
+def test_vstream_data_check_counts_records_and_names_the_first_bad_one(tmp_path, capsys):
+    from vstream.cli import main
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps(r) for r in (VIDEO, IMAGES, TEXT)) + "\n")
+    assert main(["data", "check", str(good)]) == 0
+    assert "3 records (1 video, 1 image, 1 text), 9 turns" in capsys.readouterr().out
+    (tmp_path / "academic").mkdir()
+    (tmp_path / "academic" / "v_1.mp4").write_bytes(b"")
+    assert main(["data", "check", str(good), "--missing"]) == 1  # a.jpg and b.jpg are not there
+    captured = capsys.readouterr()
+    assert "2 media file(s) missing" in captured.out and "b.jpg" in captured.err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(TEXT) + "\n" + json.dumps({**TEXT, "conversations": [{"from": "bot", "value": "x"}]}))
+    assert main(["data", "check", str(bad)]) == 1
+    assert "record 1 (id 't')" in capsys.readouterr().err

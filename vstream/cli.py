@@ -219,6 +219,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_eval)
 
+    data = commands.add_parser("data", help="check training data files")
+    data_actions = data.add_subparsers(dest="action", required=True)
+    check = data_actions.add_parser("check", help="read a LLaVA-style conversation file (JSON or JSON Lines) record "
+                                                  "by record: counts, and the first record that does not fit")
+    check.add_argument("file")
+    check.add_argument("--media-root", help="folder the records' media paths are relative to (default: the file's)")
+    check.add_argument("--missing", action="store_true", help="also report media files that do not exist")
+    check.set_defaults(run=_data_check)
+
     synth = commands.add_parser("synth", help="write a synthetic test clip (frame index bar code, moving square, tones)")
     synth.add_argument("output", help="output file: .mp4 .mkv .mov .ts .webm or .avi")
     synth.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
@@ -635,6 +644,27 @@ def _line(item) -> str:
     if d["kind"] == "frame":
         return f"frame  t={d['t']:9.3f}s  index={d['index']:<7d} {d['width']}x{d['height']}  mean_rgb={d['mean_rgb']}"
     return f"audio  {d['start']:9.3f}s..{d['end']:.3f}s  rms={d['rms']:.3f}  peak={d['peak_hz']:.0f} Hz"
+
+
+def _data_check(args) -> None:
+    from vstream.data import read_conversations
+
+    counts = {"video": 0, "image": 0, "text": 0}
+    turns = missing = 0
+    for record in read_conversations(args.file, args.media_root):  # a DataError names the record and field
+        counts[record.media or "text"] += 1
+        turns += len(record.turns)
+        if args.missing:
+            for path in record.paths:
+                if not path.exists():
+                    missing += 1
+                    if missing <= 5:
+                        print(f"missing: record {record.id!r}: {path}", file=sys.stderr)
+    total = sum(counts.values())
+    print(f"{args.file}: {total} records ({counts['video']} video, {counts['image']} image, {counts['text']} text), "
+          f"{turns} turns" + (f", {missing} media file(s) missing" if args.missing else ""))
+    if missing:
+        raise vstream.VStreamError(f"{missing} media file(s) of {args.file} do not exist under the media folder")
 
 
 def _synth(args) -> None:
