@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from helpers import wait_processed
 from ray.cluster_utils import Cluster
 from server_process import ServerProcess
 from tiny_models import tiny_llama
@@ -56,15 +57,6 @@ def running(server: Server):
 def send(client: Client, stream: str, items: list[Frame]) -> None:
     for frame in items:
         assert client.send_frame(stream, frame, lossless=True)
-
-
-def written(client: Client, stream: str, count: int, timeout: float = 60.0) -> dict:
-    """The stream's stats once its memory holds ``count`` frames."""
-    deadline = time.monotonic() + timeout
-    while (stats := client.stats(stream))["frames_processed"] < count:
-        assert time.monotonic() < deadline, f"stream {stream}: {stats['frames_processed']} of {count} frames written"
-        time.sleep(0.05)
-    return stats
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +101,7 @@ def local_answer(model, tmp_path_factory):
         with Client(server.address) as client:
             stream = client.open_stream()
             send(client, stream, frames(12))
-            written(client, stream, 12)
+            wait_processed(client, stream, 12, timeout=60)
             return client.ask(stream, QUESTION)
     finally:
         server.stop()
@@ -125,7 +117,7 @@ def test_vstream_serve_cluster_local_streams_answers_and_saves_on_sigterm(model,
         with Client(address) as client:
             stream = client.open_stream()
             send(client, stream, frames(6))
-            written(client, stream, 6)
+            wait_processed(client, stream, 6, timeout=60)
             assert client.ask(stream, QUESTION)["answer"]
             workers = client.stats()["workers"]
             assert [w["node"] for w in workers] == [client.stats(stream)["node"]]
@@ -141,7 +133,7 @@ def test_streams_spread_over_the_nodes_and_answer_as_one_process_does(server, lo
         streams = [client.open_stream() for _ in range(2)]
         for stream in streams:
             send(client, stream, frames(12))
-        nodes = {written(client, stream, 12)["node"] for stream in streams}
+        nodes = {wait_processed(client, stream, 12, timeout=60)["node"] for stream in streams}
         assert len(nodes) == 2  # one stream on each worker
         for stream in streams:
             answer = client.ask(stream, QUESTION)
@@ -195,7 +187,7 @@ def test_drain_moves_a_nodes_streams_with_nothing_lost(server, capsys):
     with Client(server.address) as client:
         stream = client.open_stream()
         send(client, stream, frames(12))
-        before = written(client, stream, 12)
+        before = wait_processed(client, stream, 12, timeout=60)
         answer = client.ask(stream, QUESTION)
         assert main(["cluster", "drain", before["node"][:12], "--server", server.address]) == 0
         assert "1 stream(s) moved" in capsys.readouterr().out
@@ -205,7 +197,7 @@ def test_drain_moves_a_nodes_streams_with_nothing_lost(server, capsys):
         again = client.ask(stream, QUESTION)  # the same memory on the new worker: the same answer
         assert (again["answer"], again["evidence"]) == (answer["answer"], answer["evidence"])
         send(client, stream, frames(4, offset=12))  # the stream goes on there
-        assert written(client, stream, 16)["frames_in"] == 16
+        assert wait_processed(client, stream, 16, timeout=60)["frames_in"] == 16
         assert main(["cluster", "workers", "--server", server.address]) == 0
         listed = capsys.readouterr().out
         assert before["node"] not in listed and after["node"] in listed  # the drained node's worker stopped
@@ -224,7 +216,7 @@ def test_a_killed_nodes_streams_answer_again_elsewhere_with_the_loss_counted(ser
             time.sleep(0.2)
         stream = client.open_stream()
         send(client, stream, frames(12))
-        before = written(client, stream, 12)
+        before = wait_processed(client, stream, 12, timeout=60)
         time.sleep(4.5)  # two checkpoints: the 12 frames are saved
         send(client, stream, frames(6, offset=12))  # some of these may be lost with the node
         victim = next(node for node in cluster.worker_nodes if node.node_id == before["node"])

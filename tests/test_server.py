@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from helpers import wait_processed
 from server_process import ServerProcess
 from tiny_models import tiny_llama
 
@@ -98,14 +99,6 @@ def main_server(servers):
 def client(main_server):
     with Client(main_server.address, token=TOKEN, timeout=10) as c:
         yield c
-
-
-def wait_processed(client: Client, stream: str, n: int, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while (stats := client.stats(stream))["frames_processed"] < n:
-        assert time.monotonic() < deadline, f"only {stats['frames_processed']} of {n} frames processed"
-        time.sleep(0.05)
-    return stats
 
 
 def raw_socket(address: str) -> zmq.Socket:

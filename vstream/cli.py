@@ -156,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     drain.add_argument("--server", required=True, metavar="ADDR", help="the server's address")
     _client_flags(drain)
     drain.set_defaults(run=_cluster_drain)
-    workers = cluster_actions.add_parser("workers", help="list the cluster's workers: node, streams, state")
+    workers = cluster_actions.add_parser("workers", help="list the cluster's workers: node and streams held")
     workers.add_argument("--server", required=True, metavar="ADDR", help="the server's address")
     _client_flags(workers)
     workers.set_defaults(run=_cluster_workers)
@@ -542,8 +542,7 @@ def _cluster_workers(args) -> None:
     if workers is None:
         raise vstream.ConfigError(f"{args.server} runs no cluster (vstream serve --cluster)")
     for worker in workers:
-        state = "draining" if worker["draining"] else "alive" if worker["alive"] else "gone"
-        print(f"{worker['node']}  {worker['streams']:4d} stream(s)  {state}")
+        print(f"{worker['node']}  {worker['streams']:4d} stream(s)")
 
 
 def _stream(args) -> None:

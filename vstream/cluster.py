@@ -45,9 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from vstream.config import JsonConfig, check_int, check_number
-from vstream.errors import ConfigError, MemoryStateError, ProtocolError, VStreamError
+from vstream.errors import ConfigError, ProtocolError, VStreamError
 from vstream.ingest.queue import Closed, ItemQueue
-from vstream.session import SessionConfig, SessionStats
+from vstream.session import SessionConfig, SessionStats, SharedModels, check_time_order
 from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame
 
 logger = logging.getLogger(__name__)
@@ -130,14 +130,11 @@ class StreamWorker:
                  encoder_wait_ms: float, checkpoint_every: float, threads: int):
         import torch
 
-        from vstream.encoders.batching import BatchingConfig, BatchingEncoder
-        from vstream.session import model_and_encoder, shared_screen_reader
+        from vstream.encoders.batching import BatchingConfig
 
         torch.set_num_threads(threads)
-        self.config = SessionConfig.from_dict(session)
-        self.model, encoder = model_and_encoder(model, self.config)
-        self.encoder = BatchingEncoder(encoder, BatchingConfig(encoder_batch, encoder_wait_ms))
-        self.screen_reader = shared_screen_reader(self.config)
+        self.shared = SharedModels.load(model, SessionConfig.from_dict(session),
+                                        BatchingConfig(encoder_batch, encoder_wait_ms))
         self.state_dir = Path(state_dir)
         self.sessions: dict = {}
         self._asking: dict[str, int] = {}  # stream id -> questions being answered
@@ -152,7 +149,7 @@ class StreamWorker:
         """The worker's node id and model name (also: it is up)."""
         import ray
 
-        return {"node": ray.get_runtime_context().get_node_id(), "model": self.model.name}
+        return {"node": ray.get_runtime_context().get_node_id(), "model": self.shared.model.name}
 
     def ping(self) -> int:
         """The number of sessions held: a health check."""
@@ -161,13 +158,7 @@ class StreamWorker:
     def open(self, stream_id: str, resume: bool) -> int:
         """Open stream ``stream_id``: from its save under the state folder with ``resume``,
         else empty. Returns the frames its memory holds (what a moved stream kept)."""
-        from vstream.session import Session
-
-        folder = self.state_dir / stream_id
-        if resume:
-            session = Session.load(folder, self.model, self.config, self.encoder, self.screen_reader)
-        else:
-            session = Session(self.model, self.config, self.encoder, self.screen_reader)
+        session = self.shared.session(self.state_dir / stream_id if resume else None)
         with self._lock:
             self.sessions[stream_id] = session
         return session.stats.frames_processed
@@ -274,11 +265,10 @@ class Worker:
     handle: object  # the Ray actor handle
     node: str  # Ray node id (hex)
     streams: set = field(default_factory=set)  # RemoteSession objects it hosts
-    alive: bool = True
-    draining: bool = False
+    alive: bool = True  # False once retired (dead or drained): a stream may still hold it until it moves
 
     def describe(self) -> dict:
-        return {"node": self.node, "streams": len(self.streams), "alive": self.alive, "draining": self.draining}
+        return {"node": self.node, "streams": len(self.streams)}
 
 
 class RemoteAnswer:
@@ -324,12 +314,12 @@ class RemoteSession:
     """A stream whose session lives on a worker: what the server calls on a ``Session``
     (push, ask, stats, wait, save, close), with the queue and order kept here."""
 
-    def __init__(self, host: ClusterHost, stream_id: str, worker: Worker, queue_frames: int):
+    def __init__(self, host: ClusterHost, stream_id: str, worker: Worker):
         self.host, self.id, self.worker = host, stream_id, worker
         self.forwarded = 0  # frames the current worker took, as its memory counts them after a move
         self.moved = self.frames_lost = 0
-        self._queue = ItemQueue(queue_frames, drop=True)
-        self._pushed = SessionStats()  # what the front counts itself: frames in and dropped
+        self._queue = ItemQueue(host.session.queue_frames, drop=True)
+        self._frames_in = self._frames_dropped = 0  # counted here: frames pushed, and dropped from this queue
         self._last_frame_t = float("-inf")
         self._last_stats: dict = {}
         self._offered = self._done = 0  # items queued; items written, evicted or lost (flush waits for these)
@@ -344,17 +334,18 @@ class RemoteSession:
 
     def push_frame(self, frame: Frame, wait: bool = False, evict: bool = True) -> bool:
         """As ``Session.push_frame``: queue ``frame`` for the worker."""
-        if frame.t < self._last_frame_t:
-            raise MemoryStateError(f"frame time {frame.t} s is earlier than the previous frame's "
-                                   f"({self._last_frame_t} s): frames go into the memory in time order")
+        check_time_order(frame.t, self._last_frame_t)
         taken = self._offer(("frame", frame.t, frame.index, np.ascontiguousarray(frame.image)), wait, evict)
         if taken is not None:
             self._last_frame_t = frame.t
-            self._pushed.frames_in += 1
+            self._frames_in += 1
         return bool(taken)
 
     def push_audio(self, chunk: AudioChunk, wait: bool = False, evict: bool = True) -> bool:
-        """As ``Session.push_audio``: queue ``chunk`` for the worker."""
+        """As ``Session.push_audio``: queue ``chunk`` for the worker (nothing crosses to it
+        when the sessions do not recognise speech, as a session would ignore it)."""
+        if not self.host.session.asr:
+            return True
         return bool(self._offer(("audio", chunk.start, np.ascontiguousarray(chunk.samples)), wait, evict))
 
     def _offer(self, item: tuple, wait: bool, evict: bool) -> bool | None:
@@ -368,7 +359,7 @@ class RemoteSession:
         evicted = self._queue.put(item, wait=wait)
         self._offered += 1
         if evicted is not None:
-            self._pushed.frames_dropped += evicted[0] == "frame"
+            self._frames_dropped += evicted[0] == "frame"
             self._settled(1)
         return evicted is None
 
@@ -449,8 +440,8 @@ class RemoteSession:
                 pass
         stats = SessionStats(**self._last_stats)
         if not self._reads_source:  # what was pushed here, some of it still queued, some lost in a move
-            stats.frames_in = self._pushed.frames_in
-        stats.frames_dropped += self._pushed.frames_dropped
+            stats.frames_in = self._frames_in
+        stats.frames_dropped += self._frames_dropped
         return stats
 
     def thumbnail(self, t: float) -> tuple[float, bytes] | None:
@@ -518,7 +509,7 @@ class ClusterHost:
         self.config, self.state_dir = config, Path(state_dir)
         self._worker_args = (model, session.to_dict(), str(self.state_dir), encoder_batch, encoder_wait_ms,
                              config.checkpoint_every, max(1, round(config.worker_cpus)))
-        self.queue_frames = session.queue_frames
+        self.session = session
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
             if config.address == "local":
@@ -603,7 +594,7 @@ class ClusterHost:
             if worker is None:
                 raise ProtocolError(f"every worker holds its maximum of {self.config.streams_per_worker} streams; "
                                     "close one first or add a node", "max_streams")
-            remote = RemoteSession(self, stream_id, worker, self.queue_frames)
+            remote = RemoteSession(self, stream_id, worker)
             worker.streams.add(remote)
         try:
             remote.forwarded = _result(worker.handle.open.remote(stream_id, resume))
@@ -625,8 +616,7 @@ class ClusterHost:
             if len(matches) != 1:
                 raise ProtocolError(f"node {node!r} names {len(matches)} of the cluster's workers; known: "
                                     f"{', '.join(sorted(self.workers)) or 'none'}", "invalid")
-            worker = matches[0]
-            worker.draining = True
+            worker = matches[0]  # _move places nothing on it: the lock keeps opens out meanwhile
             moved = 0
             for remote in list(worker.streams):
                 self._move(remote, lossless=True)
@@ -679,7 +669,7 @@ class ClusterHost:
     # -- placement and movement -----------------------------------------------------------
 
     def _roomiest(self, exclude: Worker | None = None) -> Worker | None:
-        candidates = [w for w in self.workers.values() if w.alive and not w.draining and w is not exclude
+        candidates = [w for w in self.workers.values() if w is not exclude
                       and len(w.streams) < self.config.streams_per_worker]
         return min(candidates, key=lambda w: len(w.streams), default=None)
 

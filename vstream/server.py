@@ -59,7 +59,7 @@ from vstream.ingest.container import source_kind
 from vstream.memory.persist import read_json, write_json
 from vstream.models import ChatModel
 from vstream.protocol import VERSION, Limits, Message, decode, encode
-from vstream.session import Session, SessionConfig, model_and_encoder, shared_screen_reader
+from vstream.session import Session, SessionConfig, SharedModels
 
 logger = logging.getLogger(__name__)
 
@@ -237,17 +237,15 @@ class Server:
         self.config = config or ServerConfig()
         self.limits = Limits(self.config.max_header_bytes, self.config.max_frame_bytes)
         self.state_dir = Path(self.config.state_dir or cache_dir() / "streams")
-        self.cluster = self.model = self.encoder = self.screen_reader = None
+        self.cluster = self.shared = None
         if self.config.cluster is not None:  # the sessions live on the cluster's workers, each loads the models
             self.cluster = ClusterHost(self.config.cluster, model, self.config.session, self.state_dir,
                                        self.config.encoder_batch, self.config.encoder_wait_ms)
         else:
             # one frame encoder and one OCR for every stream: each model is loaded once, not per
             # stream, and the frames that streams write at about the same time share one forward
-            self.model, encoder = model_and_encoder(model, self.config.session)
-            self.encoder = BatchingEncoder(encoder, BatchingConfig(self.config.encoder_batch,
-                                                                   self.config.encoder_wait_ms))
-            self.screen_reader = shared_screen_reader(self.config.session)
+            self.shared = SharedModels.load(model, self.config.session,
+                                            BatchingConfig(self.config.encoder_batch, self.config.encoder_wait_ms))
         self.model_name = self.cluster.name if self.cluster else self.model.name or type(self.model).__name__
         self.streams: dict[str, Stream] = {}
         self._closing: dict[str, Stream] = {}  # waiting for their questions before they close
@@ -283,7 +281,7 @@ class Server:
             if sock is not None:
                 self._poller.register(sock, zmq.POLLIN)
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=self.config.queue_size)
-        self._openers: list[threading.Thread] = []  # threads opening sources or draining nodes
+        self._openers: list[threading.Thread] = []  # threads opening sources, draining nodes, closing streams
         # one model worker here; on a cluster one per worker actor, each answering on its own node
         answerers = len(self.cluster.workers) if self.cluster else 1
         self._answerers = [threading.Thread(target=self._work, name=f"vstream-server-model-{i}", daemon=True)
@@ -292,6 +290,16 @@ class Server:
             thread.start()
         logger.info("serving on %s with model %s%s", self.address, self.model_name,
                     f" on {answerers} Ray worker(s)" if self.cluster else "")
+
+    @property
+    def model(self) -> ChatModel | None:
+        """The chat model every stream shares (None on a cluster: each worker holds one)."""
+        return self.shared.model if self.shared else None
+
+    @property
+    def encoder(self) -> BatchingEncoder | None:
+        """The frame encoder every stream shares (None on a cluster)."""
+        return self.shared.encoder if self.shared else None
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -459,11 +467,8 @@ class Server:
                 stream_id = secrets.token_hex(8)
         if self.cluster is not None:
             session = self.cluster.open(stream_id, resume is not None)
-        elif resume is not None:
-            session = Session.load(self.state_dir / resume, self.model, self.config.session, self.encoder,
-                                   self.screen_reader)
         else:
-            session = Session(self.model, self.config.session, self.encoder, self.screen_reader)
+            session = self.shared.session(self.state_dir / resume if resume is not None else None)
         owner = self._saved_owner(resume) if resume is not None else principal.name  # an admin resumes for its owner
         if resume is None:
             (self.state_dir / stream_id).mkdir(parents=True, exist_ok=True)
@@ -478,10 +483,8 @@ class Server:
             self._reply(identity, "ok", message.id, data={"stream": stream_id, "resumed": resume is not None})
             return
         stream.pending += 1  # the reply comes once the source is open
-        opener = threading.Thread(target=self._open_source, name=f"vstream-server-open-{stream_id}", daemon=True,
-                                  args=(stream, settings, identity, message.id, resume is not None))
-        self._openers = [t for t in self._openers if t.is_alive()] + [opener]
-        opener.start()
+        self._spawn(f"vstream-server-open-{stream_id}", self._open_source, stream, settings, identity, message.id,
+                    resume is not None)
 
     def _check_source(self, source: str, settings: dict, request_id) -> None:
         kind = source_kind(source).value
@@ -593,24 +596,15 @@ class Server:
         if self.cluster is None:
             raise ProtocolError("this server runs no cluster: there is no node to drain", "invalid", message.id)
         # moving streams takes seconds (each is written, saved and reopened): not on the loop
-        drainer = threading.Thread(target=self._drain, args=(message.get("node"), identity, message.id),
-                                   name="vstream-server-drain", daemon=True)
-        self._openers = [t for t in self._openers if t.is_alive()] + [drainer]
-        drainer.start()
+        self._spawn("vstream-server-drain", self._drain, message.get("node"), identity, message.id)
 
     def _drain(self, node: str, identity: bytes, request_id: int) -> None:
-        out = self._ctx.socket(zmq.PUSH)
-        out.connect(self._results_address)
         try:
             reply = encode("ok", request_id, data=self.cluster.drain(node))
-        except (VStreamError, ValueError) as exc:
-            reply = encode("error", request_id, code=exc.code if isinstance(exc, ProtocolError) else "invalid",
-                           message=str(exc))
-        except Exception as exc:
-            logger.exception("draining node %s failed", node)
-            reply = encode("error", request_id, code="internal", message=f"{type(exc).__name__}: {exc}")
-        out.send_multipart([b"admin", b"", identity, b"", *reply])
-        out.close()
+        except Exception as exc:  # noqa: BLE001 - every fault becomes the reply (_fault logs a bug's traceback)
+            code, why = _fault(exc, f"draining node {node}")
+            reply = encode("error", request_id, code=code, message=why)
+        self._push([b"admin", b"", identity, b"", *reply])
 
     def _on_thumbnail(self, identity: bytes, message: Message) -> None:
         stream = self._stream(message)
@@ -653,16 +647,12 @@ class Server:
                 if job.tokens:
                     send(b"part", "token", text=piece)
             send(b"answer", "answer", **answer_stream.result().to_dict())
-        except (VStreamError, ValueError) as exc:  # a cluster stream's worker died: "moved"
-            send(b"done", "error", code=exc.code if isinstance(exc, ProtocolError) else "invalid", message=str(exc))
-        except Exception as exc:
-            logger.exception("answering %r on stream %s failed", job.question, job.stream)
-            send(b"done", "error", code="internal", message=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - every fault becomes the reply (a cluster stream that moved: "moved")
+            code, why = _fault(exc, f"answering {job.question!r} on stream {job.stream}")
+            send(b"done", "error", code=code, message=why)
 
     def _open_source(self, stream: Stream, settings: dict, identity: bytes, request_id: int, resumed: bool) -> None:
         """An opener thread: starts the session's source (a URL may take seconds to open)."""
-        out = self._ctx.socket(zmq.PUSH)
-        out.connect(self._results_address)
         tag, reply = b"done", encode("ok", request_id, data={"stream": stream.id, "resumed": resumed})
         try:
             stream.session.start_source(stream.source, **settings)
@@ -673,8 +663,7 @@ class Server:
         except Exception as exc:
             logger.exception("opening %s for stream %s failed", stream.source, stream.id)
             tag, reply = b"failed", encode("error", request_id, code="internal", message=f"{type(exc).__name__}: {exc}")
-        out.send_multipart([tag, stream.id.encode(), identity, b"", *reply])
-        out.close()
+        self._push([tag, stream.id.encode(), identity, b"", *reply])
 
     def _forward(self) -> None:
         """Send the workers' replies on; a finished request may let its stream close."""
@@ -728,47 +717,45 @@ class Server:
     def _start_closer(self, stream: Stream) -> None:
         """Save and close ``stream`` on a thread of its own: writing its backlog and saving
         take seconds, and the loop serves every other stream meanwhile."""
-        closer = threading.Thread(target=self._closer, args=(stream,), name=f"vstream-server-close-{stream.id}",
-                                  daemon=True)
-        stream.closer = closer
-        self._openers = [t for t in self._openers if t.is_alive()] + [closer]
-        closer.start()
+        stream.closer = self._spawn(f"vstream-server-close-{stream.id}", self._close_saved, stream)
 
-    def _closer(self, stream: Stream) -> None:
-        out = self._ctx.socket(zmq.PUSH)
-        out.connect(self._results_address)
-        try:
-            error, folder = self._save_and_close(stream), self.state_dir / stream.id
-            for identity, request_id in stream.waiters:
-                reply = (encode("ok", request_id, data={"stream": stream.id, "saved": str(folder)}) if error is None
-                         else encode("error", request_id, code="internal", message=error))
-                out.send_multipart([b"admin", b"", identity, b"", *reply])
-            out.send_multipart([b"closed", stream.id.encode()])
-        finally:
-            out.close()
-
-    def _save_and_close(self, stream: Stream) -> str | None:
-        """Write what was pushed, save the memory, free the session; why saving failed, if it did."""
+    def _close_saved(self, stream: Stream) -> None:
+        """Write what was pushed, save the memory, free the session; then answer the
+        closers and tell the loop (``closed``) through the results socket."""
         folder = self.state_dir / stream.id
         try:
             if stream.source is None:
                 stream.session.wait(timeout=5.0)
             stream.session.save(folder)
-            return None
+            error = None
         except Exception as exc:
             logger.exception("saving stream %s into %s failed", stream.id, folder)
-            return f"saving the stream failed: {type(exc).__name__}: {exc}"
+            error = f"saving the stream failed: {type(exc).__name__}: {exc}"
         finally:
             stream.session.close()
-
-    def _finish_close(self, stream: Stream) -> None:
-        """``_save_and_close`` here, on the loop (at shutdown), answering the closers."""
-        error = self._save_and_close(stream)
         for identity, request_id in stream.waiters:
-            if error is None:
-                self._reply(identity, "ok", request_id, data={"stream": stream.id, "saved": str(self.state_dir / stream.id)})
-            else:
-                self._error(identity, request_id, "internal", error)
+            reply = (encode("ok", request_id, data={"stream": stream.id, "saved": str(folder)}) if error is None
+                     else encode("error", request_id, code="internal", message=error))
+            self._push([b"admin", b"", identity, b"", *reply])
+        self._push([b"closed", stream.id.encode()])
+
+    def _spawn(self, name: str, target, *args) -> threading.Thread:
+        """Run ``target(*args)`` on a thread of its own (opening a source, draining a node,
+        closing a stream); ``close()`` waits for these. It replies through ``_push``."""
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._openers = [t for t in self._openers if t.is_alive()] + [thread]
+        thread.start()
+        return thread
+
+    def _push(self, parts: list) -> None:
+        """Hand a ``[tag, stream id, reply...]`` message from a thread to the loop (ZeroMQ
+        sockets are not thread-safe: each call its own PUSH socket)."""
+        out = self._ctx.socket(zmq.PUSH)
+        out.connect(self._results_address)
+        try:
+            out.send_multipart(parts)
+        finally:
+            out.close()
 
     def close(self) -> None:
         """Refuse the questions still queued, let the one being answered finish, save
@@ -791,10 +778,10 @@ class Server:
         while self._busy_threads() and time.monotonic() < deadline:
             if self._results.poll(50):
                 self._forward()
-        self._forward()
         for stream in [*self.streams.values(), *self._closing.values()]:
             if stream.closer is None:  # a closer thread has saved the others (waited for above)
-                self._finish_close(stream)
+                self._close_saved(stream)  # here, one after another: the loop has stopped
+        self._forward()  # the closers' replies
         logger.info("saved %d stream(s) into %s", len(self.streams) + len(self._closing), self.state_dir)
         self.streams.clear()
         self._closing.clear()
@@ -813,7 +800,7 @@ class Server:
         if self.cluster is not None:
             self.cluster.close()
         else:
-            self.encoder.close()
+            self.shared.close()
 
     def _authenticate(self) -> None:
         """Answer one ZAP request: a CURVE client is let in if its key is allowed."""
@@ -828,3 +815,16 @@ class Server:
 
 def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _fault(exc: BaseException, doing: str) -> tuple[str, str]:
+    """``(code, message)`` of the error reply for a fault met while ``doing`` something on
+    a thread: a protocol fault keeps its code (a cluster stream that moved: ``moved``),
+    another of ours or a bad value is ``invalid``, anything else a bug, logged with its
+    traceback (``internal``)."""
+    if isinstance(exc, ProtocolError):
+        return exc.code, str(exc)
+    if isinstance(exc, (VStreamError, ValueError)):
+        return "invalid", str(exc)
+    logger.error("%s failed", doing, exc_info=exc)
+    return "internal", f"{type(exc).__name__}: {exc}"

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from vstream.config import JsonConfig, check_choice, check_int, check_number
 from vstream.device import DTYPES, check_device
 from vstream.encoders import FrameEncoder, create_encoder
+from vstream.encoders.batching import BatchingConfig, BatchingEncoder
 from vstream.encoders.pixels import main_colour
 from vstream.errors import ConfigError, MemoryStateError, VStreamError
 from vstream.ingest import FileSource, open_source, probe
@@ -263,9 +264,7 @@ class Session:
         if self._closed:
             raise VStreamError("the session is closed")
         with self._stats_lock:
-            if frame.t < self._last_frame_t:
-                raise MemoryStateError(f"frame time {frame.t} s is earlier than the previous frame's "
-                                       f"({self._last_frame_t} s): frames go into the memory in time order")
+            check_time_order(frame.t, self._last_frame_t)
             if not (wait or evict or self._offer(frame)):
                 return False
             self._last_frame_t = frame.t
@@ -857,6 +856,40 @@ def reads_screen(config: SessionConfig) -> bool:
     from vstream.encoders import ocr
 
     return ocr.available()
+
+
+def check_time_order(t: float, previous: float) -> None:
+    """Refuse (``MemoryStateError``) a frame at ``t`` seconds earlier than the ``previous``
+    one: frames go into the memory in time order."""
+    if t < previous:
+        raise MemoryStateError(f"frame time {t} s is earlier than the previous frame's ({previous} s): frames go "
+                               "into the memory in time order")
+
+
+@dataclass(frozen=True, eq=False)
+class SharedModels:
+    """What the sessions of a server (or of one cluster worker) share, each loaded once:
+    the chat model, one frame encoder whose forwards batch every stream's frames, and one
+    OCR (None when the sessions read no text)."""
+
+    model: ChatModel
+    encoder: BatchingEncoder
+    screen_reader: object | None
+    config: SessionConfig
+
+    @classmethod
+    def load(cls, model: ChatModel | str | None, config: SessionConfig, batching: BatchingConfig) -> SharedModels:
+        chat, encoder = model_and_encoder(model, config)
+        return cls(chat, BatchingEncoder(encoder, batching), shared_screen_reader(config), config)
+
+    def session(self, saved: Path | None = None) -> Session:
+        """A new session, or the one saved in the folder ``saved``."""
+        if saved is not None:
+            return Session.load(saved, self.model, self.config, self.encoder, self.screen_reader)
+        return Session(self.model, self.config, self.encoder, self.screen_reader)
+
+    def close(self) -> None:
+        self.encoder.close()
 
 
 def shared_screen_reader(config: SessionConfig):
