@@ -83,11 +83,10 @@ class Principals:
             raise ConfigError(f"tokens file {path}: cannot read it as JSON ({type(exc).__name__})") from None
         if not isinstance(data, dict) or not data:
             raise ConfigError(f"tokens file {path}: must be a JSON object of name -> {{\"sha256\": ...}}")
-        for name, entry in data.items():
-            try:
-                _entry(name, entry)
-            except ConfigError as exc:
-                raise ConfigError(f"tokens file {path}: {exc}") from None
+        try:
+            cls(tokens=data)  # each entry checked as a server will read it
+        except ConfigError as exc:
+            raise ConfigError(f"tokens file {path}: {exc}") from None
         return data
 
     def identify(self, given: str | None, curve_key: str | None = None) -> Principal:

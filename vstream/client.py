@@ -181,9 +181,7 @@ class Client:
     def thumbnail(self, stream: str, t: float) -> tuple[float, bytes]:
         """The JPEG thumbnail of the stream's kept frame nearest to ``t`` seconds, and that
         frame's time (``ServerError`` ``not_found`` before its first frame)."""
-        request_id = next(self._ids)
-        self._send(encode("thumbnail", request_id, token=self.token, stream=stream, t=t))
-        reply = self._receive(request_id, self.timeout)
+        reply = self._request("thumbnail", self.timeout, stream=stream, t=t)
         return float(reply.get("t")), reply.array.tobytes()
 
     def texts(self, stream: str, limit: int = 200) -> dict:
@@ -195,16 +193,20 @@ class Client:
         """On a cluster server (``vstream serve --cluster``): move every stream off the Ray
         node ``node`` (its id or a unique prefix) with nothing lost, then stop its worker.
         Returns ``{"node", "moved"}``; waits up to ``ask_timeout`` (moving takes seconds)."""
-        request_id = next(self._ids)
-        self._send(encode("drain", request_id, token=self.token, node=node))
-        return self._receive(request_id, self.ask_timeout).get("data") or {}
+        return self._call("drain", self.ask_timeout, node=node)
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _call(self, kind: str, **fields) -> dict:
+    def _request(self, kind: str, timeout: float, **fields) -> Message:
+        """Send one ``kind`` request; its reply (an ``error`` reply raises ``ServerError``)."""
         request_id = next(self._ids)
         self._send(encode(kind, request_id, token=self.token, **fields))
-        reply = self._receive(request_id, self.timeout)
+        return self._receive(request_id, timeout)
+
+    def _call(self, kind: str, timeout: float | None = None, **fields) -> dict:
+        """The data of the ``ok`` reply to a ``kind`` request (within ``timeout``, default
+        the client's)."""
+        reply = self._request(kind, self.timeout if timeout is None else timeout, **fields)
         if reply.kind != "ok":
             raise ServerError(f"unexpected {reply.kind!r} reply to {kind!r}", "bad_message")
         return reply.get("data") or {}

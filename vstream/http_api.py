@@ -33,7 +33,7 @@ from pathlib import Path
 
 from vstream.config import JsonConfig, cache_dir, check_int, check_number
 from vstream.errors import ConfigError, ServerError, VStreamError
-from vstream.server import TokenBucket
+from vstream.server import TokenBuckets
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class HttpGateway:
                               "only (give it --token or --tokens)")
         self.server_address = server_address
         self.uploads = Path(self.config.uploads_dir or cache_dir() / "uploads")
-        self._buckets: dict[str, TokenBucket] = {}
+        self._limits = TokenBuckets()  # client address -> its requests a second
         self._stopping = threading.Event()
         self._feeders: list[threading.Thread] = []
         self.app = self._build_app()
@@ -196,12 +196,7 @@ class HttpGateway:
     def _admit(self, request) -> str | None:
         """Apply the rate limit; the token the client gave (checked by the server), if any."""
         peer = request.client.host if request.client else "?"
-        bucket = self._buckets.get(peer)
-        if bucket is None:
-            if len(self._buckets) > 10000:
-                self._buckets.clear()
-            bucket = self._buckets[peer] = TokenBucket(self.config.rate, time.monotonic())
-        if bucket.take(1.0, time.monotonic()):
+        if self._limits.take(peer, self.config.rate):
             raise ApiError(f"over {self.config.rate:g} requests a second from {peer}", "rate")
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
@@ -302,7 +297,7 @@ class HttpGateway:
                 with self._client(request.state.token) as client:
                     put("answer", client.ask(stream, question, on_token=lambda text: put("token", {"text": text}),
                                              **window))
-            except (ServerError, VStreamError) as exc:
+            except VStreamError as exc:  # ServerError among them, with the server's code
                 put("error", {"code": getattr(exc, "code", "invalid"), "message": str(exc)})
             except Exception as exc:
                 logger.exception("HTTP ask on stream %s failed", stream)

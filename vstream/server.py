@@ -184,6 +184,29 @@ class TokenBucket:
         return 0.0
 
 
+class TokenBuckets:
+    """A ``TokenBucket`` per key (a principal's limit, a client address's), made on first
+    use; bounded: past ``MAX_KEYS`` keys all are forgotten and start full again."""
+
+    MAX_KEYS = 10000
+
+    def __init__(self):
+        self._buckets: dict = {}
+
+    def take(self, key, rate: float | None, capacity: float | None = None) -> float:
+        """Seconds to wait before ``key``'s limit (``rate`` a second, ``capacity`` at once)
+        allows one more; 0.0: taken (also when ``rate`` is None: no limit)."""
+        if rate is None:
+            return 0.0
+        now = time.monotonic()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.MAX_KEYS:
+                self._buckets.clear()
+            bucket = self._buckets[key] = TokenBucket(rate, now, capacity)
+        return bucket.take(1.0, now)
+
+
 @dataclass(eq=False)
 class Stream:
     """What the loop knows of one stream besides its session."""
@@ -250,7 +273,7 @@ class Server:
         self.streams: dict[str, Stream] = {}
         self._closing: dict[str, Stream] = {}  # waiting for their questions before they close
         self.principals = Principals(self.config.token, self.config.tokens, curve=bool(self.config.curve_secret_key))
-        self._buckets: dict[tuple[str, str], TokenBucket] = {}  # (principal, "frames" / "questions") -> its limit
+        self._limits = TokenBuckets()  # (principal, "frames" / "questions") -> its limit
         self.counters = dict.fromkeys(("requests", "errors", "refused", "busy", "answers", "rate_dropped"), 0)
         self.started = time.monotonic()
         self._stopping = False
@@ -429,19 +452,6 @@ class Server:
                 raise ProtocolError(f"principal {principal.name}: its saved memories take {used / 1e9:.3f} GB, over "
                                     f"its quota of {principal.disk_gb:g} GB", "quota", request_id)
 
-    def _take(self, principal: Principal, what: str, rate: float | None, capacity: float | None = None) -> float:
-        """Seconds to wait before the principal's ``what`` limit (``rate`` a second,
-        ``capacity`` at once) allows one more; 0.0: taken (also when it has no such limit)."""
-        if rate is None:
-            return 0.0
-        key = (principal.name, what)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) > 10000:
-                self._buckets.clear()
-            bucket = self._buckets[key] = TokenBucket(rate, time.monotonic(), capacity)
-        return bucket.take(1.0, time.monotonic())
-
     def _on_open(self, identity: bytes, message: Message) -> None:
         if len(self.streams) + len(self._closing) >= self.config.max_streams:
             raise ProtocolError(f"the server holds its maximum of {self.config.max_streams} streams; "
@@ -500,8 +510,9 @@ class Server:
         stream = self._stream(message)
         frame = message.frame(stream.frames)
         self._check_time(stream, frame.t, "frame time", message)
-        wait = stream.frame_bucket.take(1.0, time.monotonic()) or self._take(
-            message.principal, "frames", message.principal.max_fps)
+        principal = message.principal
+        wait = stream.frame_bucket.take(1.0, time.monotonic()) or self._limits.take(
+            (principal.name, "frames"), principal.max_fps)
         if wait:
             self._rate_dropped(identity, message, stream, f"over {self.config.max_fps:g} frames/s; the frame at "
                                f"t={frame.t} was dropped", wait)
@@ -554,7 +565,8 @@ class Server:
     def _on_ask(self, identity: bytes, message: Message) -> None:
         stream = self._stream(message)
         per_minute = message.principal.questions_per_minute
-        wait = self._take(message.principal, "questions", None if per_minute is None else per_minute / 60, per_minute)
+        wait = self._limits.take((message.principal.name, "questions"), None if per_minute is None else per_minute / 60,
+                                 per_minute)
         if wait:
             self._error(identity, message.id, "rate", f"principal {message.principal.name}: over {per_minute:g} "
                         "questions a minute", retry_after=round(wait, 4))

@@ -440,12 +440,12 @@ class Session:
                 self._stats.frames_processed += len(frames)
                 self._stats.last_t = frames[-1].t
         ended = any(item is _END for item in batch)
-        for name, what in RECOGNISERS.items():
+        for name in RECOGNISERS:
             if ended and getattr(self, name) is not None:
                 try:
                     getattr(self, name).close()  # finish what is held
                 except Exception as exc:  # noqa: BLE001 - the recogniser failed: the stream goes on without it
-                    self._stop_recognising(name, what, exc)
+                    self._stop_recognising(name, exc)
         self._collect_transcript()
         if ended:
             self._asr_worker = self._ocr_worker = self._reader = None
@@ -471,7 +471,7 @@ class Session:
             if self._asr_worker is not None:
                 self.add_transcript(self._asr_worker.segments())
         except Exception as exc:  # noqa: BLE001 - the recogniser failed: the stream goes on without speech
-            self._stop_recognising("_asr_worker", RECOGNISERS["_asr_worker"], exc)
+            self._stop_recognising("_asr_worker", exc)
         try:
             if self._ocr_worker is not None:
                 self.add_screen_text(self._ocr_worker.collect())
@@ -479,7 +479,7 @@ class Session:
                 with self._stats_lock:
                     self._stats.ocr_frames, self._stats.ocr_dropped = stats.read, stats.dropped
         except Exception as exc:  # noqa: BLE001 - as above, without the text on screen
-            self._stop_recognising("_ocr_worker", RECOGNISERS["_ocr_worker"], exc)
+            self._stop_recognising("_ocr_worker", exc)
 
     def _submit(self, worker: str, item) -> bool:
         """Hand ``item`` to the recogniser ``worker`` (``_asr_worker``: audio, started on
@@ -489,12 +489,13 @@ class Session:
         try:
             (self._recogniser() if worker == "_asr_worker" else self._screen_reader()).submit(item)
         except Exception as exc:  # noqa: BLE001 - it failed on an earlier item: the stream goes on without it
-            self._stop_recognising(worker, RECOGNISERS[worker], exc)
+            self._stop_recognising(worker, exc)
             return False
         return True
 
-    def _stop_recognising(self, worker: str, what: str, exc: Exception) -> None:
-        """A recogniser failed: log it, say so in the stats, and go on without it."""
+    def _stop_recognising(self, worker: str, exc: Exception) -> None:
+        """The recogniser ``worker`` failed: log it, say so in the stats, go on without it."""
+        what = RECOGNISERS[worker]
         logger.error("%s stopped for this stream: %s: %s", what, type(exc).__name__, exc)
         self._failed_workers.add(worker)
         failed = getattr(self, worker)
