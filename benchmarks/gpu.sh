@@ -12,6 +12,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+LOGS=$(mktemp -d)  # one log per step; $OUT/all.log holds them all (the device tool returns at most 8 files)
 STEP_SECONDS=${STEP_SECONDS:-150}
 export PYTHONUNBUFFERED=1
 
@@ -33,14 +35,17 @@ failed=0
 step() {  # step NAME COMMAND...: run it under the step limit into $OUT/NAME.log, show its end
     local name=$1; shift
     echo "== $name"
-    timeout "$STEP_SECONDS" "$@" > "$OUT/$name.log" 2>&1
+    timeout "$STEP_SECONDS" "$@" > "$LOGS/$name.log" 2>&1
     local rc=$?
-    tail -n 3 "$OUT/$name.log"
+    { echo "== $name (exit $rc)"; cat "$LOGS/$name.log"; } >> "$OUT/all.log"
+    tail -n 3 "$LOGS/$name.log"
     if [ $rc -ne 0 ]; then echo "!! $name failed (exit $rc)"; failed=1; fi
 }
 
 step tests $PY -P -m pytest -q -p no:cacheprovider -rs tests/test_device.py tests/test_kernels.py
 step kernels $PY -P benchmarks/kernel_speed.py
+step profile $PY -P benchmarks/profile_memory.py --device "$DEVICE"
+step profile_reference $PY -P benchmarks/profile_memory.py --device "$DEVICE" --backend reference
 step memory $PY -P benchmarks/memory.py --frames 3600 --repeat 20 --device "$DEVICE"
 # streams one encoder sustains, batched or not: a CLIP-L shape on the GPU, a short smoke run on a CPU
 if [ "$DEVICE" = cuda ]; then BATCHING="--tower clip-large --streams 32 --frames 8"; else BATCHING="--streams 2 --frames 1 --repeats 1"; fi
@@ -49,6 +54,6 @@ TINY=$(mktemp -d)
 step checkpoint $PY -P -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from tiny_models import tiny_llama; tiny_llama(Path('$TINY/llama'))"
 step ask $PY -P -m vstream ask tests/data/speech.mp4 "What is shown?" --model "$TINY/llama" --no-asr --no-ocr \
     --encoder pixels --device "$DEVICE" --max-new-tokens 8 --json
-grep -h "^RESULT" "$OUT"/*.log > "$OUT/results.txt"
+grep -h "^RESULT" "$LOGS"/*.log > "$OUT/results.txt"
 echo "== results ($DEVICE)"; cat "$OUT/results.txt"
 exit $failed
