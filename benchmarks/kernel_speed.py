@@ -10,11 +10,13 @@ session's 8-frame writer batches).
 | nearest | every read: a retrieved centroid re-ranks its 16 candidates | 1 x 16384 vs 16 x 16384 |
 | kmeans_step | Flash, every 8 frames: 120 centroids + 8 frames, projected | 128 x 64, K = 120 |
 | attention | STAR, every 25 frames: the abstract update | S = 25, T = 25, h = 32, D = 1024 |
-| ward | STAR, every frame, twice: Ward join costs against the 25 centroids | 1 x 16384 vs 25 x 16384 |
+| ward | STAR, while its 25 temporal slots fill: a new centroid's pair costs | 1 x 16384 vs 25 x 16384 |
+| temporal_merge | STAR, every batch: the whole temporal update of 8 frames | 8 x 16384 into 25 x 16384 |
 
-The rest of STAR's temporal update (the argmin, the merge, 25-sized bookkeeping) and
-the bank's search (FAISS) are not kernels and are not timed here;
-``benchmarks/memory.py`` times whole updates and reads.
+temporal_merge is timed on a copy of one full memory's state each call (the copy is in
+the time: 3.3 MB on the device). The bank's search (FAISS) is not a kernel and is not
+timed here; ``benchmarks/star_update.py`` times whole writer batches, and
+``benchmarks/memory.py`` updates and reads over a long stream.
 
 Each public function is timed under ``use_backend("reference")`` and, on CUDA,
 ``use_backend("triton")`` (the wrapper's checks included, as a caller pays them): one
@@ -44,7 +46,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # time compiled kernels, never the int
 
 import torch
 
-from vstream.kernels import kmeans_step, nearest, pool_grid, semantic_attention, use_backend, ward_costs
+from vstream.kernels import kmeans_step, nearest, pool_grid, semantic_attention, temporal_merge, use_backend, ward_costs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,6 +65,7 @@ def cases(device: str, dtype: torch.dtype) -> list[tuple[str, str, Callable, int
     memory, queries, keys, values = randn(25, 1024), randn(25, 32), randn(25, 32), randn(25, 1024)
     clusters, frame = randn(25, 16384), randn(16384)
     counts = torch.rand(25, generator=g, device=device).double() * 100 + 1
+    state, frames = merge_case(device)
     return [
         ("pool", "8x16x16x1024 -> 8x8", lambda: pool_grid(clip, 8),
          (clip.numel() + 8 * 64 * 1024) * size),
@@ -78,7 +81,26 @@ def cases(device: str, dtype: torch.dtype) -> list[tuple[str, str, Callable, int
          (2 * memory.numel() + queries.numel() + keys.numel() + values.numel()) * size),
         ("ward", "1x16384 vs 25x16384", lambda: ward_costs(clusters, counts, frame, 1.0),
          (clusters.numel() + frame.numel()) * size + 25 * 16),
+        ("temporal_merge", "8x16384 into 25x16384", lambda: temporal_merge(*[t.clone() for t in state], frames),
+         8 * 2 * state[0].numel() * 4),  # per frame: the centroids read twice
     ]
+
+
+def merge_case(device: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A full STAR temporal state (25 centroids of 16,384, weights 1 to 40, the pair costs
+    they imply, representatives near them) and 8 frames, some near centroids, some not."""
+    g = torch.Generator().manual_seed(1)
+    centroids = 4.0 * torch.randn(25, 16384, generator=g)
+    weights = torch.randint(1, 41, (25,), generator=g).double()
+    pair_costs = torch.full((25, 25), torch.inf, dtype=torch.float64)
+    for slot in range(25):
+        with use_backend("reference"):
+            costs = ward_costs(centroids, weights, centroids[slot], float(weights[slot]))
+        costs[slot] = torch.inf
+        pair_costs[slot], pair_costs[:, slot] = costs, costs
+    representatives = centroids + 0.3 * torch.randn(25, 16384, generator=g)
+    frames = torch.cat([centroids[:4] + 0.5 * torch.randn(4, 16384, generator=g), 40 * torch.randn(4, 16384, generator=g)])
+    return [t.to(device) for t in (centroids, weights, pair_costs, representatives)], frames.to(device)
 
 
 def best_ms(call: Callable, backend: str, repeat: int, cuda: bool):

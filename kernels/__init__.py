@@ -7,6 +7,10 @@ each beside its PyTorch reference, and the dispatch between them.
 - ``kmeans_step(points, weights, centroids)``: one weighted k-means (Lloyd) step.
 - ``semantic_attention(memory, queries, keys, values, alpha)``: the abstract memory's
   update ``(1 - alpha) M + alpha softmax(Q K^T / sqrt(h)) V``.
+- ``ward_costs(centroids, weights, x, w)``: the Ward cost of joining a point with each
+  centroid.
+- ``temporal_merge(centroids, weights, pair_costs, representatives, frames)``: STAR's
+  temporal update for a batch of frames, one launch per batch.
 
 Each has a ``*_reference`` twin in plain PyTorch. ``backend_for`` picks Triton on CUDA
 tensors and the reference elsewhere; ``use_backend`` and the ``VSTREAM_KERNELS``
@@ -49,7 +53,7 @@ else:
     from .kmeans import kmeans_step, kmeans_step_reference
     from .nearest import nearest, nearest_reference
     from .pool import pool_grid, pool_grid_reference
-    from .ward import ward_costs, ward_costs_reference
+    from .ward import temporal_merge, temporal_merge_reference, ward_costs, ward_costs_reference
 
     __all__ = [
         "backend_for",
@@ -61,6 +65,8 @@ else:
         "pool_grid_reference",
         "semantic_attention",
         "semantic_attention_reference",
+        "temporal_merge",
+        "temporal_merge_reference",
         "use_backend",
         "ward_costs",
         "ward_costs_reference",

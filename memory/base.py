@@ -4,7 +4,9 @@ of the bank frame nearest to a centroid, save/load, and the registry of policies
 A policy subclasses ``StreamMemory`` and fills in five hooks:
 
 - ``_start(dim)``: allocate its state at full size once the feature width is known;
-- ``_add_frame(parts, t)``: take one frame, already pooled to the grids it asked for;
+- ``_add_frame(parts, t)``: take one frame, already pooled to the grids it asked for
+  (or ``_add_frames(parts, times)``: take a whole batch, for a policy that batches its
+  update);
 - ``_tokens(out)``: read its memories out into a ``TokenList``;
 - ``_tensors()``: its state tensors by name (saved, and restored in place);
 - ``_counters()``: its integer counters with their upper bounds (saved and checked).
@@ -105,6 +107,14 @@ class StreamMemory:
     def _add_frame(self, parts: dict[str, torch.Tensor], t: float) -> None:
         raise NotImplementedError
 
+    def _add_frames(self, parts: dict[str, torch.Tensor], times: list[float]) -> None:
+        """Take a batch (each part ``[T, ...]``, the bank's frames ``frames_seen`` on),
+        advancing ``frames_seen`` and ``last_t``: by default one ``_add_frame`` at a time."""
+        for i, t in enumerate(times):
+            self._add_frame({name: part[i] for name, part in parts.items()}, t)
+            self.frames_seen += 1
+            self.last_t = t
+
     def _tokens(self, out: TokenList) -> None:
         raise NotImplementedError
 
@@ -151,10 +161,7 @@ class StreamMemory:
             base = base.to(self.device)
             parts = {name: pool_grid(base, grid) for name, grid in self._grids().items()}
             self.bank.add(pool_grid(base, self.bank.config.grid).cpu(), times, thumbnails=thumbnails)
-            for i, t in enumerate(times):
-                self._add_frame({name: part[i] for name, part in parts.items()}, t)
-                self.frames_seen += 1
-                self.last_t = t
+            self._add_frames(parts, times)
             self._cached = None
 
     def _check(self, features: torch.Tensor, times: list[float]) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from vstream.errors import MemoryStateError
-from vstream.kernels import ward_costs
+from vstream.kernels import temporal_merge, ward_costs
 from vstream.memory.abstract import SemanticAttention
 from vstream.memory.base import StreamMemory, register_memory
 from vstream.memory.config import StarConfig
@@ -65,27 +65,29 @@ class StarMemory(StreamMemory):
         c, device = self.config, self.device
         f32 = {"dtype": torch.float32, "device": device}
         f64 = {"dtype": torch.float64, "device": device}
+        # Features and what the kernels read live on the device; times and bank ids are
+        # bookkeeping, kept on the host (numpy) where the per-frame decisions are applied.
         self.spatial = torch.zeros(c.spatial_length, c.spatial_grid**2, dim, **f32)
-        self.spatial_times = torch.zeros(c.spatial_length, **f64)
+        self.spatial_times = np.zeros(c.spatial_length)
         self.spatial_count = 0
         k = c.temporal_length
         self.centroids = torch.zeros(k, c.temporal_grid**2 * dim, **f32)  # flattened [K, g*g*D]
         self.weights = torch.zeros(k, **f64)        # frames per centroid
-        self.time_start = torch.zeros(k, **f64)     # seconds
-        self.time_end = torch.zeros(k, **f64)
-        self.time_sum = torch.zeros(k, **f64)       # sum of member times, for the mean
+        self.time_start = np.zeros(k)               # seconds
+        self.time_end = np.zeros(k)
+        self.time_sum = np.zeros(k)                 # sum of member times, for the mean
         self.pair_costs = torch.full((k, k), torch.inf, **f64)  # Ward cost of joining i and j
         self.centroid_count = 0
-        self.representatives = torch.zeros(k, dtype=torch.int64, device=device)  # bank id of each one's nearest member
+        self.representatives = np.zeros(k, np.int64)  # bank id of each one's nearest member
         self.representative_features = torch.zeros(k, c.temporal_grid**2 * dim, **f32)  # its features, flattened
         self.runs = Timeline(k, c.timeline_runs, c.temporal_grid**2 * dim, c.cut_ratio, c.cut_floor,
                              device)  # when each centroid's frames were on screen
         self.slots = torch.zeros(c.abstract_length, c.abstract_grid**2, dim, **f32)
-        self.slot_start = torch.zeros(c.abstract_length, **f64)
-        self.slot_end = torch.zeros(c.abstract_length, **f64)
+        self.slot_start = np.zeros(c.abstract_length)
+        self.slot_end = np.zeros(c.abstract_length)
         self.slot_count = 0
         self.pending = torch.zeros(c.abstract_chunk, c.abstract_grid**2, dim, **f32)
-        self.pending_times = torch.zeros(c.abstract_chunk, **f64)
+        self.pending_times = np.zeros(c.abstract_chunk)
         self.pending_count = 0
         if self.attention is None:
             self.attention = SemanticAttention(dim, c.abstract_hidden, c.seed)
@@ -98,7 +100,7 @@ class StarMemory(StreamMemory):
         names = ("spatial", "spatial_times", "centroids", "weights", "time_start", "time_end", "time_sum",
                  "pair_costs", "representatives", "representative_features", "slots", "slot_start", "slot_end",
                  "pending", "pending_times")
-        tensors = {name: getattr(self, name) for name in names}
+        tensors = {name: _tensor(getattr(self, name)) for name in names}
         tensors.update({f"attention.{k}": v for k, v in self.attention.state_dict().items()})
         tensors.update(self.runs.tensors())
         return tensors
@@ -120,79 +122,80 @@ class StarMemory(StreamMemory):
 
     # -- update ---------------------------------------------------------------------------
 
-    def _add_frame(self, parts: dict[str, torch.Tensor], t: float) -> None:
-        if self.config.spatial_length:
-            self._add_spatial(parts["spatial"], t)
-        if self.config.temporal_length:
-            self._add_temporal(parts["temporal"].reshape(-1), t)
-        if self.config.abstract_length:
-            self._add_abstract(parts["abstract"], t)
+    def _add_frames(self, parts: dict[str, torch.Tensor], times: list[float]) -> None:
+        c, first = self.config, self.frames_seen
+        if c.spatial_length:
+            self._add_spatial(parts["spatial"], times)
+        if c.temporal_length:
+            self._add_temporal(parts["temporal"].reshape(len(times), -1), times, first)
+        if c.abstract_length:
+            for tokens, t in zip(parts["abstract"], times):
+                self._add_abstract(tokens, t)
+        self.frames_seen += len(times)
+        self.last_t = times[-1]
 
-    def _add_spatial(self, frame: torch.Tensor, t: float) -> None:
-        if self.spatial_count == self.config.spatial_length:  # shift out the oldest
-            self.spatial[:-1] = self.spatial[1:].clone()
-            self.spatial_times[:-1] = self.spatial_times[1:].clone()
-            self.spatial_count -= 1
-        self.spatial[self.spatial_count] = frame
-        self.spatial_times[self.spatial_count] = t
-        self.spatial_count += 1
+    def _add_spatial(self, frames: torch.Tensor, times: list[float]) -> None:
+        """The newest ``spatial_length`` of the batch ``frames`` ``[T, g*g, D]`` join the
+        window, the oldest ones shifting out."""
+        length = self.config.spatial_length
+        new = min(len(times), length)
+        drop = max(self.spatial_count + new - length, 0)
+        kept = self.spatial_count - drop
+        if drop:
+            self.spatial[:kept] = self.spatial[drop : self.spatial_count].clone()
+            self.spatial_times[:kept] = self.spatial_times[drop : self.spatial_count].copy()
+        self.spatial[kept : kept + new] = frames[-new:]
+        self.spatial_times[kept : kept + new] = times[-new:]
+        self.spatial_count = kept + new
 
-    def _add_temporal(self, x: torch.Tensor, t: float) -> None:
-        self.runs.observe(x, t)
-        n = self.centroid_count
-        if n < self.config.temporal_length:
-            self._place(n, x, t)
-            self.centroid_count += 1
-            return
-        join_costs = ward_costs(self.centroids, self.weights, x, 1.0)
-        j = int(torch.argmin(join_costs))
-        flat = int(torch.argmin(self.pair_costs))
-        a, b = divmod(flat, n)
-        if join_costs[j] <= self.pair_costs[a, b]:
-            w = self.weights[j]
-            self.centroids[j] = (self.centroids[j] * w.float() + x) / (w.float() + 1)
-            self.weights[j] += 1
-            self.time_start[j] = min(float(self.time_start[j]), t)
-            self.time_end[j] = max(float(self.time_end[j]), t)
-            self.time_sum[j] += t
-            self.runs.extend(j, t)
-            self._keep_nearer(j, x, self.frames_seen)
-            self._update_costs(j)
-        else:
-            wa, wb = self.weights[a], self.weights[b]
-            self.centroids[a] = (self.centroids[a] * wa.float() + self.centroids[b] * wb.float()) / (wa + wb).float()
-            self.weights[a] = wa + wb
-            self.time_start[a] = torch.minimum(self.time_start[a], self.time_start[b])
-            self.time_end[a] = torch.maximum(self.time_end[a], self.time_end[b])
-            self.time_sum[a] += self.time_sum[b]
-            self.runs.join(a, b)
-            self._keep_nearer(a, self.representative_features[b], int(self.representatives[b]))
-            self._place(b, x, t)
-            self._update_costs(a)
+    def _add_temporal(self, frames: torch.Tensor, times: list[float], first: int) -> None:
+        """The batch ``frames`` ``[T, g*g*D]`` (the bank's frames ``first`` on) into the
+        temporal memory: alone while it has free slots, then by ``temporal_merge`` (the
+        tensor work of the whole batch on the memory's device); the decisions come back
+        in one read, then the times, runs and representatives' bank ids follow them."""
+        filling = min(self.config.temporal_length - self.centroid_count, len(times))
+        changes = self.runs.changes(frames)
+        for i in range(filling):
+            slot = self.centroid_count + i
+            self.centroids[slot] = self.representative_features[slot] = frames[i]
+            self.weights[slot] = 1.0
+            self._update_costs(slot, slot + 1)
+        merged = frames[filling:]
+        decisions = (temporal_merge(self.centroids, self.weights, self.pair_costs, self.representative_features,
+                                    merged.contiguous()).tolist() if len(merged) else [])
+        for i, (change, t) in enumerate(zip(changes.tolist(), times)):
+            self.runs.observe(*change)
+            if i < filling:
+                self._place(self.centroid_count, t, first + i)
+                self.centroid_count += 1
+                continue
+            slot, freed, replaced = decisions[i - filling]
+            if freed < 0:  # the frame joined slot
+                self.time_start[slot] = min(self.time_start[slot], t)
+                self.time_end[slot] = max(self.time_end[slot], t)
+                self.time_sum[slot] += t
+                self.runs.extend(slot, t)
+                if replaced:
+                    self.representatives[slot] = first + i
+            else:  # freed joined slot, the frame took freed's place
+                self.time_start[slot] = min(self.time_start[slot], self.time_start[freed])
+                self.time_end[slot] = max(self.time_end[slot], self.time_end[freed])
+                self.time_sum[slot] += self.time_sum[freed]
+                self.runs.join(slot, freed)
+                if replaced:
+                    self.representatives[slot] = self.representatives[freed]
+                self._place(freed, t, first + i)
 
-    def _place(self, slot: int, x: torch.Tensor, t: float) -> None:
-        """Put frame ``x`` (the bank's frame ``frames_seen``) alone in centroid ``slot`` and
-        refresh that slot's pair costs."""
-        self.centroids[slot] = x
-        self.weights[slot] = 1.0
+    def _place(self, slot: int, t: float, frame: int) -> None:
+        """Slot ``slot`` now holds the bank's frame ``frame``, at ``t`` seconds, alone: its
+        times, representative and runs (its features are already there)."""
         self.time_start[slot] = self.time_end[slot] = self.time_sum[slot] = t
-        self.representatives[slot] = self.frames_seen
-        self.representative_features[slot] = x
+        self.representatives[slot] = frame
         self.runs.place(slot, t)
-        self._update_costs(slot)
 
-    def _keep_nearer(self, slot: int, x: torch.Tensor, frame: int) -> None:
-        """Make frame ``frame`` (features ``x``) centroid ``slot``'s representative if it is
-        nearer to the centroid than the present one (on a tie the present one stays)."""
-        centroid = self.centroids[slot]
-        if (x - centroid).square().sum() < (self.representative_features[slot] - centroid).square().sum():
-            self.representatives[slot] = frame
-            self.representative_features[slot] = x
-
-
-    def _update_costs(self, slot: int) -> None:
-        n = max(self.centroid_count, slot + 1)
-        used = slice(0, n)
+    def _update_costs(self, slot: int, count: int) -> None:
+        """Refresh the pair costs of ``slot`` against the first ``count`` centroids."""
+        used = slice(0, count)
         costs = ward_costs(self.centroids[used], self.weights[used], self.centroids[slot], float(self.weights[slot]))
         costs[slot] = torch.inf
         self.pair_costs[slot, used] = costs
@@ -212,7 +215,7 @@ class StarMemory(StreamMemory):
             updated = self.attention(self.slots.reshape(-1, dim), self.pending.reshape(-1, dim),
                                      self.config.abstract_alpha)
             self.slots.copy_(updated.reshape(self.slots.shape))
-            self.slot_end.fill_(t)
+            self.slot_end.fill(t)
             self.pending_count = 0
 
     # -- read -----------------------------------------------------------------------------
@@ -250,12 +253,18 @@ class StarMemory(StreamMemory):
         n = self.slot_count
         out.add("abstract", self.slots[:n], _spans(self.slot_start[:n], self.slot_end[:n]))
         n = self.centroid_count
-        clusters = (self.centroids[:n], self.weights[:n], self.time_start[:n], self.time_end[:n], self.time_sum[:n])
+        clusters = (self.centroids[:n], self.weights[:n].cpu(), *(torch.from_numpy(times[:n]) for times in
+                                                                   (self.time_start, self.time_end, self.time_sum)))
         self._read_clusters(out, ("temporal", "retrieved"), clusters, c.temporal_grid, c.retrieved_length,
                             c.retrieved_grid, representatives=self.representatives[:n],
                             scenes=self._scene_groups() if n else None)
         n = self.spatial_count
         out.add("spatial", self.spatial[:n], _spans(self.spatial_times[:n], self.spatial_times[:n]))
+
+
+def _tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A state array as a tensor sharing its memory (saved, and restored in place)."""
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 def _spans(start, end) -> list[tuple[float, float]]:

@@ -114,19 +114,28 @@ class Timeline:
                 "timeline.appearances": torch.from_numpy(self.appearances), "timeline.previous": self.previous,
                 "timeline.cuts": torch.from_numpy(self.cuts)}
 
-    def observe(self, x: torch.Tensor, t: float) -> None:
-        """See the next frame (its features ``[width]``, at ``t`` seconds) before it joins a
-        cluster: a new shot begins if it is a cut."""
+    def changes(self, frames: torch.Tensor) -> torch.Tensor:
+        """``[T, 2]`` for the next frames ``[T, width]``: each one's squared distance to the
+        frame before it and their mean squared norm, on the frames' device (read back by
+        the caller with its other results); ``observe`` each in turn."""
+        norms = frames.square().sum(dim=1)
+        before = torch.cat([self.previous[None], frames[:-1]])
+        squared = (frames - before).square().sum(dim=1)
+        mean_norms = (norms + torch.cat([self.previous.square().sum()[None], norms[:-1]])) / 2
+        self.previous.copy_(frames[-1])
+        return torch.stack([squared, mean_norms], dim=1)
+
+    def observe(self, squared: float, mean_norm: float) -> None:
+        """See the next frame (its ``changes``) before it joins a cluster: a new shot
+        begins if it is a cut."""
         if self.cuts[0]:
-            change = float((x - self.previous).square().sum()) / max(
-                float(x.square().sum() + self.previous.square().sum()) / 2, 1e-12)
+            change = squared / max(mean_norm, 1e-12)
             if change > self.bar():
                 self.cuts[1] += 1
             else:  # the average change, NaN until a change that is no cut
                 average = self.cuts[2]
                 self.cuts[2] = change if np.isnan(average) else 0.9 * average + 0.1 * change
         self.cuts[0] = 1.0
-        self.previous.copy_(x)
 
     def place(self, slot: int, t: float) -> None:
         """Slot ``slot`` now holds one frame, at ``t`` seconds, of the current shot."""

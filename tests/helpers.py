@@ -1,6 +1,9 @@
 """Helpers shared by several test files."""
 
 import numpy as np
+import torch
+
+from vstream.kernels import ward_costs_reference
 
 
 def first_at_or_after(times: np.ndarray, fps: float | None) -> list[int]:
@@ -26,3 +29,31 @@ def wait_processed(client, stream: str, n: int, timeout: float = 20.0) -> dict:
         assert time.monotonic() < deadline, f"stream {stream}: only {stats['frames_processed']} of {n} frames processed"
         time.sleep(0.05)
     return stats
+
+
+def merge_state(centroids: torch.Tensor, weights: list[float], spread: float = 0.3, seed: int = 0):
+    """A full temporal memory: ``centroids`` with ``weights``, each representative a point
+    ``spread`` away, and the pair costs they imply."""
+    k = centroids.shape[0]
+    weights = torch.tensor(weights, dtype=torch.float64)
+    representatives = centroids + spread * torch.randn(centroids.shape, generator=torch.Generator().manual_seed(seed))
+    pair_costs = torch.full((k, k), torch.inf, dtype=torch.float64)
+    for slot in range(k):
+        costs = ward_costs_reference(centroids, weights, centroids[slot], float(weights[slot]))
+        costs[slot] = torch.inf
+        pair_costs[slot], pair_costs[:, slot] = costs, costs
+    return [centroids.contiguous(), weights, pair_costs, representatives.contiguous()]
+
+
+def merge_case(k: int, dim: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A full temporal memory of ``k`` centroids of ``dim`` (``merge_state``, weights 2 to 8)
+    and 8 frames for ``temporal_merge``: 6 near centroids (alternately nearer to one than
+    its representative and farther: replaced and kept), then 2 far from all (pair joins).
+    No exact ties: no centroid holds one frame before a frame joins it."""
+    g = torch.Generator().manual_seed(k * 1000 + dim)
+    centroids = 4.0 * torch.randn(k, dim, generator=g)
+    state = merge_state(centroids, torch.randint(2, 9, (k,), generator=g).tolist(), seed=k)
+    noise = torch.tensor([0.05, 0.6] * 3)[:, None]
+    near = centroids[torch.randint(0, k, (6,), generator=g)] + noise * torch.randn(6, dim, generator=g)
+    far = 40.0 * torch.randn(2, dim, generator=g)
+    return state, torch.cat([near, far])

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from helpers import merge_case
 from tiny_models import tiny_llama
 
 from vstream.cli import main
 from vstream.device import resolve_device, resolve_dtype
 from vstream.encoders import create_encoder
 from vstream.errors import ConfigError
+from vstream import kernels
+from vstream.memory import StarConfig, StarMemory
 from vstream.models import load_model
 from vstream.session import Session, SessionConfig
 from vstream.types import Frame
@@ -87,3 +92,84 @@ def check_session_devices(llama: str, device: str, tmp_path) -> None:
     with Session.load(tmp_path / "saved", llama, config) as loaded:
         assert loaded.memory.centroids.device.type == device
         assert len(loaded.memory) == len(frames)
+
+
+def compiled_on_cuda() -> None:
+    """Skip unless kernels run compiled on a CUDA device (the suite's conftest picks
+    Triton's interpreter for the CPU tests; benchmarks/gpu.sh runs this file with
+    TRITON_INTERPRET=0)."""
+    if not CUDA:
+        pytest.skip("no CUDA device: the GPU path runs in the device check script")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+        pytest.skip("TRITON_INTERPRET is set: compiled kernels are checked with TRITON_INTERPRET=0")
+
+
+def kernel_cases(device: str) -> dict:
+    """Each kernel's call at the shapes the memories run it with, inputs on ``device``."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    points = randn(128, 64)
+    weights = torch.rand(128, generator=g).to(device)
+    return {
+        "pool": lambda k: k.pool_grid(randn(8, 256, 1024), 8),
+        "pool_siglip": lambda k: k.pool_grid(randn(8, 729, 1152), 8),
+        "nearest": lambda k: k.nearest(randn(1, 16384), randn(16, 16384)),
+        "kmeans": lambda k: k.kmeans_step(points, weights, points[:120].clone()),
+        "attention": lambda k: k.semantic_attention(randn(25, 1024), randn(25, 32), randn(25, 32), randn(25, 1024), 0.2),
+        "ward": lambda k: k.ward_costs(randn(25, 16384), torch.rand(25, generator=g).double().to(device) * 50 + 1,
+                                       randn(16384), 1.0),
+    }
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["pool", "pool_siglip", "nearest", "kmeans", "attention", "ward"])
+def test_compiled_kernels_on_cuda_match_their_references(name):
+    compiled_on_cuda()
+    with kernels.use_backend("triton"):
+        got = kernel_cases("cuda")[name](kernels)
+    with kernels.use_backend("reference"):
+        want = kernel_cases("cuda")[name](kernels)
+    for a, b in zip(*((x,) if isinstance(x, torch.Tensor) else x for x in (got, want)), strict=True):
+        assert a.is_cuda
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_temporal_merge_on_cuda_matches_the_reference_at_the_real_shape():
+    """25 centroids of 16,384: the one-program kernel on the GPU against the torch
+    reference on the CPU, the same decisions and state."""
+    compiled_on_cuda()
+    state, frames = merge_case(25, 16384)
+    expected = [t.clone() for t in state]
+    want = kernels.temporal_merge_reference(*expected, frames)
+    on_gpu = [t.cuda() for t in state]
+    got = kernels.temporal_merge(*on_gpu, frames.cuda())
+    assert got.is_cuda and got.tolist() == want.tolist()
+    for actual, reference in zip(on_gpu, expected):
+        torch.testing.assert_close(actual.cpu(), reference, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_a_star_memory_on_cuda_keeps_what_the_cpu_keeps():
+    """A stream of 12 recurring scenes into a STAR memory on the GPU (kernels) and on the
+    CPU (references): the same clusters (weights, spans, runs), centroids within float32."""
+    compiled_on_cuda()
+    g = torch.Generator().manual_seed(3)
+    scenes = torch.randn(12, 256, 1024, generator=g)
+    memories = {device: StarMemory(StarConfig()) for device in ("cpu", "cuda")}
+    for first in range(0, 240, 8):
+        times = [float(t) for t in range(first, first + 8)]
+        features = scenes[[(t // 10) % 12 for t in range(first, first + 8)]] + 0.2 * torch.randn(8, 256, 1024, generator=g)
+        for device, memory in memories.items():
+            memory.extend(features.to(device), times)
+    cpu, gpu = memories["cpu"], memories["cuda"]
+    assert gpu.centroids.is_cuda and gpu.weights.is_cuda
+    assert gpu.weights.tolist() == cpu.weights.tolist() and sum(cpu.weights.tolist()) == 240
+    assert gpu.time_start.tolist() == cpu.time_start.tolist() and gpu.time_end.tolist() == cpu.time_end.tolist()
+    assert [scene.runs for scene in gpu.timeline()] == [scene.runs for scene in cpu.timeline()]
+    torch.testing.assert_close(gpu.centroids.cpu(), cpu.centroids, rtol=1e-4, atol=1e-4)
+    for memory in memories.values():
+        memory.close()

@@ -5,10 +5,13 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
+import math
 import threading
 
 import pytest
 import torch
+
+from helpers import merge_case, merge_state
 
 from vstream.errors import KernelError
 from vstream.kernels import (
@@ -22,6 +25,8 @@ from vstream.kernels import (
     pool_grid_reference,
     semantic_attention,
     semantic_attention_reference,
+    temporal_merge,
+    temporal_merge_reference,
     use_backend,
     ward_costs,
     ward_costs_reference,
@@ -305,6 +310,62 @@ def test_ward_costs_reference_is_wards_formula():
 def test_ward_costs_refuse(weights, x, needle):
     with pytest.raises(KernelError, match=needle):
         ward_costs(torch.zeros(3, 4), weights, x, 1.0)
+
+
+# -- temporal merge ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_temporal_merge_joins_the_cheapest_pair_by_hand(backend):
+    """Centroids at 0 and 1 (weight 1) and 10 (weight 3), on a line. A frame at 10.5 joins
+    the heavy one (cost 3/4 · 0.25 < 1/2 · 1, the cheapest pair); a frame at 100 costs more
+    than joining 0 and 1 (1/2), which join at 0.5 while the frame takes the freed slot."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    line = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    state = merge_state(line, [1.0, 1.0, 3.0], spread=0.0)
+    state[3][2] = torch.tensor([11.0, 0.0])  # the heavy one's representative, 1 from it
+    frames = torch.tensor([[10.5, 0.0], [100.0, 0.0]])
+    with use_backend(backend):
+        decisions = temporal_merge(*state, frames)
+    centroids, weights, pair_costs, representatives = state
+    # frame 0 joined slot 2 (at 10.125) and is nearer to it than 11; frame 1 freed slot 1
+    # (0 and 1 joined at 0.5; 0's representative 0 and 1's are equally near: 0 stays)
+    assert decisions.tolist() == [[2, -1, 1], [0, 1, 0]]
+    assert centroids.tolist() == [[0.5, 0.0], [100.0, 0.0], [10.125, 0.0]]
+    assert weights.tolist() == [2.0, 1.0, 4.0]
+    assert representatives.tolist() == [[0.0, 0.0], [100.0, 0.0], [10.5, 0.0]]
+    expected = [[math.inf, 2 / 3 * 99.5**2, 8 / 6 * 9.625**2],
+                [2 / 3 * 99.5**2, math.inf, 4 / 5 * 89.875**2],
+                [8 / 6 * 9.625**2, 4 / 5 * 89.875**2, math.inf]]
+    torch.testing.assert_close(pair_costs, torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k, dim", [(1, 7), (5, 130), (25, 300)])
+def test_temporal_merge_matches_reference(triton, k, dim):
+    state, frames = merge_case(k, dim)
+    expected, again = [t.clone() for t in state], [t.clone() for t in state]
+    want = temporal_merge_reference(*expected, frames)
+    got = temporal_merge(*state, frames)
+    assert got.tolist() == want.tolist()
+    if k > 1:
+        assert set(want[:, 2].tolist()) == {0, 1} and max(want[:, 1].tolist()) >= 0  # both kinds happened
+    for actual, reference in zip(state, expected):
+        torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-4)
+    assert temporal_merge(*again, frames).tolist() == got.tolist()  # run to run, the same
+
+
+def test_temporal_merge_refuses():
+    state = merge_state(torch.zeros(3, 4), [1.0, 1.0, 1.0])
+    with pytest.raises(KernelError, match="weights: expected a contiguous \\[3\\] torch.float64"):
+        temporal_merge(state[0], state[1].float(), state[2], state[3], torch.zeros(2, 4))
+    with pytest.raises(KernelError, match="frames: expected a contiguous \\[2, 4\\]"):
+        temporal_merge(*state, torch.zeros(4, 2).t())
+    with pytest.raises(KernelError, match="frames: expected"):
+        temporal_merge(*state, torch.zeros(2, 5))
+    with pytest.raises(KernelError, match="no centroid"):
+        temporal_merge(*merge_state(torch.zeros(0, 4), []), torch.zeros(1, 4))
+    assert temporal_merge(*state, torch.zeros(0, 4)).shape == (0, 3)
 
 
 def test_kernels_take_strided_inputs(triton):

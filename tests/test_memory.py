@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vstream.errors import ConfigError, MemoryStateError
-from vstream.kernels import pool_grid
+from vstream.kernels import pool_grid, pool_grid_reference, use_backend
 from vstream.memory import BankConfig, SemanticAttention, StarConfig, StarMemory, create_memory, list_memories
 
 torch.set_num_threads(1)
@@ -181,6 +181,29 @@ def test_streaming_and_offline_agree():
         assert a.kinds == b.kinds == c.kinds and a.spans == b.spans == c.spans
         torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=1e-5)
         torch.testing.assert_close(a.tokens, c.tokens, rtol=0, atol=1e-5)
+
+
+def test_the_kernels_keep_what_the_references_keep():
+    """The same stream in batches of 7 (the first one straddles the filling of the temporal
+    slots) through the Triton kernels (the interpreter here) and the torch references:
+    the same clusters, spans, runs and read-out spans; tokens within float32."""
+    pytest.importorskip("triton")
+    frames, times, _ = scene_stream([13, 22, 9, 31, 17, 9, 40], noise=0.4)
+    frames = pool_grid_reference(frames, 4)  # at the base grid already: the interpreter pools less
+    memories = {}
+    for backend in ("reference", "triton"):
+        memory = memories[backend] = StarMemory(small_config())
+        with use_backend(backend):
+            for start in range(0, len(times), 7):
+                memory.extend(frames[start:start + 7], times[start:start + 7])
+    reference, kernels = memories["reference"], memories["triton"]
+    assert temporal_state(kernels) == temporal_state(reference) and sum(reference.weights.tolist()) == len(times)
+    assert [s.runs for s in kernels.timeline()] == [s.runs for s in reference.timeline()]
+    a, b = kernels.tokens(), reference.tokens()
+    assert a.kinds == b.kinds and a.spans == b.spans
+    torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=1e-4)
+    for memory in memories.values():
+        memory.close()
 
 
 def test_abstract_update_is_chunked_semantic_attention():
