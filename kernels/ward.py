@@ -19,8 +19,9 @@ decision (what the memory ran before, and still runs on the CPU). The Triton ker
 the whole batch in one program: one launch and no host round trip per batch, the
 distances summed in float32 in a fixed order (deterministic, run to run; within float32
 rounding of the reference, so a near tie may resolve the other way). A frame's work is
-one read of the centroids: one sweep after its merge gives the changed rows' pair costs
-and the next frame's join costs together.
+one read of the centroids: one sweep after its merge gives the merged centroid's pair
+costs and the next frame's join costs together (the freed slot's pair costs are the
+frame's join costs: every other centroid but the merged one is unchanged).
 """
 
 from __future__ import annotations
@@ -138,13 +139,16 @@ def temporal_merge_reference(centroids: torch.Tensor, weights: torch.Tensor, pai
 
 @triton.jit
 def _temporal_merge_kernel(c_ptr, w_ptr, pc_ptr, r_ptr, x_ptr, out_ptr, FRAMES, K, DIM,
-                           BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     # One program for the whole batch: frames depend on each other in order. Rows of c, r
-    # and x are DIM apart; pc is K x K. A pass over d that writes what other threads of
-    # the program read next ends in a barrier. Masks built from scalars are bounds and
-    # indices (cols < n, ks == i): the interpreter cannot and a scalar into a vector.
+    # and x are DIM apart; pc is K x K. A pass that writes what other threads of the
+    # program read next ends in a barrier. Passes over all centroids take [BLOCK_K,
+    # BLOCK_D] tiles (centroid, column); passes over single rows take [ROWS, BLOCK_D]
+    # pieces of the row, ROWS * BLOCK_D columns at a time. Masks built from scalars are
+    # bounds and indices (cols < n, ks == i): the interpreter cannot and a scalar into a vector.
     ks = tl.arange(0, BLOCK_K)
     ds = tl.arange(0, BLOCK_D)
+    piece = tl.arange(0, ROWS)[:, None] * BLOCK_D + ds[None, :]
     used = ks < K
     inf = float("inf")
     pc_offsets = ks[:, None] * K + ks[None, :]
@@ -154,9 +158,8 @@ def _temporal_merge_kernel(c_ptr, w_ptr, pc_ptr, r_ptr, x_ptr, out_ptr, FRAMES, 
     acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, DIM, BLOCK_D):
         cols = d0 + ds
-        inside = cols < DIM
-        c = tl.load(c_ptr + ks[:, None] * DIM + cols[None, :], mask=used[:, None] & inside[None, :], other=0.0)
-        xv = tl.load(x_ptr + cols, mask=inside, other=0.0)
+        c = tl.load(c_ptr + ks[:, None] * DIM + cols[None, :], mask=used[:, None] & (cols < DIM)[None, :], other=0.0)
+        xv = tl.load(x_ptr + cols, mask=cols < DIM, other=0.0)
         acc += (c - xv[None, :]) * (c - xv[None, :])
     squared = tl.sum(acc, axis=1).to(tl.float64)
     for i in range(FRAMES):
@@ -181,10 +184,10 @@ def _temporal_merge_kernel(c_ptr, w_ptr, pc_ptr, r_ptr, x_ptr, out_ptr, FRAMES, 
         w_new = w_slot + w_part
         # the merged centroid; the frame into the freed slot; the two distances to the
         # merged centroid that decide its representative
-        acc_new = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        acc_old = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for d0 in range(0, DIM, BLOCK_D):
-            cols = d0 + ds
+        acc_new = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        acc_old = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        for d0 in range(0, DIM, ROWS * BLOCK_D):
+            cols = d0 + piece
             inside = cols < DIM
             xv = tl.load(x_row + cols, mask=inside, other=0.0)
             c_slot = tl.load(c_ptr + slot * DIM + cols, mask=inside, other=0.0)
@@ -197,12 +200,12 @@ def _temporal_merge_kernel(c_ptr, w_ptr, pc_ptr, r_ptr, x_ptr, out_ptr, FRAMES, 
             candidate = tl.where(joined, xv, tl.load(r_ptr + other * DIM + cols, mask=inside, other=0.0))
             acc_new += (candidate - merged) * (candidate - merged)
             acc_old += (r_slot - merged) * (r_slot - merged)
-        replaced = tl.sum(acc_new, axis=0) < tl.sum(acc_old, axis=0)
+        replaced = tl.sum(tl.sum(acc_new, axis=1), axis=0) < tl.sum(tl.sum(acc_old, axis=1), axis=0)
         replaced_cols = tl.where(replaced, DIM, 0)
         tl.debug_barrier()
         # representatives (the freed slot's frame is its own)
-        for d0 in range(0, DIM, BLOCK_D):
-            cols = d0 + ds
+        for d0 in range(0, DIM, ROWS * BLOCK_D):
+            cols = d0 + piece
             inside = cols < DIM
             xv = tl.load(x_row + cols, mask=inside, other=0.0)
             candidate = tl.where(joined, xv, tl.load(r_ptr + other * DIM + cols, mask=inside, other=0.0))
@@ -211,28 +214,27 @@ def _temporal_merge_kernel(c_ptr, w_ptr, pc_ptr, r_ptr, x_ptr, out_ptr, FRAMES, 
         w = tl.where(ks == slot, w_new, tl.where(ks == freed, 1.0, w))
         tl.store(w_ptr + ks, w, mask=used)
         tl.debug_barrier()
-        # one sweep of the updated centroids: each one's squared distance to the merged
-        # one and to the frame (the changed rows of the pair costs) and to the next frame
-        next_cols = tl.where(i + 1 < FRAMES, DIM, 0)
-        acc_slot = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
-        acc_frame = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
-        acc_next = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
-        for d0 in range(0, DIM, BLOCK_D):
-            cols = d0 + ds
-            inside = cols < DIM
-            c = tl.load(c_ptr + ks[:, None] * DIM + cols[None, :], mask=used[:, None] & inside[None, :], other=0.0)
-            c_slot = tl.load(c_ptr + slot * DIM + cols, mask=inside, other=0.0)
-            xv = tl.load(x_row + cols, mask=inside, other=0.0)
-            x_next = tl.load(x_row + DIM + cols, mask=cols < next_cols, other=0.0)
-            acc_slot += (c - c_slot[None, :]) * (c - c_slot[None, :])
-            acc_frame += (c - xv[None, :]) * (c - xv[None, :])
-            acc_next += (c - x_next[None, :]) * (c - x_next[None, :])
-        squared = tl.sum(acc_next, axis=1).to(tl.float64)
-        # the freed slot's row first, then the merged slot's (which sets their shared entry)
-        frame_costs = tl.where(ks == other, inf, w * 1.0 / (w + 1.0) * tl.sum(acc_frame, axis=1).to(tl.float64))
+        # the freed slot's row: it holds the frame, and every other centroid but the merged
+        # one is unchanged, so its distances are the frame's join distances
+        frame_costs = tl.where(ks == other, inf, w * 1.0 / (w + 1.0) * squared)
         keep = (ks < tl.where(paired, K, 0)) & (ks != slot)
         tl.store(pc_ptr + other * K + ks, frame_costs, mask=keep)
         tl.store(pc_ptr + ks * K + other, frame_costs, mask=keep)
+        # one sweep of the updated centroids: each one's squared distance to the merged one
+        # (its row of pair costs, which also sets its entry with the freed slot) and to the
+        # next frame (that frame's join distances)
+        next_cols = tl.where(i + 1 < FRAMES, DIM, 0)
+        acc_slot = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+        acc_next = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+        for d0 in range(0, DIM, BLOCK_D):
+            cols = d0 + ds
+            c = tl.load(c_ptr + ks[:, None] * DIM + cols[None, :], mask=used[:, None] & (cols < DIM)[None, :],
+                        other=0.0)
+            c_slot = tl.load(c_ptr + slot * DIM + cols, mask=cols < DIM, other=0.0)
+            x_next = tl.load(x_row + DIM + cols, mask=cols < next_cols, other=0.0)
+            acc_slot += (c - c_slot[None, :]) * (c - c_slot[None, :])
+            acc_next += (c - x_next[None, :]) * (c - x_next[None, :])
+        squared = tl.sum(acc_next, axis=1).to(tl.float64)
         slot_costs = tl.where(ks == slot, inf, w * w_new / (w + w_new) * tl.sum(acc_slot, axis=1).to(tl.float64))
         tl.store(pc_ptr + slot * K + ks, slot_costs, mask=used)
         tl.store(pc_ptr + ks * K + slot, slot_costs, mask=used)
@@ -281,6 +283,6 @@ def temporal_merge(centroids: torch.Tensor, weights: torch.Tensor, pair_costs: t
         decisions = torch.empty(frames.shape[0], 3, dtype=torch.int64, device=centroids.device)
         _temporal_merge_kernel[(1,)](centroids, weights, pair_costs, representatives, frames, decisions,
                                      frames.shape[0], k, dim, BLOCK_K=triton.next_power_of_2(k),
-                                     BLOCK_D=min(256, triton.next_power_of_2(dim)), num_warps=8)
+                                     BLOCK_D=min(512, triton.next_power_of_2(dim)), ROWS=4, num_warps=16)
         return decisions
     return temporal_merge_reference(centroids, weights, pair_costs, representatives, frames)

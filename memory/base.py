@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from vstream.errors import ConfigError, MemoryStateError
 from vstream.kernels import nearest, pool_grid
-from vstream.memory.bank import FeatureBank
+from vstream.memory.bank import FeatureBank, all_finite
 from vstream.memory.persist import open_snapshot, save_snapshot
 from vstream.memory.timeline import SceneRuns
 from vstream.memory.tokens import FrameHit, MemoryTokens, TokenList
@@ -153,16 +153,25 @@ class StreamMemory:
             return
         with self._lock:
             self._check(features, times)
-            base = pool_grid(features, self.config.base_grid).float()
-            if not bool(torch.isfinite(base).all()):
-                raise MemoryStateError("features contain NaN or infinite values")
-            if self.dim is None:
-                self._begin(features.shape[2], features.device)
-            base = base.to(self.device)
-            parts = {name: pool_grid(base, grid) for name, grid in self._grids().items()}
-            self.bank.add(pool_grid(base, self.bank.config.grid).cpu(), times, thumbnails=thumbnails)
+            parts, banked = self._pool(features)
+            # the bank's rows and keys leave the device in the bank's dtype (half the bytes;
+            # the keys are the mean token of the rows as stored, as the bank would make them)
+            self.bank.add(banked.cpu(), times, keys=banked.float().mean(dim=1).cpu(), thumbnails=thumbnails)
             self._add_frames(parts, times)
             self._cached = None
+
+    def _pool(self, features: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A checked batch ``[T, P, D]`` pooled to the base grid (refused unless finite), then
+        to each grid of the policy's (``parts``) and the bank's (in the bank's dtype), on
+        the memory's device. Starts the memory on the first batch."""
+        base = pool_grid(features, self.config.base_grid).float()
+        if not all_finite(base):
+            raise MemoryStateError("features contain NaN or infinite values")
+        if self.dim is None:
+            self._begin(features.shape[2], features.device)
+        base = base.to(self.device)
+        parts = {name: pool_grid(base, grid) for name, grid in self._grids().items()}
+        return parts, pool_grid(base, self.bank.config.grid).to(getattr(torch, self.bank.config.dtype))
 
     def _check(self, features: torch.Tensor, times: list[float]) -> None:
         grid = math.isqrt(features.shape[1])

@@ -129,8 +129,7 @@ class StarMemory(StreamMemory):
         if c.temporal_length:
             self._add_temporal(parts["temporal"].reshape(len(times), -1), times, first)
         if c.abstract_length:
-            for tokens, t in zip(parts["abstract"], times):
-                self._add_abstract(tokens, t)
+            self._add_abstract(parts["abstract"], times)
         self.frames_seen += len(times)
         self.last_t = times[-1]
 
@@ -201,22 +200,31 @@ class StarMemory(StreamMemory):
         self.pair_costs[slot, used] = costs
         self.pair_costs[used, slot] = costs
 
-    def _add_abstract(self, tokens: torch.Tensor, t: float) -> None:
-        if self.slot_count < self.config.abstract_length:
-            self.slots[self.slot_count] = tokens
-            self.slot_start[self.slot_count] = self.slot_end[self.slot_count] = t
-            self.slot_count += 1
-            return
-        self.pending[self.pending_count] = tokens
-        self.pending_times[self.pending_count] = t
-        self.pending_count += 1
-        if self.pending_count == self.config.abstract_chunk:
-            dim = self.dim
-            updated = self.attention(self.slots.reshape(-1, dim), self.pending.reshape(-1, dim),
-                                     self.config.abstract_alpha)
-            self.slots.copy_(updated.reshape(self.slots.shape))
-            self.slot_end.fill(t)
-            self.pending_count = 0
+    def _add_abstract(self, tokens: torch.Tensor, times: list[float]) -> None:
+        """The batch ``tokens`` ``[T, g*g, D]`` into the abstract memory: the first frames
+        fill its slots; later ones gather in chunks of ``abstract_chunk``, each full chunk
+        updating the slots by semantic attention. Copies go a run of frames at a time."""
+        c, done = self.config, 0
+        while done < len(times):
+            if self.slot_count < c.abstract_length:
+                count = min(c.abstract_length - self.slot_count, len(times) - done)
+                placed = slice(self.slot_count, self.slot_count + count)
+                self.slots[placed] = tokens[done : done + count]
+                self.slot_start[placed] = self.slot_end[placed] = times[done : done + count]
+                self.slot_count += count
+            else:
+                count = min(c.abstract_chunk - self.pending_count, len(times) - done)
+                placed = slice(self.pending_count, self.pending_count + count)
+                self.pending[placed] = tokens[done : done + count]
+                self.pending_times[placed] = times[done : done + count]
+                self.pending_count += count
+                if self.pending_count == c.abstract_chunk:
+                    updated = self.attention(self.slots.reshape(-1, self.dim), self.pending.reshape(-1, self.dim),
+                                             c.abstract_alpha)
+                    self.slots.copy_(updated.reshape(self.slots.shape))
+                    self.slot_end.fill(times[done + count - 1])
+                    self.pending_count = 0
+            done += count
 
     # -- read -----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vstream.errors import ConfigError, MemoryStateError
-from vstream.memory.bank import FeatureBank
+from vstream.memory.bank import FeatureBank, all_finite
 from vstream.memory.config import BankConfig
 
 torch.set_num_threads(1)
@@ -66,6 +66,18 @@ def test_batch_larger_than_ring_keeps_newest():
     with FeatureBank(D, config(3)) as b:
         b.add(x, np.arange(7.0))
         assert torch.equal(b.features(range(7)), x)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_all_finite_reads_the_exponent_bits(dtype):
+    info = np.finfo(dtype)
+    values = np.array([0.0, -0.0, 1.0, info.max, -info.max, info.tiny, info.tiny / 4], dtype)  # subnormal too
+    assert all_finite(values) and all_finite(torch.from_numpy(values)) and all_finite(values[::2])
+    for bad in (np.inf, -np.inf, np.nan):
+        spoiled = values.copy()
+        spoiled[3] = bad
+        assert not all_finite(spoiled) and not all_finite(torch.from_numpy(spoiled))
+    assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))  # no numpy twin: torch decides
 
 
 def test_ram_ring_allocated_once_and_index_grows_by_one_key_per_frame():
