@@ -2,7 +2,7 @@
 # The device check (issue 15): on a CUDA machine, the CUDA tests, the kernel, memory and
 # encoder-batching benchmarks on CUDA and `vstream ask --device cuda` end to end with a tiny checkpoint,
 # each step under STEP_SECONDS (default 150; the whole under 8 minutes), logs and results
-# under $OUT. It installs nothing from the network.
+# under $OUT (STEPS="tests star_update" runs those steps alone). It installs nothing from the network.
 #
 # Device machine (its image has torch, triton and transformers, not PyAV or FAISS):
 #   here:  make gpu-wheels         # PyAV and faiss-cpu wheels for its Python 3.12 into .whl/
@@ -32,8 +32,10 @@ DEVICE=$($PY -P -c "import torch; print('cuda' if torch.cuda.is_available() else
 cat "$OUT/card.txt"
 
 failed=0
+STEPS=${STEPS:-tests kernels star_update memory batching checkpoint ask}  # a subset for a short rerun
 step() {  # step NAME COMMAND...: run it under the step limit into $OUT/NAME.log, show its end
     local name=$1; shift
+    case " $STEPS " in *" $name "*) ;; *) return ;; esac
     echo "== $name"
     timeout "$STEP_SECONDS" "$@" > "$LOGS/$name.log" 2>&1
     local rc=$?

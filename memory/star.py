@@ -124,12 +124,15 @@ class StarMemory(StreamMemory):
 
     def _add_frames(self, parts: dict[str, torch.Tensor], times: list[float]) -> None:
         c, first = self.config, self.frames_seen
+        # the temporal update's tensor work is queued first: on a GPU its kernel runs while
+        # the other memories' copies are queued, and its decisions are read back last
+        queued = self._queue_temporal(parts["temporal"].reshape(len(times), -1)) if c.temporal_length else None
         if c.spatial_length:
             self._add_spatial(parts["spatial"], times)
-        if c.temporal_length:
-            self._add_temporal(parts["temporal"].reshape(len(times), -1), times, first)
         if c.abstract_length:
             self._add_abstract(parts["abstract"], times)
+        if queued is not None:
+            self._apply_temporal(*queued, times, first)
         self.frames_seen += len(times)
         self.last_t = times[-1]
 
@@ -147,13 +150,14 @@ class StarMemory(StreamMemory):
         self.spatial_times[kept : kept + new] = times[-new:]
         self.spatial_count = kept + new
 
-    def _add_temporal(self, frames: torch.Tensor, times: list[float], first: int) -> None:
-        """The batch ``frames`` ``[T, g*g*D]`` (the bank's frames ``first`` on) into the
-        temporal memory: alone while it has free slots, then by ``temporal_merge`` (the
-        tensor work of the whole batch on the memory's device); the decisions come back
-        in one read, then the times, runs and representatives' bank ids follow them."""
-        filling = min(self.config.temporal_length - self.centroid_count, len(times))
-        changes = self.runs.changes(frames)
+    def _queue_temporal(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The tensor work of the batch ``frames`` ``[T, g*g*D]`` in the temporal memory, on
+        its device, nothing read back: the frames placed alone while it has free slots, then
+        ``temporal_merge`` for the rest. Returns what ``_apply_temporal`` reads: the
+        timeline's Gram matrix, the merge's decisions (None if every frame was placed) and
+        how many frames were placed."""
+        filling = min(self.config.temporal_length - self.centroid_count, len(frames))
+        gram = self.runs.gram(frames)
         for i in range(filling):
             slot = self.centroid_count + i
             self.centroids[slot] = self.representative_features[slot] = frames[i]
@@ -161,8 +165,16 @@ class StarMemory(StreamMemory):
             self._update_costs(slot, slot + 1)
         merged = frames[filling:]
         decisions = (temporal_merge(self.centroids, self.weights, self.pair_costs, self.representative_features,
-                                    merged.contiguous()).tolist() if len(merged) else [])
-        for i, (change, t) in enumerate(zip(changes.tolist(), times)):
+                                    merged.contiguous()) if len(merged) else None)
+        return gram, decisions, filling
+
+    def _apply_temporal(self, gram: torch.Tensor, decisions: torch.Tensor | None, filling: int,
+                        times: list[float], first: int) -> None:
+        """Read back what ``_queue_temporal`` queued (one wait for the device) and follow it
+        on the host, frame by frame (the bank's frames ``first`` on): the timeline's cuts
+        and runs, the clusters' times and their representatives' bank ids."""
+        decisions = [] if decisions is None else decisions.tolist()
+        for i, (change, t) in enumerate(zip(self.runs.changes(gram.tolist()), times)):
             self.runs.observe(*change)
             if i < filling:
                 self._place(self.centroid_count, t, first + i)

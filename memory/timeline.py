@@ -114,20 +114,24 @@ class Timeline:
                 "timeline.appearances": torch.from_numpy(self.appearances), "timeline.previous": self.previous,
                 "timeline.cuts": torch.from_numpy(self.cuts)}
 
-    def changes(self, frames: torch.Tensor) -> torch.Tensor:
-        """``[T, 2]`` for the next frames ``[T, width]``: each one's squared distance to the
-        frame before it and their mean squared norm, on the frames' device (read back by
-        the caller with its other results); ``observe`` each in turn."""
-        norms = frames.square().sum(dim=1)
-        before = torch.cat([self.previous[None], frames[:-1]])
-        squared = (frames - before).square().sum(dim=1)
-        mean_norms = (norms + torch.cat([self.previous.square().sum()[None], norms[:-1]])) / 2
+    def gram(self, frames: torch.Tensor) -> torch.Tensor:
+        """``[T + 1, T + 1]`` float64 for the next frames ``[T, width]``: the Gram matrix of the
+        previous frame and these (three small ops on the frames' device, read back by the
+        caller with its other results; ``changes`` gives each frame's values for ``observe``)."""
+        both = torch.cat([self.previous[None], frames]).double()
         self.previous.copy_(frames[-1])
-        return torch.stack([squared, mean_norms], dim=1)
+        return both @ both.T
+
+    @staticmethod
+    def changes(gram: list[list[float]]) -> list[tuple[float, float]]:
+        """From ``gram``'s matrix (as lists): each frame's squared distance to the frame before
+        it and their mean squared norm (float64 products: no cancellation to speak of)."""
+        return [(gram[i][i] + gram[i + 1][i + 1] - 2 * gram[i][i + 1], (gram[i][i] + gram[i + 1][i + 1]) / 2)
+                for i in range(len(gram) - 1)]
 
     def observe(self, squared: float, mean_norm: float) -> None:
-        """See the next frame (its ``changes``) before it joins a cluster: a new shot
-        begins if it is a cut."""
+        """See the next frame (its ``changes``: squared distance to the frame before, mean
+        squared norm) before it joins a cluster: a new shot begins if it is a cut."""
         if self.cuts[0]:
             change = squared / max(mean_norm, 1e-12)
             if change > self.bar():

@@ -28,7 +28,7 @@ SCENES = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(0))
 def shown(line: Timeline, slot: int, scene: int, t: float, first: bool = False, wobble: float = 0.2) -> None:
     """A frame of ``scene`` at ``t`` seconds (with some motion) joins ``slot``."""
     frame = SCENES[scene] + wobble * torch.randn(WIDTH, generator=torch.Generator().manual_seed(int(t)))
-    line.observe(*line.changes(frame[None])[0].tolist())
+    line.observe(*line.changes(line.gram(frame[None]).tolist())[0])
     (line.place if first else line.extend)(slot, t)
 
 
