@@ -4,9 +4,8 @@ GPU, checked by the devices of the model, the encoder's features and the memory.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +13,11 @@ import torch
 from helpers import merge_case
 from tiny_models import tiny_llama
 
+from vstream import kernels
 from vstream.cli import main
 from vstream.device import resolve_device, resolve_dtype
 from vstream.encoders import create_encoder
 from vstream.errors import ConfigError
-from vstream import kernels
 from vstream.memory import StarConfig, StarMemory
 from vstream.models import load_model
 from vstream.session import Session, SessionConfig

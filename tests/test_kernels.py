@@ -10,7 +10,6 @@ import threading
 
 import pytest
 import torch
-
 from helpers import merge_case, merge_state
 
 from vstream.errors import KernelError
