@@ -95,11 +95,14 @@ class Embedded(NamedTuple):
             then of the last piece (the question).
         visual: ``[1, L]`` bool, True at memory tokens: what a head that routes by
             modality (visual experts) needs.
+        positions: position ids ``[3, 1, L]`` for a model with multimodal rotary
+            positions (Qwen2-VL's M-RoPE), None for the usual 0..L-1.
     """
 
     embeds: torch.Tensor
     ranges: list[tuple[int, int]]
     visual: torch.Tensor
+    positions: torch.Tensor | None = None
 
 
 class AnswerStream:
@@ -134,7 +137,7 @@ class AnswerStream:
 
     def _generate(self) -> Iterator[str]:
         model, started = self._model, time.perf_counter()
-        embeds, ranges, visual = model.embed(self._pieces, self._system, self._history)
+        embeds, ranges, visual, positions = model.embed(self._pieces, self._system, self._history)
         *evidence, question = ranges
         timings = self.timings
         timings["prompt"] = time.perf_counter() - started
@@ -146,7 +149,7 @@ class AnswerStream:
         # leading space from its neighbour decodes them as it would in the whole answer.
         prefix = read = 0
         with model.routing(visual):
-            for token in generate_tokens(model.lm, embeds, model.stop, self._generation):
+            for token in generate_tokens(model.lm, embeds, model.stop, self._generation, positions):
                 if not tokens:
                     timings["first_token"] = time.perf_counter() - started
                 tokens.append(token)
@@ -161,7 +164,7 @@ class AnswerStream:
             shares = None
             if self._generation.attribute:
                 mark = time.perf_counter()
-                shares = attention_shares(model.lm, embeds, tokens, evidence, question)
+                shares = attention_shares(model.lm, embeds, tokens, evidence, question, positions=positions)
                 timings["attribution"] = time.perf_counter() - mark
         self._answer = Answer(text.strip(), rank_evidence(self._pieces, shares), timings)
 
@@ -226,7 +229,13 @@ class ChatModel:
             parts.append(part)
             visual.append(torch.full((part.shape[0],), piece.features is not None, dtype=torch.bool))
             length += part.shape[0]
-        return Embedded(torch.cat(parts).unsqueeze(0), ranges, torch.cat(visual).unsqueeze(0))
+        positions = self.positions([(len(flags), bool(flags.any())) for flags in visual])
+        return Embedded(torch.cat(parts).unsqueeze(0), ranges, torch.cat(visual).unsqueeze(0), positions)
+
+    def positions(self, parts: list[tuple[int, bool]]) -> torch.Tensor | None:
+        """Position ids of a prompt made of ``parts`` (each ``(tokens, is memory)``), for
+        a model that places memory tokens itself; None (the default): 0..L-1."""
+        return None
 
     def add_head(self, head) -> None:
         """Attach a model head (``vstream.models.heads``): it sees every generation

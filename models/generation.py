@@ -75,30 +75,45 @@ def _choose(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def following_positions(positions: torch.Tensor, count: int) -> torch.Tensor:
+    """``[A, 1, count]`` position ids of ``count`` tokens after a prompt placed at
+    ``positions`` ``[A, 1, L]`` (M-RoPE's ``A`` = 3 axes): one step past the prompt's
+    largest position on every axis, as a text token continues a multimodal prompt."""
+    start = int(positions.max()) + 1
+    steps = torch.arange(start, start + count, device=positions.device)
+    return steps.view(1, 1, -1).expand(positions.shape[0], 1, -1)
+
+
 @torch.inference_mode()
-def generate_tokens(model, inputs_embeds: torch.Tensor, stop: set[int], config: GenerationConfig) -> Iterator[int]:
-    """Yield answer token ids one by one. ``inputs_embeds``: ``[1, L, H]`` prompt."""
+def generate_tokens(model, inputs_embeds: torch.Tensor, stop: set[int], config: GenerationConfig,
+                    positions: torch.Tensor | None = None) -> Iterator[int]:
+    """Yield answer token ids one by one. ``inputs_embeds``: ``[1, L, H]`` prompt;
+    ``positions``: its position ids (``[3, 1, L]`` for M-RoPE), or None for 0..L-1."""
     generator = torch.Generator().manual_seed(config.seed)
-    out = model(inputs_embeds=inputs_embeds, use_cache=True)
-    for _ in range(config.max_new_tokens):
+    placed = {} if positions is None else {"position_ids": positions}
+    out = model(inputs_embeds=inputs_embeds, use_cache=True, **placed)
+    for i in range(config.max_new_tokens):
         token = _choose(out.logits[0, -1], config, generator)
         if token in stop:
             return
         yield token
         step = torch.tensor([[token]], device=inputs_embeds.device)
+        placed = {} if positions is None else {"position_ids": following_positions(positions, i + 1)[..., -1:]}
         if hasattr(out, "cache"):  # transformers 5 renamed past_key_values to cache
-            out = model(input_ids=step, cache=out.cache, use_cache=True)
+            out = model(input_ids=step, cache=out.cache, use_cache=True, **placed)
         else:
-            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, **placed)
 
 
 @torch.inference_mode()
 def attention_shares(model, inputs_embeds: torch.Tensor, answer_ids: list[int], ranges: list[tuple[int, int]],
-                     question: tuple[int, int], max_attention_bytes: int = 1 << 30) -> list[float] | None:
+                     question: tuple[int, int], max_attention_bytes: int = 1 << 30,
+                     positions: torch.Tensor | None = None) -> list[float] | None:
     """Share of the attention of the ``question`` token range and of the answer that
     fell on each ``(start, end)`` token range of the prompt (summing to 1 over the
     ranges), or None when it cannot be measured: no ranges, or attention maps larger
-    than ``max_attention_bytes``."""
+    than ``max_attention_bytes``. ``positions``: the prompt's position ids, as given
+    to ``generate_tokens``."""
     if not ranges:
         return None
     config = model.config.get_text_config()
@@ -110,7 +125,9 @@ def attention_shares(model, inputs_embeds: torch.Tensor, answer_ids: list[int], 
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        attentions = model(inputs_embeds=embeds, output_attentions=True).attentions
+        placed = {} if positions is None else {
+            "position_ids": torch.cat([positions, following_positions(positions, len(answer_ids))], dim=2)}
+        attentions = model(inputs_embeds=embeds, output_attentions=True, **placed).attentions
     finally:
         model.set_attn_implementation(previous)
     prompt_length = inputs_embeds.shape[1]

@@ -25,11 +25,9 @@ transformers class of the whole model) and ``fallback_template``, override
 elsewhere, and register it: ``@register_model("llava_next_video")``. The tower is read
 by ``VisionEncoder``, so its ``model_type`` must be one ``VisionEncoder`` knows (for
 LLaVA-NeXT-Video: one more entry in its tables of VLMs and of anyres processors).
-Qwen2-VL also overrides ``make_frame_encoder()`` and ``project()``: its tower has no
-fixed grid and its merger projects 2×2 patches at once, so the memory must hold
-2×2-merged features (``4·D`` wide) and ``project`` runs the merger on them; its M-RoPE
-positions fall back to text positions for ``inputs_embeds``, which is what a prompt of
-memory tokens needs.
+Qwen2-VL (``qwen2_vl.py``) overrides ``make_frame_encoder()``, ``project()``,
+``embed()`` and ``positions()``: its tower has no fixed grid and ends in a merger
+already in the LLM's space, and its LLM places visual tokens with 3-D rotary positions.
 """
 
 from __future__ import annotations
@@ -67,13 +65,20 @@ class VisionLanguageModel(ChatModel):
 
     @classmethod
     def from_pretrained(cls, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        lm, tokenizer = cls.load_parts(name, dtype)
+        return cls(lm.to(device), tokenizer, name)
+
+    @classmethod
+    def load_parts(cls, name: str, dtype: torch.dtype):
+        """The whole model (``model_class``) and its tokenizer, with the processor's chat
+        template when the tokenizer has none."""
         import transformers
 
         lm = load_pretrained(getattr(transformers, cls.model_class), name, "vision-language model", dtype=dtype)
         tokenizer = load_pretrained(transformers.AutoTokenizer, name, "tokenizer")
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = _processor_template(name)
-        return cls(lm.to(device), tokenizer, name)
+        return lm, tokenizer
 
     # -- where the model keeps its parts (override for other layouts) ------------------------
 

@@ -19,7 +19,7 @@ import torch
 from vstream.device import resolve_device, resolve_dtype
 from vstream.errors import ModelLoadError
 
-from . import flash_vstream, llava_onevision  # noqa: F401  (the adapters register themselves)
+from . import flash_vstream, llava_onevision, qwen2_vl  # noqa: F401  (the adapters register themselves)
 from .base import ChatModel, adapter_for, list_models
 from .heads import attach_head
 from .llm import load_pretrained

@@ -230,7 +230,7 @@ def test_llava_onevision_prompt_through_its_chat_template(onevision):
 
 
 def test_wrong_architecture_is_refused_by_name(folders):
-    with pytest.raises(ModelLoadError, match="'clip_vision_model'.*llava_onevision, vstream"):
+    with pytest.raises(ModelLoadError, match="'clip_vision_model'.*llava_onevision, qwen2_5_vl, qwen2_vl, vstream"):
         load_model(str(folders["clip"]))  # a vision tower alone cannot answer
 
 

@@ -10,7 +10,9 @@ so tests load them through vstream's normal loading path.
   (``model_type`` ``"vstream"``, LLaMA keys, ``model.mm_projector.*``,
   ``model.attention_model.*`` and the tower copy ``model.vision_tower.vision_tower.*``),
   its ``mm_vision_tower`` naming a tiny CLIP folder;
-- ``tiny_llava_onevision``: LLaVA-OneVision with a tiny SigLIP tower and a tiny Qwen2.
+- ``tiny_llava_onevision``: LLaVA-OneVision with a tiny SigLIP tower and a tiny Qwen2;
+- ``tiny_qwen2_vl``: Qwen2-VL or Qwen2.5-VL (4 px patches merged 2×2, a 2-layer LLM with
+  M-RoPE), its tokenizer with Qwen's vision tokens and its image processor.
 
 Every builder writes into the folder it is given and returns it (the Flash-VStream one
 also returns the tensors it wrote, to compare against what loads).
@@ -48,15 +50,15 @@ VISION = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2, "n
           "image_size": 32, "patch_size": 4}
 
 
-def tiny_tokenizer(chat_template: str | None = CHATML, eos: str = "</s>"):
-    """A ``PreTrainedTokenizerFast`` (~300 tokens) with ``SPECIAL`` as special tokens."""
+def tiny_tokenizer(chat_template: str | None = CHATML, eos: str = "</s>", extra: tuple[str, ...] = ()):
+    """A ``PreTrainedTokenizerFast`` (~300 tokens) with ``SPECIAL`` and ``extra`` as special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL + list(extra),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(SENTENCES, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token=eos, unk_token="<unk>",
@@ -192,6 +194,41 @@ def tiny_llava_onevision(folder: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(folder)
     LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_grid_pinpoints=config.image_grid_pinpoints,
                                     image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    return Path(folder)
+
+
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def tiny_qwen2_vl(folder: Path, version: str = "2", seed: int = 0) -> Path:
+    """Qwen2-VL (``version`` "2") or Qwen2.5-VL ("2.5"): a 2-block ViT of 4 px patches
+    merged 2×2 into the LLM's width (32), a 2-layer LLM with M-RoPE (sections 2/1/1 of its
+    8-wide heads), the tokenizer (ChatML, Qwen's vision tokens) and the image processor,
+    saved with ``save_pretrained``."""
+    import transformers
+
+    _seeded(seed)
+    tokenizer = tiny_tokenizer(CHATML, eos="<|im_end|>", extra=QWEN_VISION_TOKENS)
+    ids = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+                   tokenizer.convert_tokens_to_ids(list(QWEN_VISION_TOKENS))))
+    text = {**LLAMA, "vocab_size": len(tokenizer),
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
+    patches = {"patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+    if version == "2":
+        vision = {**patches, "depth": 2, "embed_dim": 32, "hidden_size": LLAMA["hidden_size"], "num_heads": 4,
+                  "mlp_ratio": 2}
+        config, model = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    else:
+        vision = {**patches, "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+                  "out_hidden_size": LLAMA["hidden_size"], "window_size": 16, "fullatt_block_indexes": [1],
+                  "tokens_per_second": 2}
+        config, model = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    tokens = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id}
+    model(config(text_config={**text, **tokens}, vision_config=vision, **ids, **tokens)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                       size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64}).save_pretrained(folder)
     return Path(folder)
 
 

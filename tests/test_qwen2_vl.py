@@ -1,0 +1,115 @@
+"""Qwen2-VL and Qwen2.5-VL: loaded through ``load_model`` from tiny local checkpoints, their
+own tower as the frame encoder, and memory tokens fed to the LLM as the model's own
+code feeds an image (the same logits), with generation and evidence on top."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import tiny_qwen2_vl
+
+from vstream.memory import BankConfig, StarConfig, StarMemory
+from vstream.models import load_model
+from vstream.models.base import _PLACEHOLDER
+from vstream.models.prompt import SYSTEM_PROMPT, Context, user_pieces
+from vstream.session import Session, SessionConfig
+from vstream.types import Frame
+
+torch.set_num_threads(1)
+VERSIONS = ["2", "2.5"]
+
+
+@pytest.fixture(scope="module", params=VERSIONS)
+def qwen(request, tmp_path_factory):
+    folder = tiny_qwen2_vl(tmp_path_factory.mktemp(f"qwen{request.param}") / "model", request.param)
+    return load_model(str(folder), device="cpu")
+
+
+def frames(count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` 48×64 frames: a different colour block on noise each."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        image = rng.integers(0, 60, (48, 64, 3), dtype=np.uint8)
+        image[8 * i : 8 * i + 20, 10:40] = [(90 * i) % 255, 200, 255 - 60 * i]
+        images.append(image)
+    return images
+
+
+def test_loads_with_its_own_tower_as_the_frame_encoder(qwen):
+    encoder = qwen.frame_encoder
+    assert type(qwen).__name__ in ("Qwen2VLModel", "Qwen2_5VLModel")
+    assert encoder.tower is qwen.lm.model.visual and (encoder.grid, encoder.dim) == (16, 32)
+    features = encoder.encode(frames(2))
+    assert features.shape == (2, 256, 32) and features.dtype == torch.float32
+    assert not torch.allclose(features[0], features[1])  # each frame its own tokens
+
+
+def test_memory_tokens_read_as_the_models_own_image_path(qwen):
+    """Three frames into a memory that keeps them whole (its spatial memory at the frame
+    grid, nothing else), our prompt (time markers and all) through vstream's embeddings
+    and M-RoPE positions: the same logits as the model's own code (its image processor,
+    tower, placeholder scatter and ``get_rope_index``) given the same token ids with the
+    frames as ``pixel_values``."""
+    images = frames(3)
+    config = StarConfig(base_grid=16, spatial_grid=16, spatial_length=3, temporal_length=0, abstract_length=0,
+                        retrieved_length=0, bank=BankConfig(grid=8))
+    with StarMemory(config) as memory:
+        memory.extend(qwen.frame_encoder.encode(images), [0.0, 1.0, 2.0])
+        context = Context(memory=memory.tokens(), duration=3.0)
+    pieces = user_pieces(context, "what is shown?", visual=True)
+    embedded = qwen.embed(pieces)
+    with torch.inference_mode():
+        ours = qwen.lm(inputs_embeds=embedded.embeds, position_ids=embedded.positions).logits
+
+    # the same prompt as token ids, each run of memory tokens as the model's image placeholder
+    tokenizer, lm_config = qwen.tokenizer, qwen.lm.config
+    before, after = qwen.render(SYSTEM_PROMPT).split(_PLACEHOLDER)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    prompt = ids(before)
+    for piece in pieces:
+        if piece.features is None:
+            prompt += ids(piece.text)
+        else:
+            prompt += [lm_config.vision_start_token_id, *[lm_config.image_token_id] * piece.features.shape[0],
+                       lm_config.vision_end_token_id]
+    prompt += ids(after)
+    input_ids = torch.tensor([prompt])
+    side = qwen.frame_encoder.side
+    square = [np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC)) for image in images]
+    pixels = qwen.image_processor(images=square, size={"shortest_edge": side * side, "longest_edge": side * side},
+                                  return_tensors="pt")
+    assert pixels["image_grid_thw"].tolist() == [[1, 32, 32]] * 3
+    with torch.inference_mode():
+        theirs = qwen.lm(input_ids=input_ids, pixel_values=pixels["pixel_values"],
+                         image_grid_thw=pixels["image_grid_thw"],
+                         mm_token_type_ids=(input_ids == lm_config.image_token_id).int()).logits
+    assert ours.shape == theirs.shape and ours.shape[1] == len(prompt)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # and the positions are the model's own (not 0..L-1: the images' grids fold them)
+    assert int(embedded.positions.max()) + 1 < len(prompt)
+
+
+def test_a_session_answers_with_evidence_and_positions_carry_through_generation(qwen):
+    """A live session on the Qwen model: frames through its tower into the default
+    memory, an answer token by token; the same answer twice (greedy), and a first token
+    equal to the argmax of one forward over the prompt with its M-RoPE positions."""
+    config = SessionConfig(asr=False, ocr=False, device="cpu")
+    with Session(qwen, config) as session:
+        for t, image in enumerate(frames(4)):
+            session.push_frame(Frame(image, float(t), t), wait=True)
+        session.wait()
+        first = session.ask("what is shown?")
+        again = session.ask("what is shown?")
+        embedded = qwen.embed(user_pieces(session.context("what is shown?"), "what is shown?", visual=True,
+                                          timed=qwen.timed_memory))
+    assert first.text == again.text and first.evidence and all(e.kind in ("frame",) for e in first.evidence)
+    with torch.inference_mode():
+        logits = qwen.lm(inputs_embeds=embedded.embeds, position_ids=embedded.positions).logits[0, -1]
+    top = qwen.tokenizer.decode([int(logits.argmax())], skip_special_tokens=True)
+    assert first.text.startswith(top.strip()) or int(logits.argmax()) in qwen.stop
