@@ -181,6 +181,10 @@ class ChatModel:
     frame_encoder = None  # the vision tower whose features the memory must hold; None: any
     reads_memory_tokens = False
     timed_memory = True  # memory tokens after time markers (``vstream.models.prompt.memory_pieces``)
+    # what ``vstream models`` says of the adapter: its frame encoder and its prompt's layout
+    vision_tower_text = "the session's frame encoder (any); the model reads words"
+    memory_text = "any policy (STAR by default, StarConfig's defaults)"
+    prompt_text = "the visual memory as scene notes in words, transcript and screen text"
 
     def __init__(self, lm, tokenizer, name: str = ""):
         self.lm, self.tokenizer, self.name = lm.eval(), tokenizer, name

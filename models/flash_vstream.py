@@ -218,6 +218,9 @@ class FlashVStreamModel(ChatModel):
     # reference's order, with no text inside it: ~54 time markers among its 681 tokens
     # would be text it never saw there.
     timed_memory = False
+    vision_tower_text = "CLIP ViT-L/14 named by mm_vision_tower (penultimate layer)"
+    memory_text = "STAR at the checkpoint's sizes, with its trained abstract attention"
+    prompt_text = "the 681 memory tokens as one block in the reference's order (abstract, temporal, retrieved, spatial)"
 
     def __init__(self, lm, tokenizer, projector: nn.Module, attention: SemanticAttention, frame_encoder,
                  memory: StarConfig, name: str = ""):

@@ -153,3 +153,5 @@ class LlavaOnevisionModel(VisionLanguageModel):
     model_class = "LlavaOnevisionForConditionalGeneration"
     fallback_template = ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
                          "<|im_start|>assistant\n")
+    vision_tower_text = "its own SigLIP tower (vision_feature_layer), one base-resolution view per frame"
+    prompt_text = "each run of memory tokens after its time marker, through its projector"

@@ -52,6 +52,8 @@ class Qwen2VLModel(VisionLanguageModel):
 
     model_class = "Qwen2VLForConditionalGeneration"
     fallback_template = CHATML
+    vision_tower_text = "its own ViT, frames at 448 px, the patch merger's output (16x16 tokens a frame)"
+    prompt_text = "each run of memory tokens after its time marker, placed as an image (vision tokens, M-RoPE)"
 
     def __init__(self, lm, tokenizer, name: str, image_processor, frame_grid: int = 16):
         self.image_processor, self.frame_grid = image_processor, frame_grid
@@ -108,3 +110,4 @@ class Qwen2_5VLModel(Qwen2VLModel):
     """Qwen2.5-VL (window attention in the ViT, the same merger and M-RoPE layout)."""
 
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    vision_tower_text = "its own ViT (window attention), frames at 448 px, the patch merger's output"

@@ -113,3 +113,27 @@ def test_a_session_answers_with_evidence_and_positions_carry_through_generation(
         logits = qwen.lm(inputs_embeds=embedded.embeds, position_ids=embedded.positions).logits[0, -1]
     top = qwen.tokenizer.decode([int(logits.argmax())], skip_special_tokens=True)
     assert first.text.startswith(top.strip()) or int(logits.argmax()) in qwen.stop
+
+
+def test_vstream_models_lists_architectures_and_the_cached_checkpoints(tmp_path, capsys):
+    """A Hugging Face cache holding a Qwen2-VL, a LLaMA and a BERT checkpoint: each listed
+    under its architecture (BERT under none: it cannot answer), with how it reads the memory."""
+    import json
+
+    from vstream.cli import main
+
+    for repo, model_type, architecture in (("org/qwen", "qwen2_vl", "Qwen2VLForConditionalGeneration"),
+                                           ("org/llama", "llama", "LlamaForCausalLM"), ("org/bert", "bert", "BertModel")):
+        folder = tmp_path / f"models--{repo.replace('/', '--')}"
+        snapshot = folder / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": [architecture]}))
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text("0" * 40)
+    assert main(["models", "--cache-dir", str(tmp_path), "--json"]) in (0, None)
+    rows = {row["model_type"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"llava_onevision", "qwen2_vl", "qwen2_5_vl", "vstream", "causal-lm"}
+    assert rows["qwen2_vl"]["installed"] == ["org/qwen"] and rows["causal-lm"]["installed"] == ["org/llama"]
+    assert "M-RoPE" in rows["qwen2_vl"]["prompt"] and "one block" in rows["vstream"]["prompt"]
+    assert main(["models", "--cache-dir", str(tmp_path)]) in (0, None)
+    assert "installed:    org/qwen" in capsys.readouterr().out

@@ -228,6 +228,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--missing", action="store_true", help="also report media files that do not exist")
     check.set_defaults(run=_data_check)
 
+    models = commands.add_parser("models", help="list the supported model architectures, the checkpoints of each in "
+                                                "the local Hugging Face cache, and how each reads the memory")
+    models.add_argument("--cache-dir", help="a Hugging Face cache folder other than the default")
+    models.add_argument("--json", action="store_true", help="one JSON array")
+    models.set_defaults(run=_models)
+
     synth = commands.add_parser("synth", help="write a synthetic test clip (frame index bar code, moving square, tones)")
     synth.add_argument("output", help="output file: .mp4 .mkv .mov .ts .webm or .avi")
     synth.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
@@ -643,6 +649,19 @@ def _line(item) -> str:
     if d["kind"] == "frame":
         return f"frame  t={d['t']:9.3f}s  index={d['index']:<7d} {d['width']}x{d['height']}  mean_rgb={d['mean_rgb']}"
     return f"audio  {d['start']:9.3f}s..{d['end']:.3f}s  rms={d['rms']:.3f}  peak={d['peak_hz']:.0f} Hz"
+
+
+def _models(args) -> None:
+    from vstream.models.loading import describe_models
+
+    rows = describe_models(args.cache_dir)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        installed = ", ".join(row["installed"]) or "none in the cache"
+        print(f"{row['model_type']} ({row['adapter']})\n  vision tower: {row['vision_tower']}\n"
+              f"  memory:       {row['memory']}\n  prompt:       {row['prompt']}\n  installed:    {installed}")
 
 
 def _data_check(args) -> None:
