@@ -145,7 +145,8 @@ def memory_pieces(memory: MemoryTokens, source: str | None = None, timed: bool =
     """The visual memory as marker + tokens pieces, one pair per run of tokens of the
     same kind and span; the tokens' evidence carries ``source``. Without ``timed``, the
     tokens only, in the memory's order: one contiguous block, as a checkpoint trained on
-    a block (Flash-VStream-7b) saw it; each run stays its own piece for evidence."""
+    a block (Flash-VStream-7b) saw it; each run stays its own piece for evidence
+    (``context_pieces`` then gives the times in a line after the block, ``memory_times``)."""
     pieces: list[Piece] = []
     start = 0
     for i in range(1, len(memory) + 1):
@@ -156,6 +157,19 @@ def memory_pieces(memory: MemoryTokens, source: str | None = None, timed: bool =
             pieces.append(Piece(features=memory.tokens[start:i], evidence=(t0, t1, FRAME), source=source))
             start = i
     return pieces
+
+
+def memory_times(memory: MemoryTokens) -> str:
+    """The times of an untimed memory block, as one line outside it: each kind with the
+    spans of its runs in the block's order (``Memory times: abstract 0:00:00-0:01:30;
+    temporal 0:00:03-0:00:09, 0:00:12-0:00:20; spatial 0:01:35``), a frame's span once."""
+    runs: dict[str, list[str]] = {}
+    previous = None
+    for kind, (t0, t1) in zip(memory.kinds, memory.spans):
+        if (kind, t0, t1) != previous:
+            runs.setdefault(kind, []).append(clock(t0, hours=True) if t0 == t1 else span(t0, t1)[1:-1])
+            previous = (kind, t0, t1)
+    return "Memory times: " + "; ".join(f"{kind} {', '.join(spans)}" for kind, spans in runs.items()) + "\n"
 
 
 def context_pieces(context: Context, visual: bool, source: str | None = None, timed: bool = True) -> list[Piece]:
@@ -169,6 +183,8 @@ def context_pieces(context: Context, visual: bool, source: str | None = None, ti
         pieces.append(Piece(text=f"Video memory ({clock(context.duration)} of video):"))
         pieces.extend(memory_pieces(context.memory, source, timed))
         pieces.append(Piece(text="\n"))
+        if not timed:  # the block holds no text: its times follow it
+            pieces.append(Piece(text=memory_times(context.memory)))
     if context.scenes:
         pieces.append(Piece(text="What the video shows:\n"))
         for start, end, description in context.scenes:

@@ -102,8 +102,16 @@ def test_flash_vstream_reads_its_memory_as_one_block_and_other_vlms_with_time_ma
     pieces = flash.stream(Context(memory=memory, duration=5.0), "What?")._pieces
     block = [i for i, p in enumerate(pieces) if p.features is not None]
     assert len(block) == 3 and block == list(range(block[0], block[-1] + 1))
+    assert pieces[block[-1] + 2].text == "Memory times: spatial 0:00:00-0:00:01; temporal 0:00:02-0:00:03, 0:00:04-0:00:05\n"
     marked = load_model(str(folders["onevision"])).stream(Context(memory=memory, duration=5.0), "What?")._pieces
     assert sum(p.text.startswith(" <") for p in marked) == 3
+    flash.timed_memory = True  # the switch: markers for the released checkpoint too
+    try:
+        switched = flash.stream(Context(memory=memory, duration=5.0), "What?")._pieces
+    finally:
+        flash.timed_memory = False
+    assert [p.text for p in switched if p.text.startswith(" <")] == [p.text for p in marked if p.text.startswith(" <")]
+    assert not any("Memory times" in p.text for p in switched)
 
 
 def test_flash_vstream_memory_follows_the_checkpoint_config(flash, folders):

@@ -44,6 +44,11 @@ def test_an_untimed_memory_is_one_block_of_tokens_in_the_memorys_order():
     turn = user_pieces(Context(memory=memory, duration=95.0), "What?", visual=True, timed=False)
     block = [i for i, p in enumerate(turn) if p.features is not None]
     assert block == list(range(block[0], block[-1] + 1))  # nothing between the memory's tokens
+    after = "".join(p.text for p in turn[block[-1] + 1:])  # the times, in words, after the block
+    assert after == ("\nMemory times: abstract 0:00:00-0:01:30; temporal 0:00:03-0:00:09, 0:00:12-0:00:20; "
+                     "spatial 0:01:35\nQuestion: What?")
+    timed = user_pieces(Context(memory=memory, duration=95.0), "What?", visual=True)
+    assert "Memory times" not in "".join(p.text for p in timed)  # the markers say it there
 
 
 def test_user_turn_layout():
