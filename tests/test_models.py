@@ -280,3 +280,33 @@ def test_streamed_text_is_the_decoded_answer(tmp_path, monkeypatch):
         pieces = list(stream)
         whole = model.tokenizer.decode(produced, skip_special_tokens=True)
         assert "".join(pieces) == whole.rstrip("\ufffd") and len(produced) > 5
+
+
+def test_the_text_only_path_feeds_the_model_as_its_own_tokenizer_would(tmp_path):
+    """The whole prompt (system, scene notes, transcript, question) through vstream's
+    piece-by-piece embeddings gives the logits of the model on its tokenizer's ids for the
+    same text in one piece, and a greedy answer equal to the model's own ``generate``."""
+    from tiny_models import tiny_llama
+
+    from vstream.models.base import _PLACEHOLDER
+    from vstream.models.prompt import SYSTEM_PROMPT, user_pieces
+    from vstream.types import TranscriptSegment
+
+    model = load_model(str(tiny_llama(tmp_path / "llama")))
+    context = Context(scenes=[(0.0, 30.0, "view A, red"), (30.0, 41.0, "view B, recurs")],
+                      transcript=[(TranscriptSegment(1.0, 3.5, "the red square moves left"), 0.9)], duration=41.0)
+    pieces = user_pieces(context, "what moves?", visual=False)
+    before, after = model.render(SYSTEM_PROMPT).split(_PLACEHOLDER)
+    ids = model.tokenizer(before + "".join(p.text for p in pieces) + after, add_special_tokens=False,
+                          return_tensors="pt").input_ids
+    embedded = model.embed(pieces)
+    with torch.inference_mode():
+        ours = model.lm(inputs_embeds=embedded.embeds).logits
+        theirs = model.lm(input_ids=ids).logits
+        generated = model.lm.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=sorted(model.stop),
+                                      pad_token_id=model.tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert embedded.positions is None and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    answer = model.stream(context, "what moves?", GenerationConfig(max_new_tokens=12, attribute=False)).result()
+    expected = model.tokenizer.decode([t for t in generated if t not in model.stop], skip_special_tokens=True)
+    assert answer.text == expected.strip().rstrip("\ufffd")  # the stream gives whole characters only
