@@ -222,7 +222,8 @@ class ChatModel:
         before, after = self.render(system, history).split(_PLACEHOLDER)
         table = self.lm.get_input_embeddings()
         parts, ranges, visual, length = [], [], [], 0
-        for piece in [Piece(text=before), *pieces, Piece(text=after)]:
+        chat = [Piece(text=before), *pieces, Piece(text=after)]
+        for piece in chat:
             if piece.features is not None:
                 part = self.project(piece.features.to(self.device)).to(table.weight.dtype)
             else:
@@ -233,12 +234,12 @@ class ChatModel:
             parts.append(part)
             visual.append(torch.full((part.shape[0],), piece.features is not None, dtype=torch.bool))
             length += part.shape[0]
-        positions = self.positions([(len(flags), bool(flags.any())) for flags in visual])
+        positions = self.positions([(len(flags), piece) for flags, piece in zip(visual, chat)])
         return Embedded(torch.cat(parts).unsqueeze(0), ranges, torch.cat(visual).unsqueeze(0), positions)
 
-    def positions(self, parts: list[tuple[int, bool]]) -> torch.Tensor | None:
-        """Position ids of a prompt made of ``parts`` (each ``(tokens, is memory)``), for
-        a model that places memory tokens itself; None (the default): 0..L-1."""
+    def positions(self, parts: list[tuple[int, Piece]]) -> torch.Tensor | None:
+        """Position ids of a prompt made of ``parts`` (each its token count and its piece),
+        for a model that places memory tokens itself; None (the default): 0..L-1."""
         return None
 
     def add_head(self, head) -> None:

@@ -6,19 +6,17 @@
   16 by default: 448 px frames). The merger already maps into the LLM's embedding
   space, so ``project`` only casts: the memory pools merged tokens, as LLaVA-OneVision's
   video path pools projected ones.
-- A run of memory tokens is placed as the model places an image: between
-  ``<|vision_start|>`` and ``<|vision_end|>``, with 3-D rotary positions (M-RoPE) as the
-  model's ``get_rope_index`` gives an image: the time axis at the run's first position,
-  height and width along its grid (``n`` tokens: a square grid when ``n`` is a square,
-  else one row), the text after it from ``first + max(height, width)`` on. Generation
-  and evidence ranking pass these positions explicitly, so the model's cached
-  ``rope_deltas`` (left by any earlier call of its own ``generate``) never apply.
+- Memory tokens sit between ``<|vision_start|>`` and ``<|vision_end|>`` with 3-D rotary
+  positions (M-RoPE), as the model's ``get_rope_index`` places images and videos.
+  Qwen2-VL: each run of memory tokens after its time marker, as an image (the time axis
+  at the run's first position, height and width along its grid: ``n`` tokens make a
+  square grid when ``n`` is a square, else one row). Qwen2.5-VL, trained with absolute
+  time: the whole memory as one video block, each run's time axis at
+  ``floor((t − t0) · tokens_per_second)`` past the block's first position, the times also
+  in a line after the block. Text after a block goes on one past its largest position.
+- Generation and evidence ranking pass these positions explicitly, so the model's
+  cached ``rope_deltas`` (left by any earlier call of its own ``generate``) never apply.
 - The chat template is the tokenizer's (ChatML).
-
-The time of each run is the text marker before it (``<temporal 0:00:12-0:00:40>``),
-as for the other models: Qwen2.5-VL's absolute-time video positions (the time axis in
-seconds × ``tokens_per_second``) are not used for the memory, whose runs are not a
-regular video.
 """
 
 from __future__ import annotations
@@ -82,32 +80,67 @@ class Qwen2VLModel(VisionLanguageModel):
         return features.to(self.device)
 
     def embed(self, pieces: list[Piece], system: str = SYSTEM_PROMPT, history: Turns = ()) -> Embedded:
+        """``ChatModel.embed`` with each block of consecutive memory runs between the
+        model's vision start and end tokens (a block of one run with time markers, the
+        whole memory without)."""
         start, end = self.vision_marks
-        marked = []
-        for piece in pieces:
-            marked += [Piece(text=start), piece, Piece(text=end)] if piece.features is not None else [piece]
+        marked: list[Piece] = []
+        for i, piece in enumerate(pieces):
+            memory = piece.features is not None
+            if memory and (i == 0 or pieces[i - 1].features is None):
+                marked.append(Piece(text=start))
+            marked.append(piece)
+            if memory and (i == len(pieces) - 1 or pieces[i + 1].features is None):
+                marked.append(Piece(text=end))
         return super().embed(marked, system, history)
 
-    def positions(self, parts: list[tuple[int, bool]]) -> torch.Tensor:
-        """``[3, 1, L]`` M-RoPE position ids: text parts count up on all three axes; a run
-        of memory tokens is an image's grid at the next position (see the module docstring)."""
-        axes, at = [], 0
-        for length, memory in parts:
-            if not memory:
+    def time_interval(self) -> float | None:
+        """Time-axis positions per second of stream within a block of memory runs (None:
+        no time axis; every run of a block at the block's first position, as an image)."""
+        return None
+
+    def positions(self, parts: list[tuple[int, Piece]]) -> torch.Tensor:
+        """``[3, 1, L]`` M-RoPE position ids: text counts up on all three axes; a block of
+        memory runs starts at the next position ``p``: each run's height and width along
+        its grid from ``p`` (``n`` tokens: a square grid when ``n`` is a square, else one
+        row), its time axis at ``p`` (images) or at ``p + floor((t − t0) · interval)``
+        (``time_interval``, ``t`` the run's start, ``t0`` the block's first); the text after a
+        block goes on one past the block's largest position."""
+        axes: list[torch.Tensor] = []
+        at, i = 0, 0
+        interval = self.time_interval()
+        while i < len(parts):
+            length, piece = parts[i]
+            if piece.features is None:
                 axes.append(torch.arange(at, at + length).expand(3, -1))
-                at += length
+                at, i = at + length, i + 1
                 continue
-            side = math.isqrt(length)
-            rows, cols = (side, side) if side * side == length else (1, length)
-            grid = torch.arange(length)
-            axes.append(torch.stack([torch.full((length,), at), at + grid // cols, at + grid % cols]))
-            at += max(rows, cols)
+            block = []
+            while i < len(parts) and parts[i][1].features is not None:
+                block.append(parts[i])
+                i += 1
+            first = min(piece.evidence[0] if piece.evidence else 0.0 for _, piece in block)
+            for length, piece in block:
+                side = math.isqrt(length)
+                cols = side if side * side == length else length
+                t = at if interval is None or piece.evidence is None else at + int((piece.evidence[0] - first) * interval)
+                grid = torch.arange(length)
+                axes.append(torch.stack([torch.full((length,), t), at + grid // cols, at + grid % cols]))
+            at = int(torch.cat(axes[-len(block):], dim=1).max()) + 1
         return torch.cat(axes, dim=1).unsqueeze(1).to(self.device)
 
 
 @register_model("qwen2_5_vl")
 class Qwen2_5VLModel(Qwen2VLModel):
-    """Qwen2.5-VL (window attention in the ViT, the same merger and M-RoPE layout)."""
+    """Qwen2.5-VL (window attention in the ViT, the same merger; M-RoPE with absolute time:
+    the whole memory is one block, as a video, each run's time axis at its stream time,
+    ``tokens_per_second`` positions a second; the times also as one line after it)."""
 
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    timed_memory = False  # the times are in the positions (and in a line after the block)
     vision_tower_text = "its own ViT (window attention), frames at 448 px, the patch merger's output"
+    prompt_text = ("the memory as one video block (vision tokens), each run's M-RoPE time axis at its stream "
+                   "time (tokens_per_second), the times in a line after it")
+
+    def time_interval(self) -> float:
+        return float(self.lm.config.vision_config.tokens_per_second)
