@@ -84,14 +84,22 @@ def following_positions(positions: torch.Tensor, count: int) -> torch.Tensor:
     return steps.view(1, 1, -1).expand(positions.shape[0], 1, -1)
 
 
+def position_kwargs(positions: torch.Tensor | None, extra: int = 0) -> dict:
+    """The ``position_ids`` keyword of a forward over a prompt placed at ``positions`` and
+    ``extra`` tokens after it; {} for a prompt without positions (0..L-1)."""
+    if positions is None:
+        return {}
+    return {"position_ids": torch.cat([positions, following_positions(positions, extra)], dim=2) if extra
+            else positions}
+
+
 @torch.inference_mode()
 def generate_tokens(model, inputs_embeds: torch.Tensor, stop: set[int], config: GenerationConfig,
                     positions: torch.Tensor | None = None) -> Iterator[int]:
     """Yield answer token ids one by one. ``inputs_embeds``: ``[1, L, H]`` prompt;
     ``positions``: its position ids (``[3, 1, L]`` for M-RoPE), or None for 0..L-1."""
     generator = torch.Generator().manual_seed(config.seed)
-    placed = {} if positions is None else {"position_ids": positions}
-    out = model(inputs_embeds=inputs_embeds, use_cache=True, **placed)
+    out = model(inputs_embeds=inputs_embeds, use_cache=True, **position_kwargs(positions))
     for i in range(config.max_new_tokens):
         token = _choose(out.logits[0, -1], config, generator)
         if token in stop:
@@ -125,9 +133,8 @@ def attention_shares(model, inputs_embeds: torch.Tensor, answer_ids: list[int], 
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        placed = {} if positions is None else {
-            "position_ids": torch.cat([positions, following_positions(positions, len(answer_ids))], dim=2)}
-        attentions = model(inputs_embeds=embeds, output_attentions=True, **placed).attentions
+        attentions = model(inputs_embeds=embeds, output_attentions=True,
+                           **position_kwargs(positions, len(answer_ids))).attentions
     finally:
         model.set_attn_implementation(previous)
     prompt_length = inputs_embeds.shape[1]

@@ -38,6 +38,7 @@ from torch import nn
 from vstream.config import JsonConfig, check_choice, check_int, check_number
 from vstream.errors import ConfigError, ModelLoadError
 from vstream.kernels import pool_grid
+from vstream.models.generation import position_kwargs
 from vstream.models.heads import Head, register_head
 from vstream.models.prompt import Context, clock, user_pieces
 
@@ -178,7 +179,8 @@ class MultigranularHead(Head):
         queries = self.net.queries[str(level)].to(embeds.dtype).unsqueeze(0)
         visual = torch.cat([embedded.visual, torch.zeros(1, level, dtype=torch.bool)], dim=1)  # queries are text
         with model.routing(visual):  # attached heads (visual experts) see the memory tokens as in an answer
-            out = model.lm(inputs_embeds=torch.cat([embeds, queries], dim=1), output_hidden_states=True)
+            out = model.lm(inputs_embeds=torch.cat([embeds, queries], dim=1), output_hidden_states=True,
+                           **position_kwargs(embedded.positions, level))
         return self.net.regressor(out.hidden_states[-1][:, -level:].float())
 
     def generate(self, model, context: Context | None, prompt: str, level: int) -> torch.Tensor:

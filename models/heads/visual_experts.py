@@ -179,6 +179,7 @@ class VisualExperts(Head):
         import torch
         import torch.nn.functional as F
 
+        from vstream.models.generation import position_kwargs
         from vstream.models.prompt import user_pieces
 
         if chat_model.lm is not self.model:
@@ -194,7 +195,7 @@ class VisualExperts(Head):
         embeds = torch.cat([embedded.embeds.clone(), answer], dim=1)
         mask = torch.cat([embedded.visual.clone(), torch.zeros(ids.shape, dtype=torch.bool)], dim=1)
         with self.visual_mask(mask):
-            logits = chat_model.lm(inputs_embeds=embeds).logits
+            logits = chat_model.lm(inputs_embeds=embeds, **position_kwargs(embedded.positions, ids.shape[1])).logits
         return F.cross_entropy(logits[0, -ids.shape[1] - 1:-1].float(), ids[0].to(logits.device))
 
     def _start(self, module, args, kwargs):
