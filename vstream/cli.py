@@ -228,6 +228,18 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--missing", action="store_true", help="also report media files that do not exist")
     check.set_defaults(run=_data_check)
 
+    extract = commands.add_parser("extract", help="run each video of a conversation file through the frame encoder "
+                                                  "and the memory once; store its memory tokens and timeline")
+    extract.add_argument("data", help="a LLaVA-style conversation file (JSON array or JSON Lines)")
+    extract.add_argument("--out", required=True, metavar="DIR", help="the features folder (a run resumes there)")
+    extract.add_argument("--media-root", help="folder the records' video paths are relative to (default: the file's)")
+    _model_flags(extract)
+    extract.add_argument("--encoder", default="auto", help="frame encoder when the model has no vision tower "
+                                                           "(as for ask; default auto)")
+    extract.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
+    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    extract.set_defaults(run=_extract)
+
     models = commands.add_parser("models", help="list the supported model architectures, the checkpoints of each in "
                                                 "the local Hugging Face cache, and how each reads the memory")
     models.add_argument("--cache-dir", help="a Hugging Face cache folder other than the default")
@@ -649,6 +661,21 @@ def _line(item) -> str:
     if d["kind"] == "frame":
         return f"frame  t={d['t']:9.3f}s  index={d['index']:<7d} {d['width']}x{d['height']}  mean_rgb={d['mean_rgb']}"
     return f"audio  {d['start']:9.3f}s..{d['end']:.3f}s  rms={d['rms']:.3f}  peak={d['peak_hz']:.0f} Hz"
+
+
+def _extract(args) -> int:
+    from vstream.extract import extract_features
+    from vstream.session import SessionConfig
+
+    config = SessionConfig(fps=args.fps, asr=False, ocr=False, encoder=args.encoder, heads=args.head,
+                           device=args.device, dtype=args.dtype)
+    report = extract_features(args.data, args.out, args.model, config, args.media_root, progress=not args.quiet)
+    print(f"extracted {report.extracted}, already there {report.skipped}, without video {report.without_video}, "
+          f"failed {len(report.failed)}" + (f" (listed in {os.path.join(args.out, 'failed.jsonl')})"
+                                            if report.failed else ""))
+    for record, error in report.failed[:5]:
+        print(f"  {record}: {error}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _models(args) -> None:
