@@ -137,7 +137,8 @@ class AnswerStream:
 
     def _generate(self) -> Iterator[str]:
         model, started = self._model, time.perf_counter()
-        embeds, ranges, visual, positions = model.embed(self._pieces, self._system, self._history)
+        with torch.inference_mode():
+            embeds, ranges, visual, positions = model.embed(self._pieces, self._system, self._history)
         *evidence, question = ranges
         timings = self.timings
         timings["prompt"] = time.perf_counter() - started
@@ -203,8 +204,14 @@ class ChatModel:
         """The abstract memory's trained ``SemanticAttention``, or None for the default."""
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Memory tokens ``[n, D]`` -> LLM input embeddings ``[n, H]``."""
+        """Memory tokens ``[n, D]`` -> LLM input embeddings ``[n, H]`` (with autograd as the
+        caller has it: training runs it with gradients, answering in inference mode)."""
         raise ModelLoadError(f"{self.name}: this model reads text only, not memory tokens")
+
+    def memory_projector(self) -> torch.nn.Module | None:
+        """The module ``project`` runs (what ``vstream train`` can train as
+        ``projector``), or None when memory tokens need none."""
+        return None
 
     def render(self, system: str, history: Turns = ()) -> str:
         """The chat up to the assistant's turn: ``system``, the earlier turns of
@@ -215,7 +222,6 @@ class ChatModel:
         earlier = "".join(f"User: {question}\nAssistant: {answer}\n" for question, answer in history)
         return f"{system}\n\n{earlier}User: {_PLACEHOLDER}\nAssistant:"
 
-    @torch.inference_mode()
     def embed(self, pieces: list[Piece], system: str = SYSTEM_PROMPT, history: Turns = ()) -> Embedded:
         """The whole chat as input embeddings (see ``Embedded``): ``system``, the turns of
         ``history``, and ``pieces`` as the user turn."""

@@ -290,7 +290,9 @@ class FlashVStreamModel(ChatModel):
     def memory_attention(self) -> SemanticAttention:
         return self.attention
 
-    @torch.inference_mode()
+    def memory_projector(self) -> torch.nn.Module:
+        return self.projector
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Memory tokens ``[n, mm_hidden_size]`` -> LLaMA input embeddings ``[n, hidden_size]``."""
         weight = next(self.projector.parameters())

@@ -103,7 +103,9 @@ class VisionLanguageModel(ChatModel):
 
     # -- the ChatModel hooks --------------------------------------------------------------
 
-    @torch.inference_mode()
+    def memory_projector(self) -> torch.nn.Module:
+        return self.projector()
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Memory tokens ``[n, D]`` (tower features) -> LLM input embeddings ``[n, H]``."""
         projector = self.projector()

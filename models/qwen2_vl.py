@@ -74,10 +74,12 @@ class Qwen2VLModel(VisionLanguageModel):
     def make_frame_encoder(self):
         return MergedPatchEncoder(self.vision_tower(), self.image_processor, self.frame_grid)
 
-    @torch.inference_mode()
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Memory tokens ``[n, H]`` are merger outputs, already LLM embeddings."""
         return features.to(self.device)
+
+    def memory_projector(self) -> None:
+        return None  # the merger runs inside the tower, before the memory
 
     def embed(self, pieces: list[Piece], system: str = SYSTEM_PROMPT, history: Turns = ()) -> Embedded:
         """``ChatModel.embed`` with each block of consecutive memory runs between the

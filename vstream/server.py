@@ -688,7 +688,7 @@ class Server:
                 self.socket.send_multipart(reply)
             if tag in (b"part", b"admin"):  # a piece of an answer; a reply about no stream
                 continue
-            if tag == b"closed":  # a closer thread saved the stream and answered its closers
+            if tag == b"closed":  # a closer thread saved the stream (its closers are answered next)
                 self._closing.pop(stream_id.decode(), None)
                 continue
             self.counters["answers"] += tag == b"answer"
@@ -732,8 +732,9 @@ class Server:
         stream.closer = self._spawn(f"vstream-server-close-{stream.id}", self._close_saved, stream)
 
     def _close_saved(self, stream: Stream) -> None:
-        """Write what was pushed, save the memory, free the session; then answer the
-        closers and tell the loop (``closed``) through the results socket."""
+        """Write what was pushed, save the memory, free the session; then tell the loop
+        (``closed``) and answer the closers, in that order through the results socket, so
+        a closer that resumes the stream on its reply finds it closed."""
         folder = self.state_dir / stream.id
         try:
             if stream.source is None:
@@ -745,11 +746,11 @@ class Server:
             error = f"saving the stream failed: {type(exc).__name__}: {exc}"
         finally:
             stream.session.close()
-        for identity, request_id in stream.waiters:
-            reply = (encode("ok", request_id, data={"stream": stream.id, "saved": str(folder)}) if error is None
-                     else encode("error", request_id, code="internal", message=error))
-            self._push([b"admin", b"", identity, b"", *reply])
-        self._push([b"closed", stream.id.encode()])
+        replies = [encode("ok", request_id, data={"stream": stream.id, "saved": str(folder)}) if error is None
+                   else encode("error", request_id, code="internal", message=error)
+                   for _, request_id in stream.waiters]
+        self._push([b"closed", stream.id.encode()],
+                   *([b"admin", b"", identity, b"", *reply] for (identity, _), reply in zip(stream.waiters, replies)))
 
     def _spawn(self, name: str, target, *args) -> threading.Thread:
         """Run ``target(*args)`` on a thread of its own (opening a source, draining a node,
@@ -759,13 +760,15 @@ class Server:
         thread.start()
         return thread
 
-    def _push(self, parts: list) -> None:
-        """Hand a ``[tag, stream id, reply...]`` message from a thread to the loop (ZeroMQ
-        sockets are not thread-safe: each call its own PUSH socket)."""
+    def _push(self, *messages: list) -> None:
+        """Hand ``[tag, stream id, reply...]`` messages from a thread to the loop, in order
+        (ZeroMQ sockets are not thread-safe: each call its own PUSH socket, and only one
+        socket keeps an order)."""
         out = self._ctx.socket(zmq.PUSH)
         out.connect(self._results_address)
         try:
-            out.send_multipart(parts)
+            for parts in messages:
+                out.send_multipart(parts)
         finally:
             out.close()
 

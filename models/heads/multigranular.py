@@ -173,8 +173,9 @@ class MultigranularHead(Head):
             raise ModelLoadError(f"this head was built for an LLM of hidden size {self.hidden_size}; "
                                  f"{model.name or 'the model'} has {hidden_size_of(model)}")
         pieces = user_pieces(context or Context(), prompt, visual=model.reads_memory_tokens)
-        embedded = model.embed(pieces)
-        embeds = embedded.embeds.clone()  # made under inference mode; a clone can enter autograd
+        with torch.no_grad():  # the prompt is data here: only the head learns
+            embedded = model.embed(pieces)
+        embeds = embedded.embeds
         self.net.to(model.device)
         queries = self.net.queries[str(level)].to(embeds.dtype).unsqueeze(0)
         visual = torch.cat([embedded.visual, torch.zeros(1, level, dtype=torch.bool)], dim=1)  # queries are text
