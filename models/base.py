@@ -21,7 +21,7 @@ import torch
 
 from vstream.errors import ModelLoadError
 
-from .generation import GenerationConfig, attention_shares, generate_tokens, stop_ids
+from .generation import GenerationConfig, attention_shares, generate_tokens, position_kwargs, stop_ids
 from .prompt import (
     MEDIA_SYSTEM_PROMPT,
     SYSTEM_PROMPT,
@@ -247,6 +247,23 @@ class ChatModel:
         """Position ids of a prompt made of ``parts`` (each its token count and its piece),
         for a model that places memory tokens itself; None (the default): 0..L-1."""
         return None
+
+    def answer_loss(self, pieces: list[Piece], target: str, routing: Callable | None = None) -> torch.Tensor:
+        """Mean cross-entropy of ``target`` (then end of text) as the answer to the user turn
+        ``pieces``, by teacher forcing, with autograd as the caller has it (the prompt's
+        projection too: what training a projector needs). ``routing(visual)`` wraps the
+        forward, ``visual`` the ``[1, L]`` mask of memory tokens (default: the attached
+        heads' ``routing``)."""
+        stop = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        ids = torch.tensor([self.tokenizer(target, add_special_tokens=False).input_ids + stop], device=self.device)
+        embedded = self.embed(pieces)
+        with torch.no_grad():  # the answer's tokens are data
+            answer = self.lm.get_input_embeddings()(ids)
+        embeds = torch.cat([embedded.embeds, answer.to(embedded.embeds.dtype)], dim=1)
+        visual = torch.cat([embedded.visual, torch.zeros(ids.shape, dtype=torch.bool)], dim=1)
+        with (routing or self.routing)(visual):
+            logits = self.lm(inputs_embeds=embeds, **position_kwargs(embedded.positions, ids.shape[1])).logits
+        return torch.nn.functional.cross_entropy(logits[0, -ids.shape[1] - 1:-1].float(), ids[0].to(logits.device))
 
     def add_head(self, head) -> None:
         """Attach a model head (``vstream.models.heads``): it sees every generation

@@ -240,6 +240,13 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(run=_extract)
 
+    train_cmd = commands.add_parser("train", help="fine-tune a model's memory projector on conversation data from "
+                                                  "features extracted by vstream extract (one JSON config)")
+    train_cmd.add_argument("config", help="a JSON file of TrainConfig fields (model, data, features, out, train, "
+                                          "held_out, epochs, learning_rate, accumulate, checkpoint_every, seed, device)")
+    train_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_cmd.set_defaults(run=_train)
+
     models = commands.add_parser("models", help="list the supported model architectures, the checkpoints of each in "
                                                 "the local Hugging Face cache, and how each reads the memory")
     models.add_argument("--cache-dir", help="a Hugging Face cache folder other than the default")
@@ -676,6 +683,21 @@ def _extract(args) -> int:
     for record, error in report.failed[:5]:
         print(f"  {record}: {error}", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def _train(args) -> None:
+    from vstream.train import TrainConfig, train
+
+    try:
+        with open(args.config, encoding="utf-8") as file:
+            config = TrainConfig.from_json(file.read())
+    except OSError as exc:
+        raise vstream.ConfigError(f"{args.config}: cannot read the training config ({exc.strerror})") from None
+    report = train(config, progress=not args.quiet)
+    held = ("no held-out records" if report.held_out_before is None
+            else f"held-out loss {report.held_out_before:.3f} -> {report.held_out_after:.3f}")
+    print(f"{report.steps} steps over {report.train_records} records; last epoch's loss {report.train_loss:.3f}; "
+          f"{held} ({report.held_out_records} records); weights in {report.out} (--head projector:weights={report.out})")
 
 
 def _models(args) -> None:

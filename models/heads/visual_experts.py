@@ -176,26 +176,12 @@ class VisualExperts(Head):
         to ``question`` about ``context`` (a ``Context``), with the memory tokens routed
         to the experts: the delta-tuning objective. ``chat_model.lm`` must be the model
         these experts were added to."""
-        import torch
-        import torch.nn.functional as F
-
-        from vstream.models.generation import position_kwargs
         from vstream.models.prompt import user_pieces
 
         if chat_model.lm is not self.model:
             raise ConfigError("answer_loss: the chat model's LM is not the one these experts were added to")
         pieces = user_pieces(context, question, visual=chat_model.reads_memory_tokens)
-        stop = [chat_model.tokenizer.eos_token_id] if chat_model.tokenizer.eos_token_id is not None else []
-        ids = chat_model.tokenizer(target, add_special_tokens=False).input_ids + stop
-        ids = torch.tensor([ids], device=chat_model.device)
-        with torch.no_grad():  # the prompt and the answer are data here: only the experts learn
-            embedded = chat_model.embed(pieces)
-            answer = chat_model.lm.get_input_embeddings()(ids)
-        embeds = torch.cat([embedded.embeds, answer], dim=1)
-        mask = torch.cat([embedded.visual, torch.zeros(ids.shape, dtype=torch.bool)], dim=1)
-        with self.visual_mask(mask):
-            logits = chat_model.lm(inputs_embeds=embeds, **position_kwargs(embedded.positions, ids.shape[1])).logits
-        return F.cross_entropy(logits[0, -ids.shape[1] - 1:-1].float(), ids[0].to(logits.device))
+        return chat_model.answer_loss(pieces, target, routing=self.visual_mask)
 
     def _start(self, module, args, kwargs):
         import torch

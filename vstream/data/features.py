@@ -44,8 +44,9 @@ def feature_path(folder, record_id: str) -> Path:
 
 
 def write_features(folder, features: RecordFeatures) -> Path:
-    """Write ``features`` into ``folder`` atomically; returns the file."""
+    """Write ``features`` into ``folder`` (made if missing) atomically; returns the file."""
     path = feature_path(folder, features.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
     timeline = [{"runs": scene.runs, "appearances": scene.appearances, "frames": scene.frames}
                 for scene in features.timeline]
     metadata = {"id": features.id, "source": features.source, "kinds": json.dumps(features.memory.kinds),

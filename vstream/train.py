@@ -1,0 +1,235 @@
+"""``vstream train``: fine-tune the parts vstream plugs into a model on conversation data,
+from features extracted once (``vstream extract``), the rest of the model frozen.
+
+One JSON config (``TrainConfig``) names the model, the data and its features, the parts
+to train and the schedule. Each video record's first question and answer make a sample:
+the record's stored memory tokens as the model's prompt (the same layout an answer
+gets), the answer's tokens by teacher forcing. A fixed share of the records (chosen by
+a digest of their id, so the split never moves) is held out and scored before and
+after training with the same loss.
+
+Parts: ``projector`` (the model's memory projector, ``ChatModel.memory_projector()``),
+written as ``projector.safetensors`` in the output folder, which ``--head
+projector:weights=OUT`` puts in place at load.
+
+Checkpoints (``checkpoint.pt`` in the output folder: the trained tensors, the
+optimizer's state, where the run is in its epochs, the sampler's seed) are written
+every ``checkpoint_every`` optimizer steps and at the end; a run started again with the
+same config resumes from it and ends as an uninterrupted run would, bit for bit, on one
+thread (the order of each epoch comes from the seed and the epoch, not from a global
+random state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vstream.config import JsonConfig, check_int, check_number
+from vstream.data import extracted, read_conversations, read_features
+from vstream.errors import ConfigError, DataError
+from vstream.models import load_model
+from vstream.models.heads.projector import save_projector
+from vstream.models.prompt import Context, user_pieces
+
+log = logging.getLogger(__name__)
+PARTS = ("projector",)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig(JsonConfig):
+    """A training run.
+
+    Attributes:
+        model: the model to fine-tune (hub id or folder).
+        data: its conversation file (LLaVA-style JSON or JSON Lines).
+        features: the folder ``vstream extract`` wrote for that file and model.
+        out: where checkpoints and the trained weights go.
+        train: the parts that learn (``projector``).
+        held_out: share of the records held out for scoring (default 0.1).
+        epochs: passes over the training records (default 1).
+        learning_rate: AdamW's (default 1e-3).
+        accumulate: samples per optimizer step (default 1).
+        checkpoint_every: optimizer steps between checkpoints (default 50).
+        seed: the order of each epoch (default 0).
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` (default auto).
+        media_root: the folder the records' paths are relative to (their ids are what
+            matter here; default: the data file's).
+    """
+
+    model: str = ""
+    data: str = ""
+    features: str = ""
+    out: str = ""
+    train: list[str] = field(default_factory=lambda: ["projector"])
+    held_out: float = 0.1
+    epochs: int = 1
+    learning_rate: float = 1e-3
+    accumulate: int = 1
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    media_root: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data", "features", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"TrainConfig.{name} must be given (a path or name)")
+        if not (isinstance(self.train, list) and self.train and set(self.train) <= set(PARTS)):
+            raise ConfigError(f"TrainConfig.train must list parts among {', '.join(PARTS)}; got {self.train!r}")
+        check_number("TrainConfig", "held_out", self.held_out, 0.0, 0.9)
+        check_number("TrainConfig", "learning_rate", self.learning_rate, 0.0)
+        for name in ("epochs", "accumulate", "checkpoint_every"):
+            check_int("TrainConfig", name, getattr(self, name), 1)
+        check_int("TrainConfig", "seed", self.seed, 0)
+
+
+@dataclass
+class TrainReport:
+    """What a run did: optimizer ``steps`` in all, the mean training loss of the last
+    epoch, the held-out loss ``before`` and ``after`` (None with no held-out records),
+    the records used, and the trained weights' folder."""
+
+    steps: int
+    train_loss: float
+    held_out_before: float | None
+    held_out_after: float | None
+    train_records: int
+    held_out_records: int
+    out: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A record's first question and answer, and its extracted memory."""
+
+    id: str
+    question: str
+    answer: str
+
+
+def samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """``(train, held_out)``: the video records with features, split by a digest of each
+    id (a record stays on its side whatever else the file holds)."""
+    train, held = [], []
+    for record in read_conversations(config.data, config.media_root):
+        if record.media != "video":
+            continue
+        if not extracted(config.features, record.id):
+            raise DataError(f"{config.features}: no features for record {record.id!r} of {config.data} "
+                            "(run vstream extract first)")
+        question = next((t.text for t in record.turns if t.role == "user"), None)
+        answer = next((t.text for t in record.turns if t.role == "assistant"), None)
+        if question is None or answer is None:
+            raise DataError(f"{config.data}: record {record.id!r} has no question and answer to train on")
+        sample = Sample(record.id, question.replace("<video>", "").strip(), answer.strip())
+        digest = int(hashlib.sha1(record.id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (held if digest < config.held_out else train).append(sample)
+    if not train:
+        raise DataError(f"{config.data}: no video records to train on (held out: {len(held)})")
+    return train, held
+
+
+def sample_loss(model, sample: Sample, folder) -> torch.Tensor:
+    """The loss of ``sample``'s answer given its stored memory, as an answer is prompted."""
+    features = read_features(folder, sample.id)
+    duration = max((end for _, end in features.memory.spans), default=0.0)
+    context = Context(memory=features.memory, duration=duration)
+    pieces = user_pieces(context, sample.question, visual=model.reads_memory_tokens, timed=model.timed_memory)
+    return model.answer_loss(pieces, sample.answer)
+
+
+def held_out_loss(model, held: list[Sample], folder) -> float | None:
+    if not held:
+        return None
+    with torch.no_grad():
+        return sum(float(sample_loss(model, sample, folder)) for sample in held) / len(held)
+
+
+def train(config: TrainConfig, progress: bool = True, stop_after: int | None = None) -> TrainReport:
+    """Run ``config`` (resuming from its checkpoint when the output folder holds one).
+    ``stop_after``: stop once this many optimizer steps are done in all, after a
+    checkpoint (a run cut short; the next call resumes)."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(config.model, dtype=torch.float32, device=config.device)
+    if model.memory_projector() is None:
+        raise ConfigError(f"{config.model}: has no memory projector to train")
+    for parameter in model.lm.parameters():
+        parameter.requires_grad_(False)
+    trained = [p for p in model.memory_projector().parameters()]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate)
+    train_set, held = samples(config)
+    epoch, index, steps = _resume(out / CHECKPOINT, config, trained, optimizer)
+    before = held_out_loss(model, held, config.features) if (epoch, index) == (0, 0) else _saved_before(out)
+    losses: list[float] = []  # the LM stays in eval mode: frozen, and no dropout draws to replay on a resume
+    with tqdm(total=config.epochs * len(train_set), initial=epoch * len(train_set) + index, unit=" samples",
+              desc="training", disable=not progress) as bar:
+        while epoch < config.epochs:
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+            while index < len(order):
+                loss = sample_loss(model, train_set[int(order[index])], config.features)
+                (loss / config.accumulate).backward()
+                losses.append(float(loss.detach()))
+                index += 1
+                bar.update(1)
+                if index % config.accumulate == 0 or index == len(order):
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    steps += 1
+                    if steps % config.checkpoint_every == 0 or stop_after == steps:
+                        _checkpoint(out / CHECKPOINT, trained, optimizer, epoch, index, steps, before)
+                    if stop_after == steps:
+                        return TrainReport(steps, _mean(losses), before, None, len(train_set), len(held), str(out))
+                bar.set_postfix_str(f"loss {_mean(losses[-20:]):.3f}")
+            epoch, index = epoch + 1, 0
+            losses = losses[-len(train_set):]
+    _checkpoint(out / CHECKPOINT, trained, optimizer, epoch, index, steps, before)
+    save_projector(model, out)
+    after = held_out_loss(model, held, config.features)
+    log.info("trained %d steps: held-out loss %s -> %s", steps, before, after)
+    return TrainReport(steps, _mean(losses[-len(train_set):]), before, after, len(train_set), len(held), str(out))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _checkpoint(path: Path, trained, optimizer, epoch: int, index: int, steps: int, before) -> None:
+    state = {"trained": [p.detach().cpu().clone() for p in trained], "optimizer": optimizer.state_dict(),
+             "epoch": epoch, "index": index, "steps": steps, "held_out_before": before}
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _resume(path: Path, config: TrainConfig, trained, optimizer) -> tuple[int, int, int]:
+    """``(epoch, index, steps)`` where the run stands: from its checkpoint, else the start.
+    The checkpoint is this run's own output (written by ``_checkpoint``), read with
+    ``weights_only`` (tensors and plain values: nothing else is unpickled)."""
+    if not path.is_file():
+        return 0, 0, 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for parameter, saved in zip(trained, state["trained"], strict=True):
+                parameter.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise DataError(f"{path}: cannot resume from this checkpoint ({type(exc).__name__}: {exc}); "
+                        "remove it to start over") from None
+    log.info("resuming %s at epoch %d, sample %d (%d steps)", config.out, state["epoch"], state["index"], state["steps"])
+    return state["epoch"], state["index"], state["steps"]
+
+
+def _saved_before(out: Path) -> float | None:
+    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)["held_out_before"]
