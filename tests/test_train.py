@@ -97,6 +97,16 @@ def test_the_trained_weights_load_as_a_head_and_change_answers(flash, data, tmp_
     assert answers[0] != answers[1]
 
 
+def test_visual_experts_train_and_load_as_their_head(flash, data, tmp_path):
+    report = train(config(flash, data, tmp_path / "experts", train=["visual_experts"]), progress=False)
+    assert report.held_out_after < report.held_out_before - 0.02
+    assert not (tmp_path / "experts" / "projector.safetensors").exists()
+    base = load_model(flash, device="cpu")
+    tuned = load_model(flash, device="cpu", heads=[f"visual_experts:weights={tmp_path / 'experts'}"])
+    context = Context(memory=memory_of(1, 98), duration=98.0)
+    assert base.answer(context, "What happens in the video?").text != tuned.answer(context, "What happens in the video?").text
+
+
 def test_a_resumed_run_ends_as_an_uninterrupted_one(flash, data, tmp_path):
     whole = train(config(flash, data, tmp_path / "whole"), progress=False)
     cut = train(config(flash, data, tmp_path / "cut"), progress=False, stop_after=5)

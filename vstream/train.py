@@ -10,7 +10,10 @@ after training with the same loss.
 
 Parts: ``projector`` (the model's memory projector, ``ChatModel.memory_projector()``),
 written as ``projector.safetensors`` in the output folder, which ``--head
-projector:weights=OUT`` puts in place at load.
+projector:weights=OUT`` puts in place at load; ``visual_experts`` (Mono-InternVL's
+visual FFN experts, added to the LLM as copies of its text FFNs and trained on the
+memory tokens' positions), written as ``visual_experts.safetensors`` and its JSON, which
+``--head visual_experts:weights=OUT`` loads.
 
 Checkpoints (``checkpoint.pt`` in the output folder: the trained tensors, the
 optimizer's state, where the run is in its epochs, the sampler's seed) are written
@@ -35,11 +38,12 @@ from vstream.config import JsonConfig, check_int, check_number
 from vstream.data import extracted, read_conversations, read_features
 from vstream.errors import ConfigError, DataError
 from vstream.models import load_model
+from vstream.models.heads import attach_head
 from vstream.models.heads.projector import save_projector
 from vstream.models.prompt import Context, user_pieces
 
 log = logging.getLogger(__name__)
-PARTS = ("projector",)
+PARTS = ("projector", "visual_experts")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -52,7 +56,7 @@ class TrainConfig(JsonConfig):
         data: its conversation file (LLaVA-style JSON or JSON Lines).
         features: the folder ``vstream extract`` wrote for that file and model.
         out: where checkpoints and the trained weights go.
-        train: the parts that learn (``projector``).
+        train: the parts that learn (``projector``, ``visual_experts``).
         held_out: share of the records held out for scoring (default 0.1).
         epochs: passes over the training records (default 1).
         learning_rate: AdamW's (default 1e-3).
@@ -160,11 +164,16 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(config.model, dtype=torch.float32, device=config.device)
-    if model.memory_projector() is None:
-        raise ConfigError(f"{config.model}: has no memory projector to train")
     for parameter in model.lm.parameters():
         parameter.requires_grad_(False)
-    trained = [p for p in model.memory_projector().parameters()]
+    trained, experts = [], None
+    if "projector" in config.train:
+        if model.memory_projector() is None:
+            raise ConfigError(f"{config.model}: has no memory projector to train")
+        trained += list(model.memory_projector().parameters())
+    if "visual_experts" in config.train:  # new experts: copies of the text FFNs, routed by the memory tokens
+        experts = attach_head(model, "visual_experts")
+        trained += experts.trainable_parameters()
     for parameter in trained:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate)
@@ -194,7 +203,10 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
             epoch, index = epoch + 1, 0
             losses = losses[-len(train_set):]
     _checkpoint(out / CHECKPOINT, trained, optimizer, epoch, index, steps, before)
-    save_projector(model, out)
+    if "projector" in config.train:
+        save_projector(model, out)
+    if experts is not None:
+        experts.save_experts(out)
     after = held_out_loss(model, held, config.features)
     log.info("trained %d steps: held-out loss %s -> %s", steps, before, after)
     return TrainReport(steps, _mean(losses[-len(train_set):]), before, after, len(train_set), len(held), str(out))

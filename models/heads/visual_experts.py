@@ -113,7 +113,11 @@ class VisualExperts(Head):
         model_type = config_of.get_text_config().model_type if config_of is not None else type(model).__name__
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         layers = getattr(decoder, "layers", None)
-        if model_type not in SUPPORTED or layers is None:
+        from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+        # a checkpoint's own subclass (Flash-VStream-7b's LLaMA, model_type "vstream") has the same layers
+        family = model_type in SUPPORTED or isinstance(model, (LlamaForCausalLM, Qwen2ForCausalLM))
+        if not family or layers is None:
             raise ModelLoadError(f"visual experts support {', '.join(SUPPORTED)} causal LMs; "
                                  f"got {type(model).__name__} (model_type {model_type!r})")
         chosen = range(len(layers)) if config.layers == "all" else config.layers
