@@ -47,6 +47,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/kernel_speed.py
 	$(BIN)/python benchmarks/star_update.py
+	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/biglittle.py
 	$(BIN)/python benchmarks/seeing.py
 	$(BIN)/python benchmarks/qa.py

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_clip, tiny_flash_vstream
 
 from vstream.cli import main
-from vstream.data import RecordFeatures, write_features
+from vstream.data import RecordFeatures, read_features, write_features
 from vstream.errors import ConfigError, DataError
 from vstream.memory import MemoryTokens
 from vstream.models import load_model
@@ -80,9 +80,9 @@ def test_the_held_out_loss_falls_for_what_the_memory_shows(flash, data, tmp_path
     for heads in ([], [f"projector:weights={tmp_path / 'run'}"]):
         model = load_model(flash, device="cpu", heads=heads)
         with torch.no_grad():
-            right = [float(sample_loss(model, s, cfg.features)) for s in held]
-            wrong = [float(sample_loss(model, replace(s, answer=ANSWERS[s.answer == ANSWERS[0]]), cfg.features))
-                     for s in held]
+            right = [float(sample_loss(model, s, read_features(cfg.features, s.id))) for s in held]
+            wrong = [float(sample_loss(model, replace(s, answer=ANSWERS[s.answer == ANSWERS[0]]),
+                                       read_features(cfg.features, s.id))) for s in held]
         gaps.append((sum(wrong) - sum(right)) / len(held))
     assert abs(gaps[0]) < 0.01 and gaps[1] > 0.03  # untrained: no preference; trained: the memory's answer
 

@@ -66,7 +66,7 @@ def extract_features(data, out, model=None, config: SessionConfig | None = None,
                 report.skipped += 1
             else:
                 try:
-                    write_features(folder, _features(record, chat, encoder, config))
+                    write_features(folder, extract_record(record, chat, encoder, config))
                     report.extracted += 1
                 except VStreamError as exc:  # a broken video stops only its record
                     log.warning("record %r: %s", record.id, exc)
@@ -81,7 +81,10 @@ def extract_features(data, out, model=None, config: SessionConfig | None = None,
     return report
 
 
-def _features(record, chat, encoder, config: SessionConfig) -> RecordFeatures:
+def extract_record(record, chat, encoder, config: SessionConfig) -> RecordFeatures:
+    """One video record's features: its video read whole by a fresh session on ``chat``
+    and ``encoder`` (``model_and_encoder``); ``VStreamError`` when the video is missing
+    or cannot be read."""
     video = record.paths[0]
     if not video.is_file():
         raise VStreamError(f"{video}: no such video file (record {record.id!r})")

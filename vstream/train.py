@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from vstream.config import JsonConfig, check_int, check_number
-from vstream.data import extracted, read_conversations, read_features
+from vstream.data import RecordFeatures, extracted, read_conversations, read_features
 from vstream.errors import ConfigError, DataError
 from vstream.models import load_model
 from vstream.models.heads import attach_head
@@ -88,7 +89,7 @@ class TrainConfig(JsonConfig):
                 raise ConfigError(f"TrainConfig.{name} must be given (a path or name)")
         if not (isinstance(self.train, list) and self.train and set(self.train) <= set(PARTS)):
             raise ConfigError(f"TrainConfig.train must list parts among {', '.join(PARTS)}; got {self.train!r}")
-        check_number("TrainConfig", "held_out", self.held_out, 0.0, 0.9)
+        check_number("TrainConfig", "held_out", self.held_out, 0.0, 0.9, include_low=True)
         check_number("TrainConfig", "learning_rate", self.learning_rate, 0.0)
         for name in ("epochs", "accumulate", "checkpoint_every"):
             check_int("TrainConfig", name, getattr(self, name), 1)
@@ -141,26 +142,30 @@ def samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     return train, held
 
 
-def sample_loss(model, sample: Sample, folder) -> torch.Tensor:
-    """The loss of ``sample``'s answer given its stored memory, as an answer is prompted."""
-    features = read_features(folder, sample.id)
+def sample_loss(model, sample: Sample, features: RecordFeatures) -> torch.Tensor:
+    """The loss of ``sample``'s answer given its record's ``features``, prompted as an
+    answer is."""
     duration = max((end for _, end in features.memory.spans), default=0.0)
     context = Context(memory=features.memory, duration=duration)
     pieces = user_pieces(context, sample.question, visual=model.reads_memory_tokens, timed=model.timed_memory)
     return model.answer_loss(pieces, sample.answer)
 
 
-def held_out_loss(model, held: list[Sample], folder) -> float | None:
+def held_out_loss(model, held: list[Sample], features_of) -> float | None:
     if not held:
         return None
     with torch.no_grad():
-        return sum(float(sample_loss(model, sample, folder)) for sample in held) / len(held)
+        return sum(float(sample_loss(model, sample, features_of(sample))) for sample in held) / len(held)
 
 
-def train(config: TrainConfig, progress: bool = True, stop_after: int | None = None) -> TrainReport:
+def train(config: TrainConfig, progress: bool = True, stop_after: int | None = None,
+          features_of: Callable[[Sample], RecordFeatures] | None = None) -> TrainReport:
     """Run ``config`` (resuming from its checkpoint when the output folder holds one).
     ``stop_after``: stop once this many optimizer steps are done in all, after a
-    checkpoint (a run cut short; the next call resumes)."""
+    checkpoint (a run cut short; the next call resumes). ``features_of(sample)``: where a
+    sample's features come from (default: read from ``config.features``; the training
+    benchmark passes one that decodes the video again)."""
+    features_of = features_of or (lambda sample: read_features(config.features, sample.id))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(config.model, dtype=torch.float32, device=config.device)
@@ -179,14 +184,15 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate)
     train_set, held = samples(config)
     epoch, index, steps = _resume(out / CHECKPOINT, config, trained, optimizer)
-    before = held_out_loss(model, held, config.features) if (epoch, index) == (0, 0) else _saved_before(out)
+    before = held_out_loss(model, held, features_of) if (epoch, index) == (0, 0) else _saved_before(out)
     losses: list[float] = []  # the LM stays in eval mode: frozen, and no dropout draws to replay on a resume
     with tqdm(total=config.epochs * len(train_set), initial=epoch * len(train_set) + index, unit=" samples",
               desc="training", disable=not progress) as bar:
         while epoch < config.epochs:
             order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
             while index < len(order):
-                loss = sample_loss(model, train_set[int(order[index])], config.features)
+                sample = train_set[int(order[index])]
+                loss = sample_loss(model, sample, features_of(sample))
                 (loss / config.accumulate).backward()
                 losses.append(float(loss.detach()))
                 index += 1
@@ -207,7 +213,7 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
         save_projector(model, out)
     if experts is not None:
         experts.save_experts(out)
-    after = held_out_loss(model, held, config.features)
+    after = held_out_loss(model, held, features_of)
     log.info("trained %d steps: held-out loss %s -> %s", steps, before, after)
     return TrainReport(steps, _mean(losses[-len(train_set):]), before, after, len(train_set), len(held), str(out))
 
