@@ -119,3 +119,38 @@ def test_vstream_data_check_counts_records_and_names_the_first_bad_one(tmp_path,
     bad.write_text(json.dumps(TEXT) + "\n" + json.dumps({**TEXT, "conversations": [{"from": "bot", "value": "x"}]}))
     assert main(["data", "check", str(bad)]) == 1
     assert "record 1 (id 't')" in capsys.readouterr().err
+
+
+def test_mminstruct_records_without_ids_and_their_question_types(tmp_path, capsys):
+    """MMInstruct's JSON Lines: LLaVA-style records, ids optional, each question's type read
+    from the instruction the data engine appended."""
+    from vstream.cli import main
+    from vstream.data import read_mminstruct
+
+    records = [
+        {"image": "a.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nIs the sign red? Please answer with 'Yes' or 'No'."},
+            {"from": "gpt", "value": "Yes"},
+            {"from": "human", "value": "Which shape is it?\nA. circle\nB. square Choose the correct option."},
+            {"from": "gpt", "value": "B"}]},
+        {"id": "q7", "image": "b.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the scene. Provide an extensive response."},
+            {"from": "gpt", "value": "A long answer."}]},
+        {"image": "c.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nHow many cars? Answer concisely."}, {"from": "gpt", "value": "3"},
+            {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "Traffic."}]},
+    ]
+    path = tmp_path / "qa_en.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    read = list(read_mminstruct(path))
+    assert [r.conversation.id for r in read] == ["qa_en-0", "q7", "qa_en-2"]
+    assert [r.types for r in read] == [("judgement", "multiple_choice"), ("long_vqa",), ("short_vqa", "other")]
+    assert read[0].conversation.paths == (tmp_path / "a.jpg",)
+    assert main(["data", "check", str(path), "--format", "mminstruct"]) == 0
+    out = capsys.readouterr().out
+    assert "3 records (0 video, 3 image, 0 text)" in out
+    assert "questions by type: judgement 1, long_vqa 1, multiple_choice 1, other 1, short_vqa 1" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "a.jpg", "conversations": [{"from": "robot", "value": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: record 0 \(id 'bad-0'\).*'from'"):
+        list(read_mminstruct(bad))

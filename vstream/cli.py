@@ -226,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.add_argument("--media-root", help="folder the records' media paths are relative to (default: the file's)")
     check.add_argument("--missing", action="store_true", help="also report media files that do not exist")
+    check.add_argument("--format", choices=("llava", "mminstruct"), default="llava",
+                       help="llava (default) or mminstruct: ids optional, questions counted by type")
     check.set_defaults(run=_data_check)
 
     extract = commands.add_parser("extract", help="run each video of a conversation file through the frame encoder "
@@ -717,8 +719,11 @@ def _data_check(args) -> None:
     from vstream.data import read_conversations
 
     counts = {"video": 0, "image": 0, "text": 0}
+    types: dict[str, int] = {}  # questions by type (MMInstruct)
     turns = missing = 0
-    for record in read_conversations(args.file, args.media_root):  # a DataError names the record and field
+    records = (_typed_conversations(args.file, args.media_root, types) if args.format == "mminstruct"
+               else read_conversations(args.file, args.media_root))
+    for record in records:  # a DataError names the record and field
         counts[record.media or "text"] += 1
         turns += len(record.turns)
         if args.missing:
@@ -730,8 +735,20 @@ def _data_check(args) -> None:
     total = sum(counts.values())
     print(f"{args.file}: {total} records ({counts['video']} video, {counts['image']} image, {counts['text']} text), "
           f"{turns} turns" + (f", {missing} media file(s) missing" if args.missing else ""))
+    if types:
+        print("questions by type: " + ", ".join(f"{kind} {count}" for kind, count in sorted(types.items())))
     if missing:
         raise vstream.VStreamError(f"{missing} media file(s) of {args.file} do not exist under the media folder")
+
+
+def _typed_conversations(path: str, media_root: str | None, types: dict[str, int]):
+    """An MMInstruct file's conversations, one at a time, counting its questions by type into ``types``."""
+    from vstream.data import read_mminstruct
+
+    for record in read_mminstruct(path, media_root):
+        for kind in record.types:
+            types[kind] = types.get(kind, 0) + 1
+        yield record.conversation
 
 
 def _synth(args) -> None:

@@ -130,10 +130,11 @@ def read_conversations(path, media_root=None) -> Iterator[ConversationRecord]:
     path = Path(path)
     root = Path(media_root) if media_root is not None else path.parent
     for index, record in read_json_records(path):
-        yield _conversation(record, root, f"{path}: record {index} (id {record.get('id')!r})")
+        yield conversation_record(record, root, f"{path}: record {index} (id {record.get('id')!r})")
 
 
-def _conversation(record: dict, root: Path, where: str) -> ConversationRecord:
+def conversation_record(record: dict, root: Path, where: str) -> ConversationRecord:
+    """One decoded record as a ``ConversationRecord`` (``where`` names it in errors)."""
     if not isinstance(record.get("id"), (str, int)) or isinstance(record.get("id"), bool):
         raise DataError(f"{where}: field 'id' must be a string or an int")
     present = [kind for kind in PLACEHOLDERS if kind in record]
