@@ -154,3 +154,69 @@ def test_mminstruct_records_without_ids_and_their_question_types(tmp_path, capsy
     bad.write_text(json.dumps({"image": "a.jpg", "conversations": [{"from": "robot", "value": "x"}]}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl: record 0 \(id 'bad-0'\).*'from'"):
         list(read_mminstruct(bad))
+
+
+def omnicorpus_rows() -> list[dict]:
+    """Two documents in OmniCorpus-CC's schema (its dataset card's ``dataset_info``)."""
+    meta = {"aesthetic_prob": 0.5, "bytes": 1000, "d_hash": "ab", "d_hash_dup_count": 0, "height": 64,
+            "img_url_sha": "cd", "p_hash": "ef", "p_hash_dup_count": 0, "unsafe_prob": 0.0, "width": 64}
+    general = {"domain": ["news"], "fluency_prob": 0.9, "id": "doc-1", "non_advertisement_prob": 0.9,
+               "politics_prob": 0.0, "porn_prob": 0.0, "toxic_prob": 0.0, "url": "https://example.org/a"}
+    return [
+        {"general_metadata": general, "texts": ["A red square.", None, "It moves left."],
+         "images": [None, "https://example.org/a.jpg", None], "metadata": [None, meta, None]},
+        {"general_metadata": {**general, "id": "doc-2", "url": "https://example.org/b"},
+         "texts": [None, "Two images.", None], "images": ["https://x/1.png", None, "https://x/2.png"],
+         "metadata": [meta, None, meta]},
+    ]
+
+
+def test_omnicorpus_documents_read_from_parquet_and_json_lines(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vstream.data import interleaved as module
+    from vstream.data import read_interleaved
+
+    rows = omnicorpus_rows() * 50  # 100 documents: two batches of 64 rows
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000-of-00010.parquet", row_group_size=32)
+    documents = list(read_interleaved(tmp_path / "train-00000-of-00010.parquet"))
+    assert len(documents) == 100 and module.BATCH_ROWS < 100
+    first, second = documents[:2]
+    assert (first.id, first.url) == ("doc-1", "https://example.org/a")
+    assert [(e.kind, e.value) for e in first.entries] == [
+        ("text", "A red square."), ("image", "https://example.org/a.jpg"), ("text", "It moves left.")]
+    assert second.images == ["https://x/1.png", "https://x/2.png"] and second.entries[1].value == "Two images."
+    (tmp_path / "shard.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "general_metadata"})
+                                                  + "\n" for r in omnicorpus_rows()))
+    from_json = list(read_interleaved(tmp_path / "shard.jsonl"))
+    assert [d.id for d in from_json] == ["shard-0", "shard-1"] and from_json[0].entries == first.entries
+
+
+@pytest.mark.parametrize("texts, images, needle", [
+    (["a", None], [None], r"'texts' has 2 entries and 'images' 1"),
+    (["a", "b"], [None, "x.jpg"], r"position 1 holds both a text and an image"),
+    ([None], [None], r"position 0 holds neither a text nor an image"),
+    ("a", [None], r"field 'texts' must be a list"),
+])
+def test_omnicorpus_documents_that_do_not_line_up_are_named(tmp_path, texts, images, needle):
+    from vstream.data import read_interleaved
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"texts": ["ok"], "images": [None]}) + "\n"
+                                        + json.dumps({"texts": texts, "images": images}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1: " + needle):
+        list(read_interleaved(tmp_path / "bad.jsonl"))
+
+
+def test_a_parquet_file_that_is_not_one_or_lacks_the_columns_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vstream.data import read_interleaved
+
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="fake.parquet: not a readable Parquet file"):
+        list(read_interleaved(tmp_path / "fake.parquet"))
+    pq.write_table(pa.table({"texts": [["a"]]}), tmp_path / "half.parquet")
+    with pytest.raises(DataError, match=r"half.parquet: no column\(s\) images"):
+        list(read_interleaved(tmp_path / "half.parquet"))
