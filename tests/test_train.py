@@ -16,8 +16,9 @@ from tiny_models import tiny_clip, tiny_flash_vstream
 from vstream.cli import main
 from vstream.data import RecordFeatures, read_features, write_features
 from vstream.errors import ConfigError, DataError
+from vstream.evaluate.scoring import score_open
 from vstream.memory import MemoryTokens
-from vstream.models import load_model
+from vstream.models import GenerationConfig, load_model
 from vstream.models.prompt import Context
 from vstream.train import TrainConfig, sample_loss, samples, train
 
@@ -85,6 +86,12 @@ def test_the_held_out_loss_falls_for_what_the_memory_shows(flash, data, tmp_path
                                        read_features(cfg.features, s.id))) for s in held]
         gaps.append((sum(wrong) - sum(right)) / len(held))
     assert abs(gaps[0]) < 0.01 and gaps[1] > 0.03  # untrained: no preference; trained: the memory's answer
+    # the answer score: vstream eval's open score of the trained model's greedy answers (model is the trained one)
+    expected = [score_open(model.answer(Context(memory=read_features(cfg.features, s.id).memory, duration=float(
+        read_features(cfg.features, s.id).memory.spans[0][1])), s.question, GenerationConfig(
+            max_new_tokens=len(model.tokenizer(s.answer).input_ids) + 8, attribute=False)).text, s.answer).score
+        for s in held]
+    assert report.held_out_score == pytest.approx(sum(expected) / len(expected))
 
 
 def test_the_trained_weights_load_as_a_head_and_change_answers(flash, data, tmp_path):

@@ -697,7 +697,8 @@ def _train(args) -> None:
         raise vstream.ConfigError(f"{args.config}: cannot read the training config ({exc.strerror})") from None
     report = train(config, progress=not args.quiet)
     held = ("no held-out records" if report.held_out_before is None
-            else f"held-out loss {report.held_out_before:.3f} -> {report.held_out_after:.3f}")
+            else f"held-out loss {report.held_out_before:.3f} -> {report.held_out_after:.3f}, answer score "
+                 f"{report.held_out_score:.3f}")
     print(f"{report.steps} steps over {report.train_records} records; last epoch's loss {report.train_loss:.3f}; "
           f"{held} ({report.held_out_records} records); weights in {report.out} (--head projector:weights={report.out})")
 

@@ -6,7 +6,8 @@ to train and the schedule. Each video record's first question and answer make a 
 the record's stored memory tokens as the model's prompt (the same layout an answer
 gets), the answer's tokens by teacher forcing. A fixed share of the records (chosen by
 a digest of their id, so the split never moves) is held out and scored before and
-after training with the same loss.
+after training: by the same loss, and by ``vstream eval``'s open-answer score of the
+answers the model gives (greedy, from the stored memory) against the records' answers.
 
 Parts: ``projector`` (the model's memory projector, ``ChatModel.memory_projector()``),
 written as ``projector.safetensors`` in the output folder, which ``--head
@@ -38,7 +39,8 @@ from tqdm import tqdm
 from vstream.config import JsonConfig, check_int, check_number
 from vstream.data import RecordFeatures, extracted, read_conversations, read_features
 from vstream.errors import ConfigError, DataError
-from vstream.models import load_model
+from vstream.evaluate.scoring import score_open
+from vstream.models import GenerationConfig, load_model
 from vstream.models.heads import attach_head
 from vstream.models.heads.projector import save_projector
 from vstream.models.prompt import Context, user_pieces
@@ -99,8 +101,10 @@ class TrainConfig(JsonConfig):
 @dataclass
 class TrainReport:
     """What a run did: optimizer ``steps`` in all, the mean training loss of the last
-    epoch, the held-out loss ``before`` and ``after`` (None with no held-out records),
-    the records used, and the trained weights' folder."""
+    epoch, the held-out loss ``before`` and ``after`` and the held-out answers' mean
+    open-answer score (``vstream eval``'s ``score_open``) after (None with no held-out
+    records, or for a run stopped early), the records used, and the trained weights'
+    folder."""
 
     steps: int
     train_loss: float
@@ -109,6 +113,7 @@ class TrainReport:
     train_records: int
     held_out_records: int
     out: str
+    held_out_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,21 @@ def sample_loss(model, sample: Sample, features: RecordFeatures) -> torch.Tensor
     context = Context(memory=features.memory, duration=duration)
     pieces = user_pieces(context, sample.question, visual=model.reads_memory_tokens, timed=model.timed_memory)
     return model.answer_loss(pieces, sample.answer)
+
+
+def held_out_score(model, held: list[Sample], features_of) -> float | None:
+    """Mean ``score_open`` of the model's greedy answers to the held-out questions (from
+    their stored memory) against the records' answers."""
+    if not held:
+        return None
+    scores = []
+    for sample in held:
+        features = features_of(sample)
+        duration = max((end for _, end in features.memory.spans), default=0.0)
+        generation = GenerationConfig(max_new_tokens=len(model.tokenizer(sample.answer).input_ids) + 8, attribute=False)
+        answer = model.answer(Context(memory=features.memory, duration=duration), sample.question, generation)
+        scores.append(score_open(answer.text, sample.answer).score)
+    return sum(scores) / len(scores)
 
 
 def held_out_loss(model, held: list[Sample], features_of) -> float | None:
@@ -214,8 +234,10 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
     if experts is not None:
         experts.save_experts(out)
     after = held_out_loss(model, held, features_of)
-    log.info("trained %d steps: held-out loss %s -> %s", steps, before, after)
-    return TrainReport(steps, _mean(losses[-len(train_set):]), before, after, len(train_set), len(held), str(out))
+    score = held_out_score(model, held, features_of)
+    log.info("trained %d steps: held-out loss %s -> %s, answer score %s", steps, before, after, score)
+    return TrainReport(steps, _mean(losses[-len(train_set):]), before, after, len(train_set), len(held), str(out),
+                       score)
 
 
 def _mean(values: list[float]) -> float:
