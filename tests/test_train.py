@@ -104,6 +104,15 @@ def test_the_trained_weights_load_as_a_head_and_change_answers(flash, data, tmp_
     assert answers[0] != answers[1]
 
 
+def test_bfloat16_autocast_trains_too(flash, data, tmp_path):
+    """Mixed precision (what ``auto`` picks on CUDA), here on the CPU: the forward in
+    bfloat16, the projector and its optimizer in float32; the held-out loss still falls."""
+    report = train(config(flash, data, tmp_path / "bf16", precision="bfloat16"), progress=False)
+    assert report.held_out_after < report.held_out_before - 0.03
+    saved = load_file(str(tmp_path / "bf16" / "projector.safetensors"))
+    assert all(tensor.dtype == torch.float32 for tensor in saved.values())
+
+
 def test_visual_experts_train_and_load_as_their_head(flash, data, tmp_path):
     report = train(config(flash, data, tmp_path / "experts", train=["visual_experts"]), progress=False)
     assert report.held_out_after < report.held_out_before - 0.02
@@ -127,6 +136,8 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(flash, data, tmp_path):
 def test_bad_configs_and_missing_features_are_named(flash, data, tmp_path):
     with pytest.raises(ConfigError, match="TrainConfig.train must list parts among projector"):
         config(flash, data, tmp_path / "x", train=["everything"])
+    with pytest.raises(ConfigError, match="TrainConfig.precision must be one of auto, bfloat16, float32"):
+        config(flash, data, tmp_path / "x", precision="float16")
     with pytest.raises(ConfigError, match="unknown field"):
         TrainConfig.from_json(json.dumps({"model": flash, "data": "d", "features": "f", "out": "o", "lr": 1}))
     next(data[1].iterdir()).unlink()  # one record's features gone

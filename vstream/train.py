@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vstream.config import JsonConfig, check_int, check_number
+from vstream.config import JsonConfig, check_choice, check_int, check_number
 from vstream.data import RecordFeatures, extracted, read_conversations, read_features
 from vstream.errors import ConfigError, DataError
 from vstream.evaluate.scoring import score_open
@@ -67,6 +67,9 @@ class TrainConfig(JsonConfig):
         checkpoint_every: optimizer steps between checkpoints (default 50).
         seed: the order of each epoch (default 0).
         device: ``auto``, ``cpu`` or ``cuda[:N]`` (default auto).
+        precision: ``auto`` (bfloat16 autocast on CUDA, float32 on the CPU), ``bfloat16``
+            (autocast wherever it runs) or ``float32``; the trained weights and the
+            optimizer stay in float32.
         media_root: the folder the records' paths are relative to (their ids are what
             matter here; default: the data file's).
     """
@@ -83,6 +86,7 @@ class TrainConfig(JsonConfig):
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
     media_root: str | None = None
 
     def __post_init__(self) -> None:
@@ -96,6 +100,7 @@ class TrainConfig(JsonConfig):
         for name in ("epochs", "accumulate", "checkpoint_every"):
             check_int("TrainConfig", name, getattr(self, name), 1)
         check_int("TrainConfig", "seed", self.seed, 0)
+        check_choice("TrainConfig", "precision", self.precision, ("auto", "bfloat16", "float32"))
 
 
 @dataclass
@@ -203,6 +208,8 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate)
     train_set, held = samples(config)
+    half = config.precision == "bfloat16" or (config.precision == "auto" and model.device.type == "cuda")
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=half)
     epoch, index, steps = _resume(out / CHECKPOINT, config, trained, optimizer)
     before = held_out_loss(model, held, features_of) if (epoch, index) == (0, 0) else _saved_before(out)
     losses: list[float] = []  # the LM stays in eval mode: frozen, and no dropout draws to replay on a resume
@@ -212,7 +219,8 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
             order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
             while index < len(order):
                 sample = train_set[int(order[index])]
-                loss = sample_loss(model, sample, features_of(sample))
+                with autocast:
+                    loss = sample_loss(model, sample, features_of(sample))
                 (loss / config.accumulate).backward()
                 losses.append(float(loss.detach()))
                 index += 1
