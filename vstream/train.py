@@ -14,7 +14,9 @@ written as ``projector.safetensors`` in the output folder, which ``--head
 projector:weights=OUT`` puts in place at load; ``visual_experts`` (Mono-InternVL's
 visual FFN experts, added to the LLM as copies of its text FFNs and trained on the
 memory tokens' positions), written as ``visual_experts.safetensors`` and its JSON, which
-``--head visual_experts:weights=OUT`` loads.
+``--head visual_experts:weights=OUT`` loads; ``lora`` (low-rank adapters on the LLM's
+projections, through peft), written as ``lora.safetensors`` and ``lora.json``, which
+``--head lora:weights=OUT`` loads.
 
 Checkpoints (``checkpoint.pt`` in the output folder: the trained tensors, the
 optimizer's state, where the run is in its epochs, the sampler's seed) are written
@@ -42,11 +44,12 @@ from vstream.errors import ConfigError, DataError
 from vstream.evaluate.scoring import score_open
 from vstream.models import GenerationConfig, load_model
 from vstream.models.heads import attach_head
+from vstream.models.heads.lora import add_lora, save_lora
 from vstream.models.heads.projector import save_projector
 from vstream.models.prompt import Context, user_pieces
 
 log = logging.getLogger(__name__)
-PARTS = ("projector", "visual_experts")
+PARTS = ("projector", "visual_experts", "lora")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -59,7 +62,7 @@ class TrainConfig(JsonConfig):
         data: its conversation file (LLaVA-style JSON or JSON Lines).
         features: the folder ``vstream extract`` wrote for that file and model.
         out: where checkpoints and the trained weights go.
-        train: the parts that learn (``projector``, ``visual_experts``).
+        train: the parts that learn (``projector``, ``visual_experts``, ``lora``).
         held_out: share of the records held out for scoring (default 0.1).
         epochs: passes over the training records (default 1).
         learning_rate: AdamW's (default 1e-3).
@@ -67,6 +70,8 @@ class TrainConfig(JsonConfig):
         checkpoint_every: optimizer steps between checkpoints (default 50).
         seed: the order of each epoch (default 0).
         device: ``auto``, ``cpu`` or ``cuda[:N]`` (default auto).
+        lora_rank, lora_alpha, lora_targets: the LoRA adapters' rank, scale and the LLM
+            modules they adapt (default 8, 16, the attention's ``q_proj`` and ``v_proj``).
         precision: ``auto`` (bfloat16 autocast on CUDA, float32 on the CPU), ``bfloat16``
             (autocast wherever it runs) or ``float32``; the trained weights and the
             optimizer stay in float32.
@@ -87,6 +92,9 @@ class TrainConfig(JsonConfig):
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     media_root: str | None = None
 
     def __post_init__(self) -> None:
@@ -101,6 +109,11 @@ class TrainConfig(JsonConfig):
             check_int("TrainConfig", name, getattr(self, name), 1)
         check_int("TrainConfig", "seed", self.seed, 0)
         check_choice("TrainConfig", "precision", self.precision, ("auto", "bfloat16", "float32"))
+        check_int("TrainConfig", "lora_rank", self.lora_rank, 1)
+        check_number("TrainConfig", "lora_alpha", self.lora_alpha, 0.0)
+        if not (isinstance(self.lora_targets, list) and self.lora_targets
+                and all(isinstance(t, str) and t for t in self.lora_targets)):
+            raise ConfigError(f"TrainConfig.lora_targets must be a non-empty list of module names; got {self.lora_targets!r}")
 
 
 @dataclass
@@ -204,6 +217,8 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
     if "visual_experts" in config.train:  # new experts: copies of the text FFNs, routed by the memory tokens
         experts = attach_head(model, "visual_experts")
         trained += experts.trainable_parameters()
+    if "lora" in config.train:
+        trained += add_lora(model.lm, config.lora_rank, config.lora_alpha, config.lora_targets)
     for parameter in trained:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate)
@@ -241,6 +256,8 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
         save_projector(model, out)
     if experts is not None:
         experts.save_experts(out)
+    if "lora" in config.train:
+        save_lora(model.lm, out, config.lora_rank, config.lora_alpha, config.lora_targets)
     after = held_out_loss(model, held, features_of)
     score = held_out_score(model, held, features_of)
     log.info("trained %d steps: held-out loss %s -> %s, answer score %s", steps, before, after, score)
