@@ -248,15 +248,16 @@ class ChatModel:
         for a model that places memory tokens itself; None (the default): 0..L-1."""
         return None
 
-    def answer_loss(self, pieces: list[Piece], target: str, routing: Callable | None = None) -> torch.Tensor:
+    def answer_loss(self, pieces: list[Piece], target: str, routing: Callable | None = None,
+                    history: Turns = ()) -> torch.Tensor:
         """Mean cross-entropy of ``target`` (then end of text) as the answer to the user turn
-        ``pieces``, by teacher forcing, with autograd as the caller has it (the prompt's
-        projection too: what training a projector needs). ``routing(visual)`` wraps the
-        forward, ``visual`` the ``[1, L]`` mask of memory tokens (default: the attached
-        heads' ``routing``)."""
+        ``pieces`` after the earlier turns of ``history``, by teacher forcing, with autograd
+        as the caller has it (the prompt's projection too: what training a projector
+        needs). ``routing(visual)`` wraps the forward, ``visual`` the ``[1, L]`` mask of
+        memory tokens (default: the attached heads' ``routing``)."""
         stop = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         ids = torch.tensor([self.tokenizer(target, add_special_tokens=False).input_ids + stop], device=self.device)
-        embedded = self.embed(pieces)
+        embedded = self.embed(pieces, SYSTEM_PROMPT, history)
         with torch.no_grad():  # the answer's tokens are data
             answer = self.lm.get_input_embeddings()(ids)
         embeds = torch.cat([embedded.embeds, answer.to(embedded.embeds.dtype)], dim=1)

@@ -74,7 +74,7 @@ def test_the_held_out_loss_falls_for_what_the_memory_shows(flash, data, tmp_path
     not just the answers' words."""
     cfg = config(flash, data, tmp_path / "run")
     report = train(cfg, progress=False)
-    assert report.held_out_records > 3 and report.train_records + report.held_out_records == 40
+    assert report.held_out_samples > 3 and report.train_samples + report.held_out_samples == 40
     assert report.held_out_after < report.held_out_before - 0.05
     _, held = samples(cfg)
     gaps = []
@@ -165,3 +165,27 @@ def test_the_cli_trains_from_a_config_file(flash, data, tmp_path, capsys):
     assert "held-out loss" in out and f"--head projector:weights={tmp_path / 'cli'}" in out
     assert main(["train", str(tmp_path / "absent.json")]) == 1
     assert "cannot read the training config" in capsys.readouterr().err
+
+
+def test_every_question_of_a_record_is_a_sample_after_the_ones_before(flash, tmp_path):
+    """A record with three exchanges gives three samples, each after the earlier ones as
+    the dialogue's history; the third's loss depends on that history."""
+    features = tmp_path / "features"
+    write_features(features, RecordFeatures("talk", memory_of(0, 1), [], "talk.mp4"))
+    record = {"id": "talk", "video": "talk.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": ANSWERS[0]},
+        {"from": "human", "value": "And then?"}, {"from": "gpt", "value": ANSWERS[1]},
+        {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "red"}]}
+    path = tmp_path / "talk.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    cfg = TrainConfig(model=flash, data=str(path), features=str(features), out=str(tmp_path / "o"), held_out=0.0)
+    train_set, held = samples(cfg)
+    assert held == [] and [(s.question, s.history) for s in train_set] == [
+        ("What happens?", ()), ("And then?", (("What happens?", ANSWERS[0]),)),
+        ("What colour?", (("What happens?", ANSWERS[0]), ("And then?", ANSWERS[1])))]
+    model = load_model(flash, device="cpu")
+    stored = read_features(features, "talk")
+    with torch.no_grad():
+        with_history = float(sample_loss(model, train_set[2], stored))
+        without = float(sample_loss(model, replace(train_set[2], history=()), stored))
+    assert with_history != without

@@ -699,8 +699,8 @@ def _train(args) -> None:
     held = ("no held-out records" if report.held_out_before is None
             else f"held-out loss {report.held_out_before:.3f} -> {report.held_out_after:.3f}, answer score "
                  f"{report.held_out_score:.3f}")
-    print(f"{report.steps} steps over {report.train_records} records; last epoch's loss {report.train_loss:.3f}; "
-          f"{held} ({report.held_out_records} records); weights in {report.out} (--head projector:weights={report.out})")
+    print(f"{report.steps} steps over {report.train_samples} samples; last epoch's loss {report.train_loss:.3f}; "
+          f"{held} ({report.held_out_samples} samples); weights in {report.out} (--head projector:weights={report.out})")
 
 
 def _models(args) -> None:

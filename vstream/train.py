@@ -2,9 +2,10 @@
 from features extracted once (``vstream extract``), the rest of the model frozen.
 
 One JSON config (``TrainConfig``) names the model, the data and its features, the parts
-to train and the schedule. Each video record's first question and answer make a sample:
-the record's stored memory tokens as the model's prompt (the same layout an answer
-gets), the answer's tokens by teacher forcing. A fixed share of the records (chosen by
+to train and the schedule. Each question and answer of a video record makes a sample:
+the record's stored memory tokens in the question's turn, the earlier questions and
+answers as the dialogue's history (the layout a follow-up question gets), the answer's
+tokens by teacher forcing. A fixed share of the records (chosen by
 a digest of their id, so the split never moves) is held out and scored before and
 after training: by the same loss, and by ``vstream eval``'s open-answer score of the
 answers the model gives (greedy, from the stored memory) against the records' answers.
@@ -33,6 +34,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -121,31 +123,34 @@ class TrainReport:
     """What a run did: optimizer ``steps`` in all, the mean training loss of the last
     epoch, the held-out loss ``before`` and ``after`` and the held-out answers' mean
     open-answer score (``vstream eval``'s ``score_open``) after (None with no held-out
-    records, or for a run stopped early), the records used, and the trained weights'
-    folder."""
+    samples, or for a run stopped early), the samples (question-answer pairs) on each
+    side, and the trained weights' folder."""
 
     steps: int
     train_loss: float
     held_out_before: float | None
     held_out_after: float | None
-    train_records: int
-    held_out_records: int
+    train_samples: int
+    held_out_samples: int
     out: str
     held_out_score: float | None = None
 
 
 @dataclass(frozen=True)
 class Sample:
-    """A record's first question and answer, and its extracted memory."""
+    """One question and answer of record ``id``, after the earlier turns of ``history``
+    (``(question, answer)`` pairs, oldest first)."""
 
     id: str
     question: str
     answer: str
+    history: tuple[tuple[str, str], ...] = ()
 
 
 def samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
-    """``(train, held_out)``: the video records with features, split by a digest of each
-    id (a record stays on its side whatever else the file holds)."""
+    """``(train, held_out)``: the samples of the video records with features, split by a
+    digest of each record's id (a record, all its turns, stays on its side whatever else
+    the file holds)."""
     train, held = [], []
     for record in read_conversations(config.data, config.media_root):
         if record.media != "video":
@@ -153,13 +158,16 @@ def samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
         if not extracted(config.features, record.id):
             raise DataError(f"{config.features}: no features for record {record.id!r} of {config.data} "
                             "(run vstream extract first)")
-        question = next((t.text for t in record.turns if t.role == "user"), None)
-        answer = next((t.text for t in record.turns if t.role == "assistant"), None)
-        if question is None or answer is None:
+        pairs: list[tuple[str, str]] = []
+        turns = [t for t in record.turns if t.role != "system"]
+        for asked, answered in pairwise(turns):
+            if asked.role == "user" and answered.role == "assistant":
+                pairs.append((asked.text.replace("<video>", "").strip(), answered.text.strip()))
+        if not pairs:
             raise DataError(f"{config.data}: record {record.id!r} has no question and answer to train on")
-        sample = Sample(record.id, question.replace("<video>", "").strip(), answer.strip())
         digest = int(hashlib.sha1(record.id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if digest < config.held_out else train).append(sample)
+        (held if digest < config.held_out else train).extend(
+            Sample(record.id, question, answer, tuple(pairs[:k])) for k, (question, answer) in enumerate(pairs))
     if not train:
         raise DataError(f"{config.data}: no video records to train on (held out: {len(held)})")
     return train, held
@@ -171,7 +179,7 @@ def sample_loss(model, sample: Sample, features: RecordFeatures) -> torch.Tensor
     duration = max((end for _, end in features.memory.spans), default=0.0)
     context = Context(memory=features.memory, duration=duration)
     pieces = user_pieces(context, sample.question, visual=model.reads_memory_tokens, timed=model.timed_memory)
-    return model.answer_loss(pieces, sample.answer)
+    return model.answer_loss(pieces, sample.answer, history=sample.history)
 
 
 def held_out_score(model, held: list[Sample], features_of) -> float | None:
@@ -184,7 +192,8 @@ def held_out_score(model, held: list[Sample], features_of) -> float | None:
         features = features_of(sample)
         duration = max((end for _, end in features.memory.spans), default=0.0)
         generation = GenerationConfig(max_new_tokens=len(model.tokenizer(sample.answer).input_ids) + 8, attribute=False)
-        answer = model.answer(Context(memory=features.memory, duration=duration), sample.question, generation)
+        answer = model.stream(Context(memory=features.memory, duration=duration), sample.question, generation,
+                              sample.history).result()
         scores.append(score_open(answer.text, sample.answer).score)
     return sum(scores) / len(scores)
 
