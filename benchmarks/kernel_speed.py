@@ -46,7 +46,16 @@ os.environ.pop("TRITON_INTERPRET", None)  # time compiled kernels, never the int
 
 import torch
 
-from vstream.kernels import kmeans_step, nearest, pool_grid, semantic_attention, temporal_merge, use_backend, ward_costs
+from vstream.kernels import (
+    kmeans_step,
+    nearest,
+    pool_grid,
+    semantic_attention,
+    temporal_merge,
+    update_pair_costs,
+    use_backend,
+    ward_costs,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -94,10 +103,7 @@ def merge_case(device: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     weights = torch.randint(1, 41, (25,), generator=g).double()
     pair_costs = torch.full((25, 25), torch.inf, dtype=torch.float64)
     for slot in range(25):
-        with use_backend("reference"):
-            costs = ward_costs(centroids, weights, centroids[slot], float(weights[slot]))
-        costs[slot] = torch.inf
-        pair_costs[slot], pair_costs[:, slot] = costs, costs
+        update_pair_costs(centroids, weights, pair_costs, slot)  # CPU tensors: the reference
     representatives = centroids + 0.3 * torch.randn(25, 16384, generator=g)
     frames = torch.cat([centroids[:4] + 0.5 * torch.randn(4, 16384, generator=g), 40 * torch.randn(4, 16384, generator=g)])
     return [t.to(device) for t in (centroids, weights, pair_costs, representatives)], frames.to(device)

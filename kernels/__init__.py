@@ -53,7 +53,7 @@ else:
     from .kmeans import kmeans_step, kmeans_step_reference
     from .nearest import nearest, nearest_reference
     from .pool import pool_grid, pool_grid_reference
-    from .ward import temporal_merge, temporal_merge_reference, ward_costs, ward_costs_reference
+    from .ward import temporal_merge, temporal_merge_reference, update_pair_costs, ward_costs, ward_costs_reference
 
     __all__ = [
         "backend_for",
@@ -67,6 +67,7 @@ else:
         "semantic_attention_reference",
         "temporal_merge",
         "temporal_merge_reference",
+        "update_pair_costs",
         "use_backend",
         "ward_costs",
         "ward_costs_reference",

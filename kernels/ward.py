@@ -30,7 +30,7 @@ import torch
 
 from vstream.errors import KernelError
 
-from .dispatch import backend_for, check_same_device, check_tensor, tl, triton
+from .dispatch import backend_for, check_same_device, check_tensor, tl, triton, use_backend
 
 
 def ward_costs_reference(centroids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor,
@@ -104,16 +104,27 @@ def _keep_nearer_reference(centroids, representatives, slot: int, candidate: tor
     return 0
 
 
-def _update_costs_reference(centroids, weights, pair_costs, slot: int) -> None:
-    costs = ward_costs_reference(centroids, weights, centroids[slot], float(weights[slot]))
+def update_pair_costs(centroids: torch.Tensor, weights: torch.Tensor, pair_costs: torch.Tensor, slot: int,
+                      count: int | None = None) -> None:
+    """Refresh row and column ``slot`` of ``pair_costs`` ``[K, K]``: the Ward cost of joining
+    centroid ``slot`` with each of the first ``count`` (default all K), ``inf`` with itself.
+    What the temporal memory does for a centroid that changed (``ward_costs``, dispatched)."""
+    used = slice(0, centroids.shape[0] if count is None else count)
+    costs = ward_costs(centroids[used], weights[used], centroids[slot], float(weights[slot]))
     costs[slot] = torch.inf
-    pair_costs[slot] = costs
-    pair_costs[:, slot] = costs
+    pair_costs[slot, used] = costs
+    pair_costs[used, slot] = costs
 
 
 def temporal_merge_reference(centroids: torch.Tensor, weights: torch.Tensor, pair_costs: torch.Tensor,
                              representatives: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-    """``temporal_merge`` in torch, one frame at a time (see ``temporal_merge``)."""
+    """``temporal_merge`` in torch, one frame at a time (see ``temporal_merge``); its pair
+    costs too (``update_pair_costs`` under the reference backend)."""
+    with use_backend("reference"):
+        return _temporal_merge_frames(centroids, weights, pair_costs, representatives, frames)
+
+
+def _temporal_merge_frames(centroids, weights, pair_costs, representatives, frames) -> torch.Tensor:
     decisions = []
     for x in frames:
         join_costs = ward_costs_reference(centroids, weights, x, 1.0)
@@ -124,15 +135,15 @@ def temporal_merge_reference(centroids: torch.Tensor, weights: torch.Tensor, pai
             centroids[j] = (centroids[j] * w.float() + x) / (w.float() + 1)
             weights[j] += 1
             decisions.append((j, -1, _keep_nearer_reference(centroids, representatives, j, x)))
-            _update_costs_reference(centroids, weights, pair_costs, j)
+            update_pair_costs(centroids, weights, pair_costs, j)
         else:
             wa, wb = weights[a].clone(), weights[b].clone()
             centroids[a] = (centroids[a] * wa.float() + centroids[b] * wb.float()) / (wa + wb).float()
             weights[a] = wa + wb
             replaced = _keep_nearer_reference(centroids, representatives, a, representatives[b])
             centroids[b], weights[b], representatives[b] = x, 1.0, x
-            _update_costs_reference(centroids, weights, pair_costs, b)
-            _update_costs_reference(centroids, weights, pair_costs, a)
+            update_pair_costs(centroids, weights, pair_costs, b)
+            update_pair_costs(centroids, weights, pair_costs, a)
             decisions.append((a, b, replaced))
     return torch.tensor(decisions, dtype=torch.int64).reshape(-1, 3).to(centroids.device)
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from vstream.errors import MemoryStateError
-from vstream.kernels import temporal_merge, ward_costs
+from vstream.kernels import temporal_merge, update_pair_costs
 from vstream.memory.abstract import SemanticAttention
 from vstream.memory.base import StreamMemory, register_memory
 from vstream.memory.config import StarConfig
@@ -162,7 +162,7 @@ class StarMemory(StreamMemory):
             slot = self.centroid_count + i
             self.centroids[slot] = self.representative_features[slot] = frames[i]
             self.weights[slot] = 1.0
-            self._update_costs(slot, slot + 1)
+            update_pair_costs(self.centroids, self.weights, self.pair_costs, slot, slot + 1)
         merged = frames[filling:]
         decisions = (temporal_merge(self.centroids, self.weights, self.pair_costs, self.representative_features,
                                     merged.contiguous()) if len(merged) else None)
@@ -203,14 +203,6 @@ class StarMemory(StreamMemory):
         self.time_start[slot] = self.time_end[slot] = self.time_sum[slot] = t
         self.representatives[slot] = frame
         self.runs.place(slot, t)
-
-    def _update_costs(self, slot: int, count: int) -> None:
-        """Refresh the pair costs of ``slot`` against the first ``count`` centroids."""
-        used = slice(0, count)
-        costs = ward_costs(self.centroids[used], self.weights[used], self.centroids[slot], float(self.weights[slot]))
-        costs[slot] = torch.inf
-        self.pair_costs[slot, used] = costs
-        self.pair_costs[used, slot] = costs
 
     def _add_abstract(self, tokens: torch.Tensor, times: list[float]) -> None:
         """The batch ``tokens`` ``[T, g*g, D]`` into the abstract memory: the first frames

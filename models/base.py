@@ -280,12 +280,18 @@ class ChatModel:
                 stack.enter_context(head.routing(visual))
             yield
 
+    def question_pieces(self, context: Context, question: str) -> list[Piece]:
+        """The user turn this model reads for ``question`` about ``context`` (its memory
+        tokens or notes, with or without time markers): what an answer, a training loss
+        and a head all prompt with."""
+        return user_pieces(context, question, visual=self.reads_memory_tokens, timed=self.timed_memory)
+
     def stream(self, context: Context, question: str, generation: GenerationConfig | None = None,
                history: Turns = ()) -> AnswerStream:
         """Answer ``question`` from ``context``, token by token, after the earlier turns
         of ``history``."""
-        pieces = user_pieces(context, question, visual=self.reads_memory_tokens, timed=self.timed_memory)
-        return AnswerStream(self, pieces, generation or GenerationConfig(), SYSTEM_PROMPT, history)
+        return AnswerStream(self, self.question_pieces(context, question), generation or GenerationConfig(),
+                            SYSTEM_PROMPT, history)
 
     def stream_media(self, media: list[Medium], question: str, generation: GenerationConfig | None = None,
                      history: Turns = ()) -> AnswerStream:

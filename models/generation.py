@@ -100,13 +100,15 @@ def generate_tokens(model, inputs_embeds: torch.Tensor, stop: set[int], config: 
     ``positions``: its position ids (``[3, 1, L]`` for M-RoPE), or None for 0..L-1."""
     generator = torch.Generator().manual_seed(config.seed)
     out = model(inputs_embeds=inputs_embeds, use_cache=True, **position_kwargs(positions))
+    # the answer's positions, one per token, read from the prompt's once (no host read per token)
+    following = None if positions is None else following_positions(positions, config.max_new_tokens)
     for i in range(config.max_new_tokens):
         token = _choose(out.logits[0, -1], config, generator)
         if token in stop:
             return
         yield token
         step = torch.tensor([[token]], device=inputs_embeds.device)
-        placed = {} if positions is None else {"position_ids": following_positions(positions, i + 1)[..., -1:]}
+        placed = {} if following is None else {"position_ids": following[..., i : i + 1]}
         if hasattr(out, "cache"):  # transformers 5 renamed past_key_values to cache
             out = model(input_ids=step, cache=out.cache, use_cache=True, **placed)
         else:

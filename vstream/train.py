@@ -48,7 +48,7 @@ from vstream.models import GenerationConfig, load_model
 from vstream.models.heads import attach_head
 from vstream.models.heads.lora import add_lora, save_lora
 from vstream.models.heads.projector import save_projector
-from vstream.models.prompt import Context, user_pieces
+from vstream.models.prompt import Context
 
 log = logging.getLogger(__name__)
 PARTS = ("projector", "visual_experts", "lora")
@@ -173,12 +173,16 @@ def samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     return train, held
 
 
+def stored_context(features: RecordFeatures) -> Context:
+    """What an answer reads of a record's stored ``features``: its memory, the stream's
+    duration its latest token's end."""
+    return Context(memory=features.memory, duration=max((end for _, end in features.memory.spans), default=0.0))
+
+
 def sample_loss(model, sample: Sample, features: RecordFeatures) -> torch.Tensor:
     """The loss of ``sample``'s answer given its record's ``features``, prompted as an
     answer is."""
-    duration = max((end for _, end in features.memory.spans), default=0.0)
-    context = Context(memory=features.memory, duration=duration)
-    pieces = user_pieces(context, sample.question, visual=model.reads_memory_tokens, timed=model.timed_memory)
+    pieces = model.question_pieces(stored_context(features), sample.question)
     return model.answer_loss(pieces, sample.answer, history=sample.history)
 
 
@@ -189,10 +193,8 @@ def held_out_score(model, held: list[Sample], features_of) -> float | None:
         return None
     scores = []
     for sample in held:
-        features = features_of(sample)
-        duration = max((end for _, end in features.memory.spans), default=0.0)
         generation = GenerationConfig(max_new_tokens=len(model.tokenizer(sample.answer).input_ids) + 8, attribute=False)
-        answer = model.stream(Context(memory=features.memory, duration=duration), sample.question, generation,
+        answer = model.stream(stored_context(features_of(sample)), sample.question, generation,
                               sample.history).result()
         scores.append(score_open(answer.text, sample.answer).score)
     return sum(scores) / len(scores)
@@ -234,8 +236,8 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
     train_set, held = samples(config)
     half = config.precision == "bfloat16" or (config.precision == "auto" and model.device.type == "cuda")
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=half)
-    epoch, index, steps = _resume(out / CHECKPOINT, config, trained, optimizer)
-    before = held_out_loss(model, held, features_of) if (epoch, index) == (0, 0) else _saved_before(out)
+    epoch, index, steps, before = (_resume(out / CHECKPOINT, config, trained, optimizer)
+                                   or (0, 0, 0, held_out_loss(model, held, features_of)))
     losses: list[float] = []  # the LM stays in eval mode: frozen, and no dropout draws to replay on a resume
     with tqdm(total=config.epochs * len(train_set), initial=epoch * len(train_set) + index, unit=" samples",
               desc="training", disable=not progress) as bar:
@@ -286,12 +288,13 @@ def _checkpoint(path: Path, trained, optimizer, epoch: int, index: int, steps: i
     os.replace(partial, path)
 
 
-def _resume(path: Path, config: TrainConfig, trained, optimizer) -> tuple[int, int, int]:
-    """``(epoch, index, steps)`` where the run stands: from its checkpoint, else the start.
-    The checkpoint is this run's own output (written by ``_checkpoint``), read with
+def _resume(path: Path, config: TrainConfig, trained, optimizer) -> tuple[int, int, int, float | None] | None:
+    """``(epoch, index, steps, held-out loss before training)`` where the run stands, from
+    its checkpoint (the trained tensors and the optimizer restored); None without one. The
+    checkpoint is this run's own output (written by ``_checkpoint``), read with
     ``weights_only`` (tensors and plain values: nothing else is unpickled)."""
     if not path.is_file():
-        return 0, 0, 0
+        return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         with torch.no_grad():
@@ -302,8 +305,4 @@ def _resume(path: Path, config: TrainConfig, trained, optimizer) -> tuple[int, i
         raise DataError(f"{path}: cannot resume from this checkpoint ({type(exc).__name__}: {exc}); "
                         "remove it to start over") from None
     log.info("resuming %s at epoch %d, sample %d (%d steps)", config.out, state["epoch"], state["index"], state["steps"])
-    return state["epoch"], state["index"], state["steps"]
-
-
-def _saved_before(out: Path) -> float | None:
-    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)["held_out_before"]
+    return state["epoch"], state["index"], state["steps"], state["held_out_before"]

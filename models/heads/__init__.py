@@ -26,7 +26,7 @@ import importlib
 import pkgutil
 
 from vstream.config import parse_spec
-from vstream.errors import ConfigError
+from vstream.errors import ConfigError, ModelLoadError
 
 _HEADS: dict[str, type] = {}
 
@@ -84,6 +84,26 @@ def _head_class(name: str) -> type:
     if name not in _HEADS:
         raise ConfigError(f"unknown head {name!r}; known: {', '.join(sorted(_HEADS)) or '(none)'}")
     return _HEADS[name]
+
+
+def trained_weights(head: str, weights: str | None, file: str) -> dict:
+    """The tensors a ``vstream train`` run saved for the ``head`` head, from ``weights``
+    (its output folder) / ``file``: ``ConfigError`` without a folder, ``ModelLoadError``
+    naming the file when it is absent or unreadable."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if weights is None:
+        raise ConfigError(f"the {head} head needs weights=FOLDER (a vstream train output)")
+    path = Path(weights) / file
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no {head} weights there") from None
+    except (OSError, SafetensorError) as exc:
+        raise ModelLoadError(f"{path}: cannot read the {head} weights ({exc})") from None
 
 
 def attach_head(chat_model, spec: str) -> Head:

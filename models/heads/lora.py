@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vstream.errors import ConfigError, ModelLoadError
-from vstream.models.heads import Head, register_head
+from vstream.models.heads import Head, register_head, trained_weights
 
 WEIGHTS, META = "lora.safetensors", "lora.json"
 
@@ -59,17 +58,15 @@ class LoraAdapters(Head):
 
     @classmethod
     def attach(cls, chat_model, weights: str | None = None) -> LoraAdapters:
-        if weights is None:
-            raise ConfigError("the lora head needs weights=FOLDER (a vstream train output)")
+        state = trained_weights("lora", weights, WEIGHTS)
         folder = Path(weights)
         try:
             meta = json.loads((folder / META).read_text(encoding="utf-8"))
-            state = load_file(str(folder / WEIGHTS))
             rank, alpha, targets = meta["rank"], meta["alpha"], meta["targets"]
         except FileNotFoundError:
-            raise ModelLoadError(f"{folder}: no LoRA adapters there (expected {META} and {WEIGHTS})") from None
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-            raise ModelLoadError(f"{folder}: cannot read the LoRA adapters ({type(exc).__name__}: {exc})") from None
+            raise ModelLoadError(f"{folder / META}: no LoRA settings beside {WEIGHTS}") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{folder / META}: cannot read the LoRA settings ({type(exc).__name__}: {exc})") from None
         from peft import set_peft_model_state_dict
 
         add_lora(chat_model.lm, rank, alpha, targets)

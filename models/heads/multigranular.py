@@ -40,7 +40,7 @@ from vstream.errors import ConfigError, ModelLoadError
 from vstream.kernels import pool_grid
 from vstream.models.generation import position_kwargs
 from vstream.models.heads import Head, register_head
-from vstream.models.prompt import Context, clock, user_pieces
+from vstream.models.prompt import Context, clock
 
 LEVELS = (1, 4, 16, 64, 256)  # tokens of f4, f3, f2, f1, f0
 FINEST_GRID = 16
@@ -172,9 +172,8 @@ class MultigranularHead(Head):
         if hidden_size_of(model) != self.hidden_size:
             raise ModelLoadError(f"this head was built for an LLM of hidden size {self.hidden_size}; "
                                  f"{model.name or 'the model'} has {hidden_size_of(model)}")
-        pieces = user_pieces(context or Context(), prompt, visual=model.reads_memory_tokens)
         with torch.no_grad():  # the prompt is data here: only the head learns
-            embedded = model.embed(pieces)
+            embedded = model.embed(model.question_pieces(context or Context(), prompt))
         embeds = embedded.embeds
         self.net.to(model.device)
         queries = self.net.queries[str(level)].to(embeds.dtype).unsqueeze(0)

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vstream.errors import ConfigError, ModelLoadError
-from vstream.models.heads import Head, register_head
+from vstream.models.heads import Head, register_head, trained_weights
 
 WEIGHTS = "projector.safetensors"
 
@@ -49,15 +48,8 @@ class ProjectorWeights(Head):
 
     @classmethod
     def attach(cls, chat_model, weights: str | None = None) -> ProjectorWeights:
-        if weights is None:
-            raise ConfigError("the projector head needs weights=FOLDER (a vstream train output)")
-        module, path = _projector(chat_model), Path(weights) / WEIGHTS
-        try:
-            saved = load_file(str(path))
-        except FileNotFoundError:
-            raise ModelLoadError(f"{path}: no projector weights there") from None
-        except (OSError, SafetensorError) as exc:
-            raise ModelLoadError(f"{path}: cannot read the projector weights ({exc})") from None
+        saved, module = trained_weights("projector", weights, WEIGHTS), _projector(chat_model)
+        path = Path(weights) / WEIGHTS
         own = module.state_dict()
         if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
             raise ModelLoadError(f"{path}: the weights are of another projector: "

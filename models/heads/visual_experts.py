@@ -180,12 +180,9 @@ class VisualExperts(Head):
         to ``question`` about ``context`` (a ``Context``), with the memory tokens routed
         to the experts: the delta-tuning objective. ``chat_model.lm`` must be the model
         these experts were added to."""
-        from vstream.models.prompt import user_pieces
-
         if chat_model.lm is not self.model:
             raise ConfigError("answer_loss: the chat model's LM is not the one these experts were added to")
-        pieces = user_pieces(context, question, visual=chat_model.reads_memory_tokens)
-        return chat_model.answer_loss(pieces, target, routing=self.visual_mask)
+        return chat_model.answer_loss(chat_model.question_pieces(context, question), target, routing=self.visual_mask)
 
     def _start(self, module, args, kwargs):
         import torch
