@@ -32,6 +32,7 @@ import vstream
 from vstream import synth
 from vstream.encoders import create_encoder
 from vstream.session import Session, SessionConfig
+from vstream.types import evidence_lines
 
 RATIOS = (1.0, 0.5, 0.25, 0.1)
 
@@ -94,8 +95,8 @@ def main() -> None:
             session.ingest(str(clip.path), progress=False)
             answer = session.ask("What colour is shown first?")
             print(f"answer with {spec}: {answer.text}")
-            for evidence in answer.evidence[:3]:
-                print(f"  {evidence.line()}")
+            for line in evidence_lines(answer.to_dict()["evidence"][:3]):
+                print(f"  {line}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 import vstream
+from vstream.types import evidence_lines
 
 
 def answer(session: vstream.Session, line: str) -> None:
@@ -28,8 +29,8 @@ def answer(session: vstream.Session, line: str) -> None:
         print(text, end="", flush=True)
     result = stream.result()
     print()
-    for evidence in result.evidence[:3]:
-        print(f"  {evidence.line()}")
+    for evidence in evidence_lines(result.to_dict()["evidence"][:3]):
+        print(f"  {evidence}")
 
 
 def main() -> None:

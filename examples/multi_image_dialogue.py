@@ -21,6 +21,7 @@ from PIL import Image
 import vstream
 from vstream import synth
 from vstream.models import GenerationConfig
+from vstream.types import evidence_lines
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 200)}
 QUESTIONS = ["Which image shows the colour that <video> starts with: <image>, <image> or <image>?",
@@ -56,8 +57,8 @@ def main() -> None:
         for question in QUESTIONS:
             answer = dialogue.ask(question)
             print(f"\nQ: {question}\nA: {answer.text}")
-            for evidence in answer.evidence[:4]:
-                print("   ", evidence.line())
+            for line in evidence_lines(answer.to_dict()["evidence"][:4]):
+                print("   ", line)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 import vstream
 from vstream.client import Client
 from vstream.server import Server, ServerConfig
+from vstream.types import evidence_lines
 
 
 def send(address: str, token: str, stream: str, video: str) -> None:
@@ -28,8 +29,9 @@ def send(address: str, token: str, stream: str, video: str) -> None:
 
 
 def show(stream: str, reply: dict, label: str = "") -> None:
-    times = ", ".join(f"{e['start']:.0f}-{e['end']:.0f} s" for e in reply["evidence"][:2])
-    print(f"[{stream}] {label}{reply['answer']!r} (evidence {times})")
+    """The answer, then its best two pieces of evidence, each line tagged with the stream."""
+    lines = [f"{label}{reply['answer']!r}", *(f"  {line}" for line in evidence_lines(reply["evidence"][:2]))]
+    print("\n".join(f"[{stream}] {line}" for line in lines), flush=True)
 
 
 def main() -> None:

@@ -67,7 +67,8 @@ class Evidence:
     source: str | None = None
 
     def line(self) -> str:
-        """``m:ss-m:ss  kind  score  [source]``: how the CLI and the examples print it."""
+        """``m:ss-m:ss  kind  score  [source]`` (``h:mm:ss`` from an hour on): ``evidence_line``,
+        the one format of every CLI path; ``evidence_lines`` lines up a whole answer's."""
         return evidence_line(self.start, self.end, self.kind, self.score, self.source)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from vstream import AudioChunk, ConfigError, Frame, SourceConfig
+from vstream.types import evidence_line, evidence_lines
 
 
 def test_frame_accepts_rgb_uint8_and_refuses_the_rest():
@@ -35,3 +36,18 @@ def test_source_config_round_trips_and_refuses_bad_values():
                 dict(queue_size=0), dict(video=False, audio=False), dict(reconnect_tries=-1)]:
         with pytest.raises(ConfigError):
             SourceConfig(**bad)
+
+
+def test_evidence_lines_share_one_clock_per_answer():
+    """``m:ss`` while every time is under an hour; ``h:mm:ss`` for every time of the answer
+    once any reaches one (rounded to the second, as it prints); the JSON form in, so the
+    local and the server paths format the same thing."""
+    short = [{"start": 1.2, "end": 3.4, "kind": "transcript", "score": 0.666},
+             {"start": 62.0, "end": 65.0, "kind": "frame", "score": 0.25, "source": "video 1"}]
+    assert evidence_lines(short) == ["0:01-0:03  transcript 0.67", "1:02-1:05  frame      0.25  video 1"]
+    long = [*short, {"start": 3599.4, "end": 3599.6, "kind": "screen", "score": 0.1}]
+    assert evidence_lines(long) == ["0:00:01-0:00:03  transcript 0.67", "0:01:02-0:01:05  frame      0.25  video 1",
+                                    "0:59:59-1:00:00  screen     0.10"]
+    assert evidence_line(3590.0, 3605.0, "frame", 0.5) == "0:59:50-1:00:05  frame      0.50"  # one line, one clock
+    assert evidence_line(1.0, 2.0, "frame", 0.5) == "0:01-0:02  frame      0.50"
+    assert evidence_lines([]) == []

@@ -13,7 +13,7 @@ import numpy as np
 
 import vstream
 from vstream.errors import VStreamError
-from vstream.types import evidence_line
+from vstream.types import evidence_lines
 
 log = logging.getLogger("vstream")
 
@@ -384,9 +384,15 @@ def _print_streamed(stream):
         print(text, end="", flush=True)
     answer = stream.result()
     print()
-    for evidence in answer.evidence[:5]:
-        print(f"  {evidence.line()}")
+    _print_evidence(answer.to_dict()["evidence"])
     return answer
+
+
+def _print_evidence(evidence: list[dict]) -> None:
+    """The best five pieces of an answer's evidence (its JSON form), one line each: how
+    every path of ``vstream ask`` (a video, several media, a server's stream) prints it."""
+    for line in evidence_lines(evidence[:5]):
+        print(f"  {line}")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -480,8 +486,7 @@ def _ask_server(args, window: dict) -> None:
                 print(f"Q: {question}")
             answer = client.ask(args.stream, question, **window, on_token=lambda text: print(text, end="", flush=True))
             print()
-            for evidence in answer["evidence"][:5]:  # printed as `vstream ask` prints it
-                print(f"  {evidence_line(**evidence)}")
+            _print_evidence(answer["evidence"])
 
 
 def _serve(args) -> None:

@@ -127,8 +127,26 @@ def clock(seconds: float, hours: bool = False) -> str:
     return f"{h}:{minutes:02d}:{secs:02d}" if h or hours else f"{minutes}:{secs:02d}"
 
 
-def evidence_line(start: float, end: float, kind: str, score: float, source: str | None = None) -> str:
+def _reaches_an_hour(*seconds: float) -> bool:
+    """Whether any of the times shows as ``h:mm:ss`` in ``clock`` (rounded to the second)."""
+    return any(round(t) >= 3600 for t in seconds)
+
+
+def evidence_line(start: float, end: float, kind: str, score: float, source: str | None = None,
+                  hours: bool | None = None) -> str:
     """One piece of an answer's evidence as every CLI path prints it: ``m:ss-m:ss  kind
-    score  [source]`` (``Evidence.line()``, and ``vstream ask --server`` from the JSON)."""
-    line = f"{clock(start)}-{clock(end)}  {kind:<10} {score:.2f}"
+    score  [source]``. Both times are ``h:mm:ss`` once either reaches an hour (``hours``
+    None), or as ``hours`` says (``evidence_lines`` decides it for a whole answer)."""
+    if hours is None:
+        hours = _reaches_an_hour(start, end)
+    line = f"{clock(start, hours)}-{clock(end, hours)}  {kind:<10} {score:.2f}"
     return line if source is None else f"{line}  {source}"
+
+
+def evidence_lines(evidence: list[dict]) -> list[str]:
+    """An answer's evidence as the CLI prints it, one ``evidence_line`` per item of its JSON
+    form (``{"start", "end", "kind", "score"[, "source"]}``, what ``Answer.to_dict`` gives
+    and the server replies): all times ``h:mm:ss`` once any of them reaches an hour, so
+    the lines of one answer line up."""
+    hours = _reaches_an_hour(*(t for e in evidence for t in (e["start"], e["end"])))
+    return [evidence_line(e["start"], e["end"], e["kind"], e["score"], e.get("source"), hours) for e in evidence]
