@@ -7,10 +7,16 @@ one square (``grid · patch_size · spatial_merge_size`` pixels a side) and goes
 the model's own image processor (which lays the patches out as the tower expects, each
 image doubled in time to the tower's ``temporal_patch_size``) and the tower: a frame
 becomes ``grid × grid`` merged tokens, in raster order, already in the LLM's space.
+
+With ``merged=False`` the encoder stops before the merger and gives the tower's patch
+features (``2·grid × 2·grid`` patches of ``embed_dim``, in raster order): what a memory
+that lives inside the tower holds (Flash-VStream-Qwen's), the merger running when the
+memory is read (``unmerged_windows`` puts a raster grid back in the merger's order).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,31 +27,40 @@ from vstream.errors import EncoderError
 
 
 class MergedPatchEncoder:
-    """Frames -> ``[B, grid * grid, dim]`` patch-merger outputs of a loaded tower.
+    """Frames -> ``[B, grid * grid, dim]`` patch-merger outputs of a loaded tower (or,
+    with ``merged=False``, ``[B, (2·grid)², embed_dim]`` patch features before it).
 
     Args:
         tower: the model's vision tower (``model.model.visual``), already loaded.
         processor: its image processor (``Qwen2VLImageProcessor`` or the PIL one).
         grid: merged tokens per side of a frame (16: 448 px frames at 14 px patches).
+        merged: whether the features are the merger's output (True) or its input.
     """
 
-    def __init__(self, tower, processor, grid: int = 16):
+    def __init__(self, tower, processor, grid: int = 16, merged: bool = True):
         if not (isinstance(grid, int) and grid >= 1):
             raise EncoderError(f"MergedPatchEncoder: grid must be an int >= 1, got {grid!r}")
         config = tower.config
-        self.tower, self.processor, self.grid = tower, processor, grid
-        self.side = grid * config.patch_size * config.spatial_merge_size
+        if not merged and getattr(config, "fullatt_block_indexes", None) is not None:
+            raise EncoderError("MergedPatchEncoder: merged=False reads Qwen2-VL towers; a Qwen2.5-VL tower leaves "
+                               "its patch features in its window attention's order")
+        self.tower, self.processor, self.merged = tower, processor, merged
+        self.merge = config.spatial_merge_size
+        self.side = grid * config.patch_size * self.merge
         linears = [m for m in tower.merger.modules() if isinstance(m, torch.nn.Linear)]
-        self.dim = linears[-1].out_features  # the merger's output: the LLM's width
+        # the merger's output is the LLM's width; its input, the tower's patch width
+        self.grid, self.dim = (grid, linears[-1].out_features) if merged else (grid * self.merge, linears[0].in_features
+                                                                                 // self.merge**2)
         parameter = next(tower.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
     def __repr__(self) -> str:
-        return f"MergedPatchEncoder(grid={self.grid}, side={self.side}px, dim={self.dim}, device={self.device})"
+        return (f"MergedPatchEncoder(grid={self.grid}, side={self.side}px, dim={self.dim}, merged={self.merged}, "
+                f"device={self.device})")
 
     @torch.inference_mode()
     def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """``B`` RGB frames ``[H, W, 3]`` uint8 -> ``[B, grid * grid, dim]`` float32."""
+        """``B`` RGB frames ``[H, W, 3]`` uint8 -> ``[B, grid * grid, dim]`` float32 (raster order)."""
         if not len(images):
             return torch.zeros(0, self.grid * self.grid, self.dim, device=self.device)
         square = [np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((self.side, self.side),
@@ -56,5 +71,23 @@ class MergedPatchEncoder:
                                return_tensors="pt")
         grid_thw = batch["image_grid_thw"].to(self.device)
         out = self.tower(batch["pixel_values"].to(self.device, self.dtype), grid_thw=grid_thw)
-        merged = out.pooler_output if hasattr(out, "pooler_output") else out
-        return merged.float().reshape(len(images), self.grid * self.grid, self.dim)
+        if self.merged:
+            merged = out.pooler_output if hasattr(out, "pooler_output") else out
+            return merged.float().reshape(len(images), self.grid * self.grid, self.dim)
+        # the tower keeps each merge window's patches together: [windows_h, windows_w, m, m, D]
+        windows = self.grid // self.merge
+        patches = out.last_hidden_state.float().reshape(len(images), windows, windows, self.merge, self.merge, self.dim)
+        return patches.permute(0, 1, 3, 2, 4, 5).reshape(len(images), self.grid * self.grid, self.dim)
+
+
+def unmerged_windows(patches: torch.Tensor, merge: int = 2) -> torch.Tensor:
+    """A raster grid of patch features ``[side * side, D]`` in the merger's order: the
+    ``merge × merge`` patches of each window together, windows in raster order (the
+    order the tower emits and its merger reads, ``merge²`` rows a token)."""
+    side = math.isqrt(patches.shape[0])
+    if side * side != patches.shape[0] or side % merge:
+        raise EncoderError(f"unmerged_windows: {patches.shape[0]} patches are not a square grid whose side is a "
+                           f"multiple of {merge}")
+    windows = side // merge
+    grid = patches.reshape(windows, merge, windows, merge, patches.shape[1])
+    return grid.permute(0, 2, 1, 3, 4).reshape(side * side, patches.shape[1])

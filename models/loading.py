@@ -19,7 +19,7 @@ import torch
 from vstream.device import resolve_device, resolve_dtype
 from vstream.errors import ModelLoadError
 
-from . import flash_vstream, llava_onevision, qwen2_vl  # noqa: F401  (the adapters register themselves)
+from . import flash_vstream, flash_vstream_qwen, llava_onevision, qwen2_vl  # noqa: F401  (adapters register)
 from .base import ChatModel, adapter_for, list_models
 from .heads import attach_head
 from .llm import load_pretrained
@@ -100,7 +100,9 @@ def _load_adapter(name: str | None, dtype: torch.dtype, device: str) -> ChatMode
         return TextOnlyModel.from_pretrained(None, dtype, device)
     from transformers import AutoConfig
 
-    flash_vstream.register_config()  # "vstream" is no transformers model type: teach AutoConfig
+    # "vstream" and "flash_vstream_qwen2_vl" are no transformers model types: teach AutoConfig
+    flash_vstream.register_config()
+    flash_vstream_qwen.register_config()
     config = load_pretrained(AutoConfig, name, "model config")
     adapter = adapter_for(config.model_type)
     if adapter is not None:

@@ -160,7 +160,7 @@ def test_vstream_models_lists_architectures_and_the_cached_checkpoints(tmp_path,
         (folder / "refs" / "main").write_text("0" * 40)
     assert main(["models", "--cache-dir", str(tmp_path), "--json"]) in (0, None)
     rows = {row["model_type"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"llava_onevision", "qwen2_vl", "qwen2_5_vl", "vstream", "causal-lm"}
+    assert set(rows) == {"llava_onevision", "qwen2_vl", "qwen2_5_vl", "vstream", "flash_vstream_qwen2_vl", "causal-lm"}
     assert rows["qwen2_vl"]["installed"] == ["org/qwen"] and rows["causal-lm"]["installed"] == ["org/llama"]
     assert "M-RoPE" in rows["qwen2_vl"]["prompt"] and "one block" in rows["vstream"]["prompt"]
     assert main(["models", "--cache-dir", str(tmp_path)]) in (0, None)

@@ -253,3 +253,27 @@ def tiny_vision_tower(folder, kind: str, hidden: int, image_size: int = 32, seed
     tower.save_pretrained(folder)
     processor.save_pretrained(folder)
     return str(folder)
+
+
+def tiny_flash_vstream_qwen(folder: Path, temporal_length: int = 8, spatial_length: int = 4, seed: int = 0) -> Path:
+    """Flash-VStream-Qwen in its released layout: the tiny Qwen2-VL, its config renamed to
+    ``flash_vstream_qwen2_vl`` with ``vision_config.flash_memory_config`` (lengths
+    ``temporal_length`` / ``spatial_length``, halved by the memory), its weights under
+    transformers 4.45's names (``visual.``, ``model.``, ``lm_head.``)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_qwen2_vl(folder, "2", seed)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"], config["architectures"] = "flash_vstream_qwen2_vl", ["FlashVStreamQwen2VLModel"]
+    config["vision_config"]["flash_memory_config"] = {
+        "flash_memory_temporal_length": temporal_length, "flash_memory_temporal_method": "kmeans_ordered",
+        "flash_memory_temporal_poolsize": 2, "flash_memory_temporal_pca_dim": 32,
+        "flash_memory_spatial_length": spatial_length, "flash_memory_spatial_method": "klarge_retrieve"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    weights = folder / "model.safetensors"
+    renamed = {}
+    for key, tensor in load_file(weights).items():
+        key = key.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
+        renamed[key] = tensor
+    save_file(renamed, weights, metadata={"format": "pt"})
+    return folder

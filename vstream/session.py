@@ -40,7 +40,7 @@ from vstream.encoders.pixels import main_colour
 from vstream.errors import ConfigError, MemoryStateError, VStreamError
 from vstream.ingest import FileSource, open_source, probe
 from vstream.ingest.queue import Closed, ItemQueue
-from vstream.memory import BankConfig, MemoryTokens, StarConfig, StarMemory
+from vstream.memory import BankConfig, FlashConfig, FlashMemory, MemoryTokens, StarConfig, StarMemory
 from vstream.memory.bank import encode_thumbnails
 from vstream.memory.persist import read_json, write_json
 from vstream.models import (
@@ -225,7 +225,9 @@ class Session:
         self.model, self.encoder = model_and_encoder(model, self.config, encoder)
         memory_config = self.model.memory_config() or star_config_for(self.encoder.grid)
         memory_config = replace(memory_config, bank=replace(memory_config.bank, **self._bank_settings()))
-        self.memory = StarMemory(memory_config, attention=self.model.memory_attention())
+        # the policy the model reads: STAR (with the checkpoint's abstract attention) or Flash
+        self.memory = (FlashMemory(memory_config) if isinstance(memory_config, FlashConfig)
+                       else StarMemory(memory_config, attention=self.model.memory_attention()))
         self.transcript = self.screen = self.shown = None  # what was said; text on screen; what was recognised
         self._shown_open: TranscriptSegment | None = None  # the labels of the newest frames, still on screen
         self._shown_key: tuple | None = None  # its best label and main colour: what a run shares
@@ -786,7 +788,7 @@ class Session:
         if (meta.get("encoder_grid"), meta.get("encoder_dim")) != (grid, dim):
             raise MemoryStateError(f"{folder}: saved with a {meta.get('encoder_grid')}x{meta.get('encoder_grid')} x "
                                    f"{meta.get('encoder_dim')} frame encoder; this one gives {grid}x{grid} x {dim}")
-        memory = StarMemory.load(folder / "visual", device=self.encoder.device, bank=self._bank_settings())
+        memory = type(self.memory).load(folder / "visual", device=self.encoder.device, bank=self._bank_settings())
         with self._write_lock:
             self.memory.close()
             self.memory = memory
