@@ -30,8 +30,21 @@ def test_probe_prints_streams_duration_fps_resolution_and_audio_rate(make_clip):
     info = json.loads(run("probe", str(clip.path), "--json").stdout)
     assert info["video"]["width"] == 160 and info["audio"]["sample_rate"] == 48000
     assert abs(info["duration"] - 6.0) < 0.1
-    assert info["decoder"] in ("decord", "pyav")  # measured in each run: the two runs may differ
-    assert re.search(r"decoder:  (decord|pyav) \(the faster", text.stdout)
+    assert "decoder:  decord (pinned)" in text.stdout  # the suite pins decord (conftest.py)
+    assert (info["decoder"], info["decoder_choice"], info["decoder_rates"]) == ("decord", "pinned", {})
+
+
+def test_probe_shows_the_decoder_chosen_by_measurement_and_the_rates(make_clip, monkeypatch):
+    clip = make_clip("cfr.mkv", duration=6.0, fps=30)
+    monkeypatch.setenv("VSTREAM_DECODER", "auto")
+    text = run("probe", str(clip.path))
+    assert text.returncode == 0, text.stderr
+    shown = re.search(r"decoder:  (decord|pyav) \(measured: decord (\d+) frames/s, pyav (\d+) frames/s", text.stdout)
+    assert shown and int(shown[2]) > 0 and int(shown[3]) > 0, text.stdout
+    info = json.loads(run("probe", str(clip.path), "--json").stdout)
+    assert info["decoder_choice"] == "measured" and set(info["decoder_rates"]) == {"decord", "pyav"}
+    faster = max(info["decoder_rates"], key=info["decoder_rates"].get)  # measured in each run: runs may differ
+    assert info["decoder"] == faster or info["decoder"] == "pyav"  # decord must win by 5 % to be chosen
 
 
 def test_frames_lists_sampled_frames_and_audio(make_clip):

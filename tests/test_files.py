@@ -13,8 +13,10 @@ from helpers import first_at_or_after
 
 import vstream
 from vstream import AudioChunk, Frame, synth
+from vstream.ingest import decoder_choice
 from vstream.ingest.container import open_container
-from vstream.ingest.video import DecordDecoder, FileIndex, PyAVDecoder, as_array, open_video_decoder
+from vstream.ingest.decoder_choice import open_video_decoder
+from vstream.ingest.video import DecordDecoder, FileIndex, PyAVDecoder, as_array
 
 FORMATS = [".mp4", ".mkv", ".mov", ".webm", ".avi", ".ts"]
 
@@ -229,8 +231,8 @@ def test_decord_and_pyav_decode_the_same_frames(make_clip):
     results = []
     with open_container(str(clip.path)) as container:
         index = FileIndex.build(container)
-    decoder = open_video_decoder(str(clip.path), index, (160, 120), threads=1)
-    assert isinstance(decoder, DecordDecoder)
+    decoder, choice = open_video_decoder(str(clip.path), index, (160, 120), threads=1, choice="decord")
+    assert isinstance(decoder, DecordDecoder) and choice == decoder_choice.DecoderChoice("decord", "pinned")
     for each in (decoder, decoder.fallback):
         results.append([(i, synth.read_index(as_array(pixels))) for i, pixels in each.frames(wanted)])
     decoder.close()
@@ -250,28 +252,110 @@ def test_frames_one_at_a_time_through_a_whole_file_with_either_decoder(tmp_path,
     assert times == sorted(times) and times[0] == 0.0 and times[-1] >= 59.0
 
 
-def test_the_faster_decoder_is_chosen_by_measurement(make_clip, monkeypatch):
-    """Whichever of decord and PyAV reads the first sampled frames faster decodes the file
-    (measured once per codec, size and density; ``stats.decoder`` says which)."""
-    from vstream.ingest import video
+def slowed(monkeypatch, decoder_class, seconds_per_frame: float) -> None:
+    """Make ``decoder_class`` take ``seconds_per_frame`` longer for every frame it yields."""
+    original = decoder_class.frames
+
+    def frames(self, indices):
+        for item in original(self, indices):
+            time.sleep(seconds_per_frame)
+            yield item
+
+    monkeypatch.setattr(decoder_class, "frames", frames)
+
+
+@pytest.mark.parametrize("slow, expected", [(DecordDecoder, "pyav"), (PyAVDecoder, "decord")])
+def test_the_faster_decoder_is_chosen_by_measurement(make_clip, monkeypatch, slow, expected):
+    """Whichever of decord and PyAV reads the first sampled frames faster decodes the file;
+    ``stats`` names it, says it was measured, and gives both rates."""
+    clip = make_clip("choice.mp4", duration=3.0, fps=10, size=(160, 120), audio=False)
+    monkeypatch.setattr(decoder_choice, "_CHOSEN", {})
+    slowed(monkeypatch, slow, 0.01)  # 10 ms a frame: far slower than either decodes 160x120
+    with vstream.open_source(clip.path, fps=None, audio=False, decoder="auto") as source:
+        read = [synth.read_index(item.image) for item in source]
+    stats = source.stats
+    assert read == list(range(30))
+    assert (stats.decoder, stats.decoder_choice) == (expected, "measured")
+    assert set(stats.decoder_rates) == {"decord", "pyav"}
+    assert stats.decoder_rates[slow.name] < 100 < stats.decoder_rates[expected]
+    assert [c.decoder for c in decoder_choice._CHOSEN.values()] == [expected]  # one measurement for the kind
+
+
+def test_a_measured_choice_is_reused_for_video_of_the_same_kind(make_clip, monkeypatch):
+    """A second file of the same codec, pixel format and size is not timed again: it gets
+    the first one's decoder and rates; another size is timed afresh."""
+    first = make_clip("choice.mp4", duration=3.0, fps=10, size=(160, 120), audio=False)
+    second = make_clip("choice_again.mp4", duration=2.0, fps=10, size=(160, 120), audio=False)
+    other = make_clip("choice_wide.mp4", duration=2.0, fps=10, size=(320, 120), audio=False)
+    monkeypatch.setattr(decoder_choice, "_CHOSEN", {})
+    timed = []
+    measure = decoder_choice._measure
+    monkeypatch.setattr(decoder_choice, "_measure", lambda *a: timed.append(a[1]) or measure(*a))
+    slowed(monkeypatch, PyAVDecoder, 0.01)
+    stats = []
+    for clip in (first, second, other):
+        with vstream.open_source(clip.path, fps=None, audio=False, decoder="auto") as source:
+            assert [synth.read_index(item.image) for item in source] == list(range(len(source)))
+        stats.append(source.stats)
+    assert timed == [str(first.path), str(other.path)]
+    assert [(s.decoder, s.decoder_choice) for s in stats] == [("decord", "measured"), ("decord", "cached"),
+                                                               ("decord", "measured")]
+    assert stats[1].decoder_rates == stats[0].decoder_rates
+
+
+def test_the_timing_is_bounded_when_a_decoder_is_slow(make_clip, monkeypatch):
+    """A decoder at 0.2 s a frame would take 3.2 s over two rounds of 8 trial frames; the
+    time cap ends each round after its first counted frame."""
+    clip = make_clip("choice.mp4", duration=3.0, fps=10, size=(160, 120), audio=False)
+    monkeypatch.setattr(decoder_choice, "_CHOSEN", {})
+    slowed(monkeypatch, DecordDecoder, 0.2)
+    with vstream.open_source(clip.path, fps=None, audio=False, decoder="auto") as source:
+        began = time.perf_counter()
+        first = next(iter(source))
+        opened = time.perf_counter() - began
+        assert synth.read_index(first.image) == 0
+    assert source.stats.decoder == "pyav"
+    assert source.stats.decoder_rates["decord"] < 6
+    assert opened < 2 * decoder_choice.TRIAL_ROUNDS * 0.2 + 0.8
+
+
+def test_a_file_decord_cannot_read_is_decoded_by_pyav_without_timing(make_clip, monkeypatch):
+    """decord refusing the file, or failing on its first frames, leaves PyAV as the only
+    decoder; nothing is cached for the kind, and every frame comes out."""
+    import decord
 
     clip = make_clip("choice.mp4", duration=3.0, fps=10, size=(160, 120), audio=False)
-    for slowed, expected in ((DecordDecoder, "pyav"), (PyAVDecoder, "decord")):
-        with monkeypatch.context() as patch:
-            patch.setattr(video, "_MEASURED", {})
-            original = slowed.frames
+    monkeypatch.setattr(decoder_choice, "_CHOSEN", {})
 
-            def frames(self, indices, original=original):
-                for item in original(self, indices):
-                    time.sleep(0.01)  # 10 ms a frame: far slower than either decodes 160x120
-                    yield item
+    def refuses(*args, **kwargs):
+        raise RuntimeError("decord cannot open this")
 
-            patch.setattr(slowed, "frames", frames)
-            with vstream.open_source(clip.path, fps=None, audio=False, decoder="auto") as source:
-                read = [synth.read_index(item.image) for item in source]
-            assert source.stats.decoder == expected
-            assert read == list(range(30))
-            assert list(video._MEASURED.values()) == [expected]  # one measurement for the codec and size
+    with monkeypatch.context() as patch:
+        patch.setattr(decord, "VideoReader", refuses)
+        with vstream.open_source(clip.path, fps=None, audio=False, decoder="auto") as source:
+            assert [synth.read_index(item.image) for item in source] == list(range(30))
+    assert (source.stats.decoder, source.stats.decoder_choice, source.stats.decoder_rates) == ("pyav", "only", {})
+
+    original = decord.VideoReader
+
+    class FailsOnNext(original):
+        def next(self):
+            raise RuntimeError("damaged packet")
+
+    monkeypatch.setattr(decord, "VideoReader", FailsOnNext)
+    with vstream.open_source(clip.path, fps=None, audio=False, decoder="auto") as source:
+        assert [synth.read_index(item.image) for item in source] == list(range(30))
+    assert (source.stats.decoder, source.stats.decoder_choice) == ("pyav", "only")
+    assert decoder_choice._CHOSEN == {}
+
+
+@pytest.mark.parametrize("asked", ["decord", "pyav"])
+def test_a_pinned_decoder_is_not_timed(make_clip, monkeypatch, asked):
+    clip = make_clip("choice.mp4", duration=3.0, fps=10, size=(160, 120), audio=False)
+    monkeypatch.setattr(decoder_choice, "_measure", lambda *a: pytest.fail("a pinned decoder was timed"))
+    with vstream.open_source(clip.path, fps=None, audio=False, decoder=asked) as source:
+        assert len(list(source)) == 30
+    assert (source.stats.decoder, source.stats.decoder_choice, source.stats.decoder_rates) == (asked, "pinned", {})
 
 
 def test_iterating_twice_reads_the_file_again(make_clip):

@@ -609,22 +609,29 @@ def _progress(counts: dict) -> str:
 
 def _probe(args) -> None:
     info = vstream.probe(args.source, open_timeout=args.timeout, read_timeout=args.timeout)
-    decoder = _file_decoder(args.source) if info.video is not None else None
+    stats = _file_decoder(args.source) if info.video is not None else None
     if args.json:
-        print(json.dumps({**json.loads(info.to_json()), **({"decoder": decoder} if decoder else {})}))
+        decoder = {"decoder": stats.decoder, "decoder_choice": stats.decoder_choice,
+                   "decoder_rates": stats.decoder_rates} if stats else {}
+        print(json.dumps({**json.loads(info.to_json()), **decoder}))
+    elif stats:
+        rates = ", ".join(f"{name} {rate:.0f} frames/s" for name, rate in stats.decoder_rates.items())
+        print(f"{info.describe()}\ndecoder:  {stats.decoder} ({stats.decoder_choice}"
+              f"{f': {rates} at 1 frame a second' if rates else ''})")
     else:
-        print(info.describe() + (f"\ndecoder:  {decoder} (the faster on this file at 1 fps, measured)" if decoder else ""))
+        print(info.describe())
 
 
-def _file_decoder(uri: str) -> str | None:
-    """Which decoder reads the video of a file (``source.stats.decoder``); None for a live source."""
+def _file_decoder(uri: str) -> vstream.SourceStats | None:
+    """The stats of a file opened at 1 fps once its decoder is chosen (``decoder``,
+    ``decoder_choice``, ``decoder_rates``); None for a live source."""
     from vstream.ingest import FileSource
 
     with vstream.open_source(uri, audio=False) as source:
         if not isinstance(source, FileSource) or not len(source):
             return None
         source[0]  # opens the decoder: the two are timed on the first frames to read
-        return source.stats.decoder
+        return source.stats
 
 
 def _frames(args) -> None:
@@ -644,7 +651,7 @@ def _frames(args) -> None:
     stats = source.stats
     print(
         f"# decoded={stats.decoded} sampled={stats.sampled} dropped={stats.dropped} "
-        f"audio_seconds={stats.audio_seconds:.2f} reconnects={stats.reconnects}",
+        f"audio_seconds={stats.audio_seconds:.2f} reconnects={stats.reconnects} decoder={stats.decoder or '-'}",
         file=sys.stderr,
     )
 

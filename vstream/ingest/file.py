@@ -14,9 +14,10 @@ from vstream.errors import DecodeError
 from vstream.ingest.audio import AudioConverter
 from vstream.ingest.config import SourceConfig
 from vstream.ingest.container import MediaInfo, describe_container, open_container, start_time
+from vstream.ingest.decoder_choice import open_video_decoder
 from vstream.ingest.sampling import FrameSampler
 from vstream.ingest.source import Item, Source, _PendingFrame, release_time
-from vstream.ingest.video import FileIndex, as_array, open_video_decoder
+from vstream.ingest.video import FileIndex, as_array
 from vstream.types import AUDIO_SAMPLE_RATE, AudioChunk, Frame
 
 
@@ -119,9 +120,10 @@ class FileSource(Source):
         return self._iterate_threaded(items)
 
     def _open_decoder(self):
-        decoder = open_video_decoder(self.uri, self.index, self.size, self.config.decoder_threads,
-                                     self.sampled_indices, self.config.decoder)
-        self._stats.decoder = decoder.name
+        decoder, choice = open_video_decoder(self.uri, self.index, self.size, self.config.decoder_threads,
+                                             self.sampled_indices, self.config.decoder)
+        self._stats.decoder, self._stats.decoder_choice, self._stats.decoder_rates = (
+            decoder.name, choice.how, dict(choice.rates))
         return decoder
 
     def _require_video(self) -> None:

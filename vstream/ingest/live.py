@@ -51,7 +51,7 @@ class LiveSource(Source):
         sampler = FrameSampler(config.fps)
         converter = AudioConverter(config.chunk_seconds, offset=0.0)
         clock = _LiveClock()
-        self._stats.decoder = "pyav"
+        self._stats.decoder, self._stats.decoder_choice = "pyav", "only"
         opened_at = time.monotonic()
         container, self._opened = self._opened or self._first_open(), None
         while container is not None:

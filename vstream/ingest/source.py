@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import av
 
@@ -35,9 +35,14 @@ class SourceStats:
         audio_seconds: audio delivered in chunks, seconds.
         dropped_audio_seconds: audio dropped because the consumer fell behind, seconds.
         reconnects: times a live source was reopened after it was lost.
-        decoder: what decodes a file's video, ``decord`` or ``pyav`` (the faster on this
-            file's codec and size, measured; see ``vstream.ingest.video``); ``pyav`` for
-            live sources once reading.
+        decoder: what decodes the video, ``decord`` or ``pyav`` (for a file, the faster
+            on its kind of video, measured: see ``vstream.ingest.decoder_choice``);
+            ``pyav`` for live sources; ``""`` until the video is first read.
+        decoder_choice: how ``decoder`` was chosen: ``measured`` (timed on this file),
+            ``cached`` (timed on video of the same kind earlier in the process),
+            ``pinned`` (``SourceConfig.decoder``) or ``only`` (the other cannot read it).
+        decoder_rates: frames per second each decoder read the trial frames at, by name;
+            empty unless measured or cached.
     """
 
     decoded: int = 0
@@ -47,6 +52,8 @@ class SourceStats:
     dropped_audio_seconds: float = 0.0
     reconnects: int = 0
     decoder: str = ""
+    decoder_choice: str = ""
+    decoder_rates: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,7 +99,7 @@ class Source:
 
     @property
     def stats(self) -> SourceStats:
-        return replace(self._stats)
+        return replace(self._stats, decoder_rates=dict(self._stats.decoder_rates))
 
     @property
     def drops(self) -> bool:

@@ -1,4 +1,5 @@
-"""Decoding chosen frames of a video file: decord where it reads the file, PyAV otherwise.
+"""Decoding chosen frames of a video file, with decord or with PyAV (which of the two
+decodes a file is decided in ``decoder_choice.py``).
 
 ``FileIndex`` demuxes the file once (no decoding) for the presentation time of every
 frame and where the key frames are; both decoders share it, so frame indices and times
@@ -15,7 +16,6 @@ frame, which cost 1.3-2.3x the bare decoder's time at full rate (see the README)
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from vstream.errors import DecodeError, VStreamError
+from vstream.errors import DecodeError
 from vstream.ingest.container import open_container, start_time
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,10 @@ class FileIndex:
             of the source (decord counts frame times from there).
         declared_frames: how many frames the container says the stream has (0: it does
             not say); a damaged header may claim billions.
-        codec: the video codec's name (``h264``), which with the size keys the decoder choice.
+        codec: the video codec's name (``h264``); with ``pixel_format`` and ``coded_size``
+            it keys the decoder choice (``decoder_choice.py``).
+        pixel_format: the stream's pixel format (``yuv420p``), ``""`` if it does not say.
+        coded_size: ``(width, height)`` of the stream's pictures.
     """
 
     pts: np.ndarray
@@ -62,6 +65,8 @@ class FileIndex:
     video_start: float
     declared_frames: int = 0
     codec: str = ""
+    pixel_format: str = ""
+    coded_size: tuple[int, int] = (0, 0)
 
     @classmethod
     def build(cls, container: av.container.InputContainer) -> FileIndex:
@@ -91,8 +96,10 @@ class FileIndex:
         times = sorted_pts * float(stream.time_base) - base
         declared = container.duration / av.time_base if container.duration else None
         video_start = (stream.start_time or 0) * float(stream.time_base) - base
+        context = stream.codec_context
         return cls(sorted_pts, times, keyframes, end, declared, video_start, int(stream.frames or 0),
-                   stream.codec_context.name if stream.codec_context else "")
+                   context.name if context else "", (context.pix_fmt or "") if context else "",
+                   (context.width, context.height) if context else (0, 0))
 
     def __len__(self) -> int:
         return len(self.pts)
@@ -203,6 +210,11 @@ class DecordDecoder:
         return self._decoded + (self._fallback.decoded if self._fallback else 0)
 
     @property
+    def failed(self) -> bool:
+        """Whether decord failed and PyAV decodes the rest."""
+        return self._fallback is not None
+
+    @property
     def fallback(self) -> PyAVDecoder:
         if self._fallback is None:
             self._fallback = PyAVDecoder(self.uri, *self._pyav_settings)
@@ -229,79 +241,3 @@ class DecordDecoder:
         self.reader = None
         if self._fallback is not None:
             self._fallback.close()
-
-
-TRIAL_FRAMES = 8  # frames each decoder decodes when the two are timed against each other
-_MEASURED: dict[tuple, str] = {}  # (codec, size, threads, dense) -> the faster decoder's name, once per process
-
-
-def open_video_decoder(uri: str, index: FileIndex, size: tuple[int, int], threads: int,
-                       indices: Sequence[int] = (), choice: str = "auto") -> DecordDecoder | PyAVDecoder:
-    """The decoder of ``uri``'s frames ``indices`` (the ones to be read): with ``choice``
-    ``auto``, the faster of decord and PyAV, measured on the first ``TRIAL_FRAMES`` of them
-    once per codec, size, thread count and sampling density in a process; ``decord`` or
-    ``pyav`` as named. PyAV whenever decord does not read the file with the same frames
-    and times as ``index``."""
-    if choice == PyAVDecoder.name:
-        return PyAVDecoder(uri, index, size, threads)
-    if index.declared_frames > 2 * len(index) + 16:
-        # decord sizes its tables by the header: a damaged one claiming billions of frames
-        # aborts the whole process (std::bad_alloc) where Python cannot catch it
-        log.warning("%s: the header claims %d video frames, the file holds %d; decoding with PyAV", uri,
-                    index.declared_frames, len(index))
-        return PyAVDecoder(uri, index, size, threads)
-    try:
-        import decord
-
-        reader = decord.VideoReader(uri, width=size[0], height=size[1], num_threads=threads)
-        theirs = reader.get_frame_timestamp(range(len(reader)))[:, 0] if len(reader) else np.zeros(0)
-    except Exception as e:  # decord refuses many containers with a bare RuntimeError
-        log.debug("decord cannot read %s (%s); using PyAV", uri, e)
-        return PyAVDecoder(uri, index, size, threads)
-    if len(theirs) != len(index) or not np.allclose(theirs + index.video_start, index.times, atol=2e-3):
-        log.debug("decord disagrees with the demuxer on the frames of %s; using PyAV", uri)
-        return PyAVDecoder(uri, index, size, threads)
-    # decord2 3.4 returns garbage in 4 channels at some sizes (96x64, 48x32): check one frame
-    try:
-        shape = tuple(reader[0].shape) if len(reader) else (size[1], size[0], 3)
-    except Exception as e:  # noqa: BLE001 - decord's own error type: a damaged first frame
-        log.debug("decord cannot decode the first frame of %s (%s); using PyAV", uri, e)
-        return PyAVDecoder(uri, index, size, threads)
-    if shape != (size[1], size[0], 3):
-        log.debug("decord decodes %s as %s, not %sx%s RGB; using PyAV", uri, shape, *size)
-        return PyAVDecoder(uri, index, size, threads)
-    key = (index.codec, size, threads, bool(len(indices) > 1 and np.all(np.diff(indices[:TRIAL_FRAMES]) == 1)))
-    if choice == "auto" and key not in _MEASURED:
-        _MEASURED[key] = _faster(reader, uri, index, size, threads, list(indices[:TRIAL_FRAMES]))
-        log.debug("decoder for %s frames at %sx%s: %s (measured on %s)", index.codec, *size, _MEASURED[key], uri)
-    if choice == "auto" and _MEASURED[key] == PyAVDecoder.name:
-        return PyAVDecoder(uri, index, size, threads)
-    reader.seek(0)
-    return DecordDecoder(reader, uri, index, size, threads)
-
-
-def _faster(reader, uri: str, index: FileIndex, size: tuple[int, int], threads: int, trial: list[int]) -> str:
-    """``"decord"`` or ``"pyav"``: which reads the ``trial`` frames faster, pixels in hand.
-    PyAV unless decord is faster by 5 %: it never needs a fallback."""
-    if not trial:
-        return DecordDecoder.name
-
-    def timed(decoder) -> float:
-        began = time.perf_counter()
-        for _, pixels in decoder.frames(trial):
-            as_array(pixels)
-        return time.perf_counter() - began
-
-    try:
-        reader.seek(0)
-        decord_seconds = timed(DecordDecoder(reader, uri, index, size, threads))
-    except VStreamError:
-        return PyAVDecoder.name
-    pyav = PyAVDecoder(uri, index, size, threads)
-    try:
-        pyav_seconds = timed(pyav)
-    except VStreamError:
-        return DecordDecoder.name
-    finally:
-        pyav.close()
-    return DecordDecoder.name if decord_seconds < 0.95 * pyav_seconds else PyAVDecoder.name
