@@ -9,9 +9,12 @@ A transformers VLM already holds what the memory path needs, so nothing loads tw
   (LLaVA-OneVision: -1 of a SigLIP tower already cut one layer short, i.e. SigLIP's
   penultimate layer), ``grid = image_size // patch_size``;
 - its projector maps memory tokens into its LLM: ``project`` runs
-  ``multi_modal_projector`` on the pooled memory tokens. LLaVA-OneVision pools video
-  features 2×2 after projecting; the memory pools before (the projector is per token,
-  so only its non-linearity sees averaged inputs);
+  ``multi_modal_projector`` on the pooled memory tokens, then appends its
+  ``image_newline``: each run of the memory reads as one video of its video path.
+  LLaVA-OneVision pools video features 2×2 after projecting; the memory pools before
+  (the projector is per token, so only its non-linearity sees averaged inputs). With
+  that pooling left out and the memory keeping whole frames, a prompt reaches the LLM as
+  its own video path gives it (tests/test_models.py checks the logits);
 - its chat template builds the prompt: the tokenizer's, else the processor's
   (``chat_template.json``), rendered with typed parts (``[{"type": "text", ...}]``, as
   processor templates want) or plain strings (as LLM templates want), whichever keeps
@@ -156,4 +159,12 @@ class LlavaOnevisionModel(VisionLanguageModel):
     fallback_template = ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
                          "<|im_start|>assistant\n")
     vision_tower_text = "its own SigLIP tower (vision_feature_layer), one base-resolution view per frame"
-    prompt_text = "each run of memory tokens after its time marker, through its projector"
+    prompt_text = ("each run of memory tokens after its time marker, through its projector, then its image_newline "
+                   "(each run as one video of its video path)")
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """A run of memory tokens ``[n, D]`` -> ``[n + 1, H]``: through the projector, then the
+        model's ``image_newline``, as its video path ends every video (each run of the
+        memory is read as one video)."""
+        tokens = super().project(features)
+        return torch.cat([tokens, self.lm.model.image_newline[None].to(tokens.device, tokens.dtype)])

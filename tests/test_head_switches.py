@@ -139,8 +139,10 @@ def test_a_vlm_routes_its_memory_tokens_to_the_experts(folders, clip):
     with Session(model, config) as session:
         session.ingest(str(clip.path), progress=False)
         fresh = session.ask("what colour comes first?")
-        memory_tokens = len(session.context("what colour comes first?").memory)
-        assert seen and int(seen[-1].sum()) == memory_tokens  # exactly the memory tokens route as visual
+        context = session.context("what colour comes first?")
+        runs = sum(piece.features is not None for piece in model.question_pieces(context, "what colour comes first?"))
+        # exactly the memory tokens route as visual, each run with the image_newline that ends it
+        assert seen and int(seen[-1].sum()) == len(context.memory) + runs
         # fresh experts are copies of the text FFNs: the answer is the base model's
         head.remove()
         model.heads.clear()

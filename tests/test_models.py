@@ -11,13 +11,15 @@ import pytest
 import safetensors.torch
 import torch
 from tiny_models import CHATML, tiny_clip, tiny_flash_vstream, tiny_llava_onevision
+from transformers import AutoImageProcessor
 
 from vstream.errors import ModelLoadError
 from vstream.memory import BankConfig, MemoryTokens, StarConfig, StarMemory
 from vstream.models import Context, GenerationConfig, list_models, load_model
+from vstream.models.base import _PLACEHOLDER
 from vstream.models.flash_vstream import FlashVStreamModel, vision_tower_name
 from vstream.models.llava_onevision import LlavaOnevisionModel
-from vstream.models.prompt import user_pieces
+from vstream.models.prompt import SYSTEM_PROMPT, user_pieces
 
 torch.set_num_threads(1)
 TIMES = [10.0 + 1.5 * i for i in range(12)]  # seconds
@@ -187,7 +189,9 @@ def test_llava_onevision_answers_from_frames_end_to_end(onevision, folders):
     memory = remember(onevision, small_memory(), frames())
     tokens = memory.tokens()
     projected = onevision.project(tokens.tokens)
-    assert projected.shape == (len(tokens), onevision.lm.config.text_config.hidden_size)
+    assert projected.shape == (len(tokens) + 1, onevision.lm.config.text_config.hidden_size)
+    torch.testing.assert_close(projected[-1], vlm.image_newline)  # a run ends as its video path ends a video
+    projected = projected[:-1]
     # the checkpoint's projector, applied by hand from its file: linear_2(gelu(linear_1(x)))
     (weights,) = folders["onevision"].glob("*.safetensors")
     w = safetensors.torch.load_file(weights)
@@ -218,6 +222,39 @@ def test_llava_onevision_memory_tokens_reach_the_llm(onevision):
     other = first_logits(remember(onevision, small_memory(), frames(seed=3)))
     torch.testing.assert_close(one, same)
     assert (one - other).abs().max() > 1e-4
+
+
+def test_llava_onevision_reads_the_memory_as_its_own_video_path_reads_frames(onevision, monkeypatch):
+    """Three frames into a memory that keeps them whole, the session's prompt (each run
+    after its time marker) through vstream, against the model's own code given the same
+    text with each run as one ``<video>`` of its frame (its image processor's base view,
+    its tower, feature layer, projector, newline and placeholder scatter): the same
+    logits. Its 2×2 pooling after the projector is left out on its side: the memory pools
+    before projecting (here not at all), the one deliberate difference."""
+    images = frames(3, seed=4)
+    config = StarConfig(base_grid=8, spatial_grid=8, spatial_length=3, temporal_length=0, abstract_length=0,
+                        retrieved_length=0, bank=BankConfig(grid=8))
+    memory = remember(onevision, StarMemory(config), images, TIMES[:3])
+    pieces = onevision.question_pieces(Context(memory=memory.tokens(), duration=TIMES[2]), "what is shown?")
+    runs = [piece for piece in pieces if piece.features is not None]
+    assert [piece.evidence[0] for piece in runs] == TIMES[:3]  # one run a frame, in time order
+    with torch.inference_mode():
+        ours = onevision.lm(inputs_embeds=onevision.embed(pieces).embeds).logits
+
+    tokenizer, video = onevision.tokenizer, onevision.lm.config.video_token_id
+    before, after = onevision.render(SYSTEM_PROMPT).split(_PLACEHOLDER)
+    ids = tokenizer(before, add_special_tokens=False).input_ids
+    for piece in pieces:
+        ids += [video] * (64 + 1) if piece.features is not None else tokenizer(
+            piece.text, add_special_tokens=False).input_ids
+    ids += tokenizer(after, add_special_tokens=False).input_ids
+    processor = AutoImageProcessor.from_pretrained(onevision.name)
+    base = processor(images=images, return_tensors="pt").pixel_values[:, 0]  # each frame's base view
+    monkeypatch.setattr(type(onevision.lm.model), "apply_pooling", lambda self, features: features)
+    with torch.inference_mode():
+        theirs = onevision.lm(input_ids=torch.tensor([ids]), pixel_values_videos=base[:, None]).logits
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_llava_onevision_prompt_through_its_chat_template(onevision):
