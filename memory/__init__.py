@@ -12,7 +12,7 @@
   name; any saved memory back from disk.
 """
 
-from vstream.memory.abstract import SemanticAttention
+from vstream.memory.abstract import SemanticAttention, replay_abstract
 from vstream.memory.bank import FeatureBank
 from vstream.memory.base import StreamMemory, create_memory, list_memories, load_memory, register_memory
 from vstream.memory.config import BankConfig, FlashConfig, StarConfig
@@ -38,4 +38,5 @@ __all__ = [
     "list_memories",
     "load_memory",
     "register_memory",
+    "replay_abstract",
 ]

@@ -13,6 +13,10 @@ orthonormal rows, scaled by √(D/h) (when D > h): then ``q(x)·k(y)`` is a John
 estimate of the dot product ``x·y``, and each slot moves toward the new frames most
 similar to it (dot-product attention with temperature √h). That is a meaningful
 untrained memory, not noise.
+
+``replay_abstract`` rebuilds the abstract memory from a stream's frames (each pooled to
+the abstract grid, in order) as the streaming update builds it, with autograd as the
+caller has it: what training q and k (``vstream train``'s ``memory_attention``) needs.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import math
 import torch
 from torch import nn
 
+from vstream.errors import MemoryStateError
 from vstream.kernels import semantic_attention
+from vstream.kernels.attention import semantic_attention_reference
 
 
 class SemanticAttention(nn.Module):
@@ -61,3 +67,25 @@ class SemanticAttention(nn.Module):
         memory = memory.to(weight.device, torch.float32)
         new = new.to(weight.device, torch.float32)
         return semantic_attention(memory, self.q_proj(memory), self.k_proj(new), new, alpha)
+
+
+def replay_abstract(attention: SemanticAttention, frames: torch.Tensor, length: int, chunk: int,
+                    alpha: float) -> torch.Tensor:
+    """The abstract memory after ``frames`` ``[F, g*g, D]`` (every frame of a stream at the
+    abstract grid, in order), as ``StarMemory`` builds it: the first ``length`` frames
+    fill the slots, then each whole ``chunk`` of frames updates them by semantic
+    attention with rate ``alpha`` (the frames of a last, partial chunk wait, as they do
+    in a stream). Returns the slots ``[min(F, length), g*g, D]`` float32, with autograd
+    as the caller has it (the PyTorch reference, never a kernel without a backward); on
+    the CPU it equals the streaming memory's slots bit for bit."""
+    if frames.ndim != 3 or frames.shape[2] != attention.dim:
+        raise MemoryStateError(f"replay_abstract: frames must be [F, g*g, {attention.dim}], got {list(frames.shape)}")
+    weight = attention.q_proj.weight
+    frames = frames.to(weight.device, torch.float32)
+    slots = frames[:length]
+    shape = slots.shape
+    for start in range(length, frames.shape[0] - chunk + 1, chunk):
+        memory, new = slots.reshape(-1, attention.dim), frames[start : start + chunk].reshape(-1, attention.dim)
+        slots = semantic_attention_reference(memory, attention.q_proj(memory), attention.k_proj(new), new,
+                                             alpha).reshape(shape)
+    return slots

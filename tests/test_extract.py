@@ -8,13 +8,15 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import tiny_clip, tiny_flash_vstream, tiny_llama
 
 from vstream.cli import main
 from vstream.data import extracted, feature_path, read_features
 from vstream.encoders import create_encoder
 from vstream.errors import DataError
 from vstream.extract import extract_features
+from vstream.memory import replay_abstract
+from vstream.models import load_model
 from vstream.session import Session, SessionConfig
 
 torch.set_num_threads(1)
@@ -106,3 +108,21 @@ def test_the_cli_extracts_and_reports(data, llama, tmp_path, capsys):
     assert "extracted 2, already there 0, without video 1, failed 1" in printed.out
     assert "gone: " in printed.err
     assert read_features(out, "b").memory.tokens.shape[1] == create_encoder("pixels").dim  # --encoder pixels
+
+
+def test_the_stored_frames_rebuild_the_sessions_abstract_memory(data, tmp_path):
+    """Features keep every frame at the abstract grid, in order: replaying the abstract
+    update over them with the checkpoint's attention gives the stored abstract tokens bit
+    for bit (what training the attention starts from)."""
+    clip = tiny_clip(tmp_path / "clip")
+    flash, _ = tiny_flash_vstream(tmp_path / "flash", clip)  # 5 abstract slots, updated 5 frames at a time
+    out = tmp_path / "features"
+    extract_features(data, out, str(flash), SessionConfig(asr=False, ocr=False, fps=4.0), progress=False)
+    stored = read_features(out, "b")
+    inputs = stored.abstract
+    assert inputs.frames.shape == (24, 1, 48) and (inputs.length, inputs.chunk, inputs.alpha) == (5, 5, 0.3)
+    abstract = stored.memory.tokens[[kind == "abstract" for kind in stored.memory.kinds]]
+    with torch.no_grad():
+        rebuilt = replay_abstract(load_model(str(flash), device="cpu").memory_attention(), inputs.frames, 5, 5, 0.3)
+    torch.testing.assert_close(rebuilt.reshape(-1, 48), abstract, rtol=0, atol=0)
+    assert not torch.allclose(abstract, inputs.frames[:5, 0])  # the three whole chunks did update the slots

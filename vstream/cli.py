@@ -231,10 +231,14 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_data_check)
 
     extract = commands.add_parser("extract", help="run each video of a conversation file through the frame encoder "
-                                                  "and the memory once; store its memory tokens and timeline")
-    extract.add_argument("data", help="a LLaVA-style conversation file (JSON array or JSON Lines)")
+                                                  "and the memory once; store its memory tokens, timeline and the "
+                                                  "abstract memory's inputs (or each image of interleaved documents "
+                                                  "through the frame encoder)")
+    extract.add_argument("data", help="a LLaVA-style conversation file (JSON array or JSON Lines), or interleaved "
+                                      "image-text documents (OmniCorpus Parquet or JSON Lines)")
     extract.add_argument("--out", required=True, metavar="DIR", help="the features folder (a run resumes there)")
-    extract.add_argument("--media-root", help="folder the records' video paths are relative to (default: the file's)")
+    extract.add_argument("--media-root", help="folder the records' video (or the documents' image) paths are relative "
+                                              "to (default: the file's)")
     _model_flags(extract)
     extract.add_argument("--encoder", default="auto", help="frame encoder when the model has no vision tower "
                                                            "(as for ask; default auto)")
@@ -242,10 +246,13 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(run=_extract)
 
-    train_cmd = commands.add_parser("train", help="fine-tune a model's memory projector on conversation data from "
-                                                  "features extracted by vstream extract (one JSON config)")
+    train_cmd = commands.add_parser("train", help="fine-tune the parts vstream plugs into a model (projector, visual "
+                                                  "experts, LoRA, the abstract memory's attention; the multi-granular "
+                                                  "head on interleaved documents) from features extracted by vstream "
+                                                  "extract (one JSON config)")
     train_cmd.add_argument("config", help="a JSON file of TrainConfig fields (model, data, features, out, train, "
-                                          "held_out, epochs, learning_rate, accumulate, checkpoint_every, seed, device)")
+                                          "held_out, epochs, learning_rate, accumulate, checkpoint_every, seed, device, "
+                                          "precision)")
     train_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     train_cmd.set_defaults(run=_train)
 
@@ -691,16 +698,17 @@ def _extract(args) -> int:
     config = SessionConfig(fps=args.fps, asr=False, ocr=False, encoder=args.encoder, heads=args.head,
                            device=args.device, dtype=args.dtype)
     report = extract_features(args.data, args.out, args.model, config, args.media_root, progress=not args.quiet)
-    print(f"extracted {report.extracted}, already there {report.skipped}, without video {report.without_video}, "
-          f"failed {len(report.failed)}" + (f" (listed in {os.path.join(args.out, 'failed.jsonl')})"
-                                            if report.failed else ""))
+    nothing = (f"without images {report.without_images}" if report.documents
+               else f"without video {report.without_video}")
+    listed = f" (listed in {os.path.join(args.out, 'failed.jsonl')})" if report.failed else ""
+    print(f"extracted {report.extracted}, already there {report.skipped}, {nothing}, failed {len(report.failed)}{listed}")
     for record, error in report.failed[:5]:
         print(f"  {record}: {error}", file=sys.stderr)
     return 1 if report.failed else 0
 
 
 def _train(args) -> None:
-    from vstream.train import TrainConfig, train
+    from vstream.train import HEAD_SPECS, TrainConfig, train
 
     try:
         with open(args.config, encoding="utf-8") as file:
@@ -709,10 +717,11 @@ def _train(args) -> None:
         raise vstream.ConfigError(f"{args.config}: cannot read the training config ({exc.strerror})") from None
     report = train(config, progress=not args.quiet)
     held = ("no held-out records" if report.held_out_before is None
-            else f"held-out loss {report.held_out_before:.3f} -> {report.held_out_after:.3f}, answer score "
-                 f"{report.held_out_score:.3f}")
+            else f"held-out loss {report.held_out_before:.3f} -> {report.held_out_after:.3f}"
+                 + ("" if report.held_out_score is None else f", answer score {report.held_out_score:.3f}"))
+    load = " ".join(HEAD_SPECS[part].format(report.out) for part in config.train)
     print(f"{report.steps} steps over {report.train_samples} samples; last epoch's loss {report.train_loss:.3f}; "
-          f"{held} ({report.held_out_samples} samples); weights in {report.out} (--head projector:weights={report.out})")
+          f"{held} ({report.held_out_samples} samples); weights in {report.out} ({load})")
 
 
 def _models(args) -> None:

@@ -17,7 +17,24 @@ visual FFN experts, added to the LLM as copies of its text FFNs and trained on t
 memory tokens' positions), written as ``visual_experts.safetensors`` and its JSON, which
 ``--head visual_experts:weights=OUT`` loads; ``lora`` (low-rank adapters on the LLM's
 projections, through peft), written as ``lora.safetensors`` and ``lora.json``, which
-``--head lora:weights=OUT`` loads.
+``--head lora:weights=OUT`` loads; ``memory_attention`` (the q/k of the abstract
+memory's semantic attention, the checkpoint's own: Flash-VStream's ``attention_model``),
+trained through the abstract memory rebuilt from each record's stored frames
+(``vstream.memory.replay_abstract``: the stored abstract tokens replaced by the rebuilt
+ones, so the loss reaches q and k), written as ``memory_attention.safetensors``, which
+``--head memory_attention:weights=OUT`` loads (every session on the model then builds
+its abstract memory with it).
+
+``multigranular`` (PUMA's multi-granular head) trains on interleaved image-text
+documents instead (OmniCorpus; ``data`` is such a file, ``features`` what ``vstream
+extract`` stored of its images), in a run of its own: each image next to a paragraph is
+a sample, the head asked with the paragraph to generate the image's features at every
+granularity its stored grid gives (the head's loss, cosine and squared error, against
+the image pooled to each level). The paragraph is the whole prompt (nothing seen
+before), cut to its last ``document_text_chars`` characters. Written as
+``multigranular.safetensors`` and its JSON, which ``vstream ask --show DIR
+--generation-head OUT`` draws with. The held-out documents' loss is scored; there is no
+answer to score.
 
 Checkpoints (``checkpoint.pt`` in the output folder: the trained tensors, the
 optimizer's state, where the run is in its epochs, the sampler's seed) are written
@@ -41,17 +58,31 @@ import torch
 from tqdm import tqdm
 
 from vstream.config import JsonConfig, check_choice, check_int, check_number
-from vstream.data import RecordFeatures, extracted, read_conversations, read_features
+from vstream.data import (
+    RecordFeatures,
+    extracted,
+    read_conversations,
+    read_document_features,
+    read_features,
+    read_interleaved,
+)
 from vstream.errors import ConfigError, DataError
 from vstream.evaluate.scoring import score_open
+from vstream.memory import MemoryTokens, SemanticAttention, replay_abstract
 from vstream.models import GenerationConfig, load_model
 from vstream.models.heads import attach_head
 from vstream.models.heads.lora import add_lora, save_lora
+from vstream.models.heads.memory_attention import model_attention, save_memory_attention
+from vstream.models.heads.multigranular import LEVELS, MultigranularHead, hidden_size_of
 from vstream.models.heads.projector import save_projector
 from vstream.models.prompt import Context
 
 log = logging.getLogger(__name__)
-PARTS = ("projector", "visual_experts", "lora")
+PARTS = ("projector", "visual_experts", "lora", "memory_attention", "multigranular")
+HEAD_SPECS = {"projector": "--head projector:weights={}", "visual_experts": "--head visual_experts:weights={}",
+              "lora": "--head lora:weights={}", "memory_attention": "--head memory_attention:weights={}",
+              "multigranular": "--generation-head {}"}
+"""How a user loads what each part wrote into the output folder ``{}``."""
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -61,10 +92,13 @@ class TrainConfig(JsonConfig):
 
     Attributes:
         model: the model to fine-tune (hub id or folder).
-        data: its conversation file (LLaVA-style JSON or JSON Lines).
+        data: its conversation file (LLaVA-style JSON or JSON Lines); for
+            ``multigranular``, interleaved image-text documents (OmniCorpus Parquet or
+            JSON Lines).
         features: the folder ``vstream extract`` wrote for that file and model.
         out: where checkpoints and the trained weights go.
-        train: the parts that learn (``projector``, ``visual_experts``, ``lora``).
+        train: the parts that learn (``projector``, ``visual_experts``, ``lora``,
+            ``memory_attention``; or ``multigranular`` alone).
         held_out: share of the records held out for scoring (default 0.1).
         epochs: passes over the training records (default 1).
         learning_rate: AdamW's (default 1e-3).
@@ -79,6 +113,10 @@ class TrainConfig(JsonConfig):
             optimizer stay in float32.
         media_root: the folder the records' paths are relative to (their ids are what
             matter here; default: the data file's).
+        heads: heads attached to the model as it loads, frozen (``"projector:weights=run1/"``:
+            an earlier run's output, so one part trains on top of another; default none).
+        document_text_chars: characters of a document's paragraph (its end) that prompt
+            the multi-granular head for the image next to it (default 1000).
     """
 
     model: str = ""
@@ -98,6 +136,8 @@ class TrainConfig(JsonConfig):
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     media_root: str | None = None
+    heads: list[str] = field(default_factory=list)
+    document_text_chars: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("model", "data", "features", "out"):
@@ -105,12 +145,17 @@ class TrainConfig(JsonConfig):
                 raise ConfigError(f"TrainConfig.{name} must be given (a path or name)")
         if not (isinstance(self.train, list) and self.train and set(self.train) <= set(PARTS)):
             raise ConfigError(f"TrainConfig.train must list parts among {', '.join(PARTS)}; got {self.train!r}")
+        if "multigranular" in self.train and len(self.train) > 1:
+            raise ConfigError(f"TrainConfig.train: multigranular trains on interleaved documents, the other parts on "
+                              f"conversations: train it in a run of its own, not with {self.train!r}")
         check_number("TrainConfig", "held_out", self.held_out, 0.0, 0.9, include_low=True)
         check_number("TrainConfig", "learning_rate", self.learning_rate, 0.0)
-        for name in ("epochs", "accumulate", "checkpoint_every"):
+        for name in ("epochs", "accumulate", "checkpoint_every", "document_text_chars"):
             check_int("TrainConfig", name, getattr(self, name), 1)
         check_int("TrainConfig", "seed", self.seed, 0)
         check_choice("TrainConfig", "precision", self.precision, ("auto", "bfloat16", "float32"))
+        if not (isinstance(self.heads, list) and all(isinstance(h, str) and h for h in self.heads)):
+            raise ConfigError(f"TrainConfig.heads must be a list of head specs; got {self.heads!r}")
         check_int("TrainConfig", "lora_rank", self.lora_rank, 1)
         check_number("TrainConfig", "lora_alpha", self.lora_alpha, 0.0)
         if not (isinstance(self.lora_targets, list) and self.lora_targets
@@ -147,46 +192,86 @@ class Sample:
     history: tuple[tuple[str, str], ...] = ()
 
 
-def samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
-    """``(train, held_out)``: the samples of the video records with features, split by a
-    digest of each record's id (a record, all its turns, stays on its side whatever else
-    the file holds)."""
+@dataclass(frozen=True)
+class ImageSample:
+    """Image number ``image`` of document ``id`` and the ``text`` next to it."""
+
+    id: str
+    image: int
+    text: str
+
+
+def samples(config: TrainConfig) -> tuple[list, list]:
+    """``(train, held_out)``: the samples of the video records with features (or, for
+    ``multigranular``, of the documents' images next to a paragraph), split by a digest
+    of each record's id (a record, all its turns, stays on its side whatever else the
+    file holds)."""
     train, held = [], []
-    for record in read_conversations(config.data, config.media_root):
-        if record.media != "video":
+    documents = "multigranular" in config.train
+    for record in (read_interleaved(config.data) if documents else read_conversations(config.data, config.media_root)):
+        if documents:
+            found = [ImageSample(record.id, image, text[-config.document_text_chars:])
+                     for image, text in record.image_texts()]
+        elif record.media == "video":
+            found = _turns(config, record)
+        else:
             continue
-        if not extracted(config.features, record.id):
+        if found and not extracted(config.features, record.id):
             raise DataError(f"{config.features}: no features for record {record.id!r} of {config.data} "
                             "(run vstream extract first)")
-        pairs: list[tuple[str, str]] = []
-        turns = [t for t in record.turns if t.role != "system"]
-        for asked, answered in pairwise(turns):
-            if asked.role == "user" and answered.role == "assistant":
-                pairs.append((asked.text.replace("<video>", "").strip(), answered.text.strip()))
-        if not pairs:
-            raise DataError(f"{config.data}: record {record.id!r} has no question and answer to train on")
         digest = int(hashlib.sha1(record.id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if digest < config.held_out else train).extend(
-            Sample(record.id, question, answer, tuple(pairs[:k])) for k, (question, answer) in enumerate(pairs))
+        (held if digest < config.held_out else train).extend(found)
     if not train:
-        raise DataError(f"{config.data}: no video records to train on (held out: {len(held)})")
+        what = "images next to a paragraph" if documents else "video records"
+        raise DataError(f"{config.data}: no {what} to train on (held out: {len(held)})")
     return train, held
 
 
-def stored_context(features: RecordFeatures) -> Context:
-    """What an answer reads of a record's stored ``features``: its memory, the stream's
-    duration its latest token's end."""
-    return Context(memory=features.memory, duration=max((end for _, end in features.memory.spans), default=0.0))
+def _turns(config: TrainConfig, record) -> list[Sample]:
+    """A video record's questions and answers, each after the ones before."""
+    pairs: list[tuple[str, str]] = []
+    turns = [t for t in record.turns if t.role != "system"]
+    for asked, answered in pairwise(turns):
+        if asked.role == "user" and answered.role == "assistant":
+            pairs.append((asked.text.replace("<video>", "").strip(), answered.text.strip()))
+    if not pairs:
+        raise DataError(f"{config.data}: record {record.id!r} has no question and answer to train on")
+    return [Sample(record.id, question, answer, tuple(pairs[:k])) for k, (question, answer) in enumerate(pairs)]
 
 
-def sample_loss(model, sample: Sample, features: RecordFeatures) -> torch.Tensor:
+def rebuilt_memory(features: RecordFeatures, attention: SemanticAttention) -> MemoryTokens:
+    """``features``' memory with its abstract tokens rebuilt by ``attention`` from the
+    stored frames (``replay_abstract``), with autograd as the caller has it: what the
+    memory would hold had the stream been read with that attention."""
+    memory, inputs = features.memory, features.abstract
+    if inputs is None:
+        raise DataError(f"record {features.id!r}: its features hold no abstract-memory inputs (extracted before "
+                        "vstream kept them); extract it again into a new folder to train memory_attention")
+    slots = replay_abstract(attention, inputs.frames, inputs.length, inputs.chunk, inputs.alpha)
+    rows = torch.tensor([i for i, kind in enumerate(memory.kinds) if kind == "abstract"], dtype=torch.long)
+    if len(rows) != slots.shape[0] * slots.shape[1]:
+        raise DataError(f"record {features.id!r}: {len(rows)} abstract tokens stored, {slots.shape[0] * slots.shape[1]}"
+                        " rebuilt from its frames: the features do not fit together")
+    tokens = memory.tokens.to(slots.device).index_put((rows.to(slots.device),), slots.reshape(-1, slots.shape[2]))
+    return MemoryTokens(tokens, memory.kinds, memory.spans)
+
+
+def stored_context(features: RecordFeatures, attention: SemanticAttention | None = None) -> Context:
+    """What an answer reads of a record's stored ``features``: its memory (the abstract
+    tokens rebuilt by ``attention`` when given), the stream's duration its latest token's end."""
+    memory = features.memory if attention is None else rebuilt_memory(features, attention)
+    return Context(memory=memory, duration=max((end for _, end in features.memory.spans), default=0.0))
+
+
+def sample_loss(model, sample: Sample, features: RecordFeatures,
+                attention: SemanticAttention | None = None) -> torch.Tensor:
     """The loss of ``sample``'s answer given its record's ``features``, prompted as an
-    answer is."""
-    pieces = model.question_pieces(stored_context(features), sample.question)
+    answer is (the abstract memory rebuilt by ``attention`` when given)."""
+    pieces = model.question_pieces(stored_context(features, attention), sample.question)
     return model.answer_loss(pieces, sample.answer, history=sample.history)
 
 
-def held_out_score(model, held: list[Sample], features_of) -> float | None:
+def held_out_score(model, held: list[Sample], features_of, attention: SemanticAttention | None = None) -> float | None:
     """Mean ``score_open`` of the model's greedy answers to the held-out questions (from
     their stored memory) against the records' answers."""
     if not held:
@@ -194,33 +279,37 @@ def held_out_score(model, held: list[Sample], features_of) -> float | None:
     scores = []
     for sample in held:
         generation = GenerationConfig(max_new_tokens=len(model.tokenizer(sample.answer).input_ids) + 8, attribute=False)
-        answer = model.stream(stored_context(features_of(sample)), sample.question, generation,
-                              sample.history).result()
+        with torch.no_grad():
+            context = stored_context(features_of(sample), attention)
+        answer = model.stream(context, sample.question, generation, sample.history).result()
         scores.append(score_open(answer.text, sample.answer).score)
     return sum(scores) / len(scores)
 
 
-def held_out_loss(model, held: list[Sample], features_of) -> float | None:
+def held_out_loss(loss_of: Callable, held: list) -> float | None:
     if not held:
         return None
     with torch.no_grad():
-        return sum(float(sample_loss(model, sample, features_of(sample))) for sample in held) / len(held)
+        return sum(float(loss_of(sample)) for sample in held) / len(held)
 
 
 def train(config: TrainConfig, progress: bool = True, stop_after: int | None = None,
-          features_of: Callable[[Sample], RecordFeatures] | None = None) -> TrainReport:
+          features_of: Callable | None = None) -> TrainReport:
     """Run ``config`` (resuming from its checkpoint when the output folder holds one).
     ``stop_after``: stop once this many optimizer steps are done in all, after a
     checkpoint (a run cut short; the next call resumes). ``features_of(sample)``: where a
     sample's features come from (default: read from ``config.features``; the training
     benchmark passes one that decodes the video again)."""
-    features_of = features_of or (lambda sample: read_features(config.features, sample.id))
+    documents = "multigranular" in config.train
+    read = read_document_features if documents else read_features
+    features_of = features_of or (lambda sample: read(config.features, sample.id))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(config.model, dtype=torch.float32, device=config.device)
+    model = load_model(config.model, dtype=torch.float32, device=config.device, heads=config.heads)
     for parameter in model.lm.parameters():
         parameter.requires_grad_(False)
-    trained, experts = [], None
+    train_set, held = samples(config)
+    trained, experts, attention, head = [], None, None, None
     if "projector" in config.train:
         if model.memory_projector() is None:
             raise ConfigError(f"{config.model}: has no memory projector to train")
@@ -230,14 +319,28 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
         trained += experts.trainable_parameters()
     if "lora" in config.train:
         trained += add_lora(model.lm, config.lora_rank, config.lora_alpha, config.lora_targets)
+    if "memory_attention" in config.train:
+        attention = model_attention(model).to(model.device)
+        trained += list(attention.parameters())
+    if documents:  # the head's levels: those the stored images' grid gives
+        images = features_of(train_set[0]).images
+        head = MultigranularHead(hidden_size_of(model), feature_dim=images.shape[2], seed=config.seed,
+                                 levels=[n for n in LEVELS if n <= images.shape[1]])
+        head.net.to(model.device)
+        trained += list(head.net.parameters())
     for parameter in trained:
         parameter.requires_grad_(True)
+
+    def loss_of(sample) -> torch.Tensor:
+        if head is not None:
+            return head.pair_loss(model, None, sample.text, features_of(sample).images[sample.image])
+        return sample_loss(model, sample, features_of(sample), attention)
+
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate)
-    train_set, held = samples(config)
     half = config.precision == "bfloat16" or (config.precision == "auto" and model.device.type == "cuda")
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=half)
     epoch, index, steps, before = (_resume(out / CHECKPOINT, config, trained, optimizer)
-                                   or (0, 0, 0, held_out_loss(model, held, features_of)))
+                                   or (0, 0, 0, held_out_loss(loss_of, held)))
     losses: list[float] = []  # the LM stays in eval mode: frozen, and no dropout draws to replay on a resume
     with tqdm(total=config.epochs * len(train_set), initial=epoch * len(train_set) + index, unit=" samples",
               desc="training", disable=not progress) as bar:
@@ -246,7 +349,7 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
             while index < len(order):
                 sample = train_set[int(order[index])]
                 with autocast:
-                    loss = sample_loss(model, sample, features_of(sample))
+                    loss = loss_of(sample)
                 (loss / config.accumulate).backward()
                 losses.append(float(loss.detach()))
                 index += 1
@@ -269,8 +372,12 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
         experts.save_experts(out)
     if "lora" in config.train:
         save_lora(model.lm, out, config.lora_rank, config.lora_alpha, config.lora_targets)
-    after = held_out_loss(model, held, features_of)
-    score = held_out_score(model, held, features_of)
+    if attention is not None:
+        save_memory_attention(model, out)
+    if head is not None:
+        head.save(out)
+    after = held_out_loss(loss_of, held)
+    score = None if documents else held_out_score(model, held, features_of, attention)
     log.info("trained %d steps: held-out loss %s -> %s, answer score %s", steps, before, after, score)
     return TrainReport(steps, _mean(losses[-len(train_set):]), before, after, len(train_set), len(held), str(out),
                        score)

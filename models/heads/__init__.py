@@ -106,6 +106,18 @@ def trained_weights(head: str, weights: str | None, file: str) -> dict:
         raise ModelLoadError(f"{path}: cannot read the {head} weights ({exc})") from None
 
 
+def load_in_place(module, saved: dict, path, what: str) -> None:
+    """Load ``saved`` (a ``trained_weights`` dict from the file ``path``) into ``module``,
+    on its device and in its dtypes; ``ModelLoadError`` naming the file when the names or
+    shapes are those of another ``what``."""
+    own = module.state_dict()
+    if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
+        raise ModelLoadError(f"{path}: the weights are of another {what}: "
+                             f"{sorted((k, tuple(v.shape)) for k, v in saved.items())} against this model's "
+                             f"{sorted((k, tuple(v.shape)) for k, v in own.items())}")
+    module.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in saved.items()})
+
+
 def attach_head(chat_model, spec: str) -> Head:
     """Attach the head named by ``spec`` (``"name"`` or ``"name:key=value,..."``, see
     ``vstream.config.parse_spec``) to ``chat_model`` and return it."""

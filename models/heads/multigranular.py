@@ -196,6 +196,20 @@ class MultigranularHead(Head):
 
     # -- training -----------------------------------------------------------------------
 
+    def pair_loss(self, model, context: Context | None, prompt: str, features: torch.Tensor,
+                  levels: list[int] | None = None) -> torch.Tensor:
+        """The mean ``loss`` over ``levels`` (default: this head's levels that ``features``'
+        grid gives) of what the head generates for ``prompt`` after ``context`` against
+        ``features`` ``[P, D]`` (an image's patch grid) pooled to each level, with autograd
+        as the caller has it: the loss of one image and the text that asks for it."""
+        truth = pyramid(features.to(model.device))
+        levels = levels or [n for n in self.config.levels if n in truth]
+        if not levels:
+            raise ConfigError(f"features of {features.shape[0]} tokens are coarser than every level of this head "
+                              f"({self.config.levels})")
+        return torch.stack([self.loss(self._predict(model, context, prompt, n), truth[n].unsqueeze(0))
+                            for n in levels]).mean()
+
     def train_step(self, model, memory, context: Context | None = None, frames: int = 1) -> float:
         """One AdamW step of the queries and the regressor on ``frames`` frames of
         ``memory`` (a ``StreamMemory``) drawn at random (seeded): for each, the request for
@@ -219,12 +233,8 @@ class MultigranularHead(Head):
         ids = torch.randint(len(bank), (frames,), generator=self._draws).tolist()
         targets, times = bank.features(ids).to(model.device), bank.times[ids]
         with model.lock:
-            losses = []
-            for i, t in enumerate(times.tolist()):
-                truth = pyramid(targets[i])
-                for n in levels:
-                    losses.append(self.loss(self._predict(model, context, request(t), n), truth[n].unsqueeze(0)))
-            total = torch.stack(losses).mean()
+            total = torch.stack([self.pair_loss(model, context, request(t), targets[i], levels)
+                                 for i, t in enumerate(times.tolist())]).mean()
             self._optimizer.zero_grad()
             total.backward()
             self._optimizer.step()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from vstream.errors import ConfigError, ModelLoadError
-from vstream.models.heads import Head, register_head, trained_weights
+from vstream.errors import ConfigError
+from vstream.models.heads import Head, load_in_place, register_head, trained_weights
 
 WEIGHTS = "projector.safetensors"
 
@@ -48,13 +48,6 @@ class ProjectorWeights(Head):
 
     @classmethod
     def attach(cls, chat_model, weights: str | None = None) -> ProjectorWeights:
-        saved, module = trained_weights("projector", weights, WEIGHTS), _projector(chat_model)
-        path = Path(weights) / WEIGHTS
-        own = module.state_dict()
-        if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
-            raise ModelLoadError(f"{path}: the weights are of another projector: "
-                                 f"{sorted((k, tuple(v.shape)) for k, v in saved.items())} against this model's "
-                                 f"{sorted((k, tuple(v.shape)) for k, v in own.items())}")
-        first = next(iter(own.values()))
-        module.load_state_dict({k: v.to(first.device, own[k].dtype) for k, v in saved.items()})
+        load_in_place(_projector(chat_model), trained_weights("projector", weights, WEIGHTS), Path(weights) / WEIGHTS,
+                      "projector")
         return cls(weights)

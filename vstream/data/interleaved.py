@@ -51,6 +51,22 @@ class InterleavedDocument:
     def images(self) -> list[str]:
         return [entry.value for entry in self.entries if entry.kind == "image"]
 
+    def image_texts(self) -> list[tuple[int, str]]:
+        """``(image number, text)`` for each image next to a paragraph: the paragraph just
+        before it (what a reader has read when the image comes, the order a model
+        generates in), else the one just after (a caption below it). Images numbered
+        in the document's order, as ``images``; an image between two images is left out."""
+        pairs, number = [], 0
+        for i, entry in enumerate(self.entries):
+            if entry.kind != "image":
+                continue
+            neighbours = [self.entries[j] for j in (i - 1, i + 1) if 0 <= j < len(self.entries)]
+            text = next((n.value for n in neighbours if n.kind == "text" and n.value.strip()), None)
+            if text is not None:
+                pairs.append((number, text.strip()))
+            number += 1
+        return pairs
+
 
 def read_interleaved(path) -> Iterator[InterleavedDocument]:
     """The documents of an OmniCorpus file (``.parquet``, or JSON Lines / a JSON array),
@@ -60,6 +76,25 @@ def read_interleaved(path) -> Iterator[InterleavedDocument]:
     rows = _parquet_rows(path) if path.suffix == ".parquet" else read_json_records(path)
     for index, row in rows:
         yield _document(row, f"{path}: row {index}", f"{path.stem}-{index}")
+
+
+def is_interleaved(path) -> bool:
+    """Whether ``path`` holds interleaved documents rather than conversation records: a
+    Parquet file, or a JSON file whose first record has ``texts`` and ``images``."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return True
+    first = next(read_json_records(path), None)
+    return first is not None and {"texts", "images"} <= set(first[1])
+
+
+def image_path(value: str, root) -> Path:
+    """The local file of an image entry ``value`` (a path, relative to ``root``);
+    ``DataError`` for a URL, which must be downloaded first."""
+    if "://" in value:
+        raise DataError(f"image {value!r} is a URL: download the documents' images first and name the local "
+                        "files in the data (vstream reads no network)")
+    return Path(root) / value
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
