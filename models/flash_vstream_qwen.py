@@ -21,17 +21,17 @@ What runs where:
 
 | reference | vstream |
 |---|---|
-| the ViT's blocks on each frame (448 px: ``max_pixels`` 4·224²), before the merger | ``MergedPatchEncoder(merged=False)``: 32×32 patches × 1280 a frame |
-| temporal memory: weighted k-means of the frames at half resolution into 60 centroids, ordered by mean member index | ``FlashMemory``'s synopsis: 60 centroids of the frames pooled to 16×16 patches, re-clustered on every frame (as its streaming code does) |
+| the ViT's blocks on each frame (448 px: ``max_pixels`` 4·224²) and on the frame at half size (its pixels averaged 2×2), before the merger | ``MergedPatchEncoder(merged=False, half_view=True)``: 32×32 patches × (1280 + 1280) a frame, the half view's 16×16 patches each over the 2×2 full patches it covers |
+| temporal memory: weighted k-means of the half-size frames into 60 centroids, ordered by mean member index | ``FlashMemory``'s synopsis: 60 centroids of the frames pooled to 16×16 patches (the half view exactly, beside the full view pooled), re-clustered on every frame (as its streaming code does) |
 | spatial memory: for the 30 heaviest clusters, the full-resolution frame nearest to the centroid | ``FlashMemory``'s detail: 30 frames, 32×32 patches, from the feature bank |
-| the merger on both | ``project``: the merger on each item, 2×2 patches a token |
+| the merger on both | ``project``: the merger on each item's view (a detail frame's full view, a centroid's half view), 2×2 patches a token |
 | spatial tokens, then temporal, placed by ``calc_am_rope`` | the same order and positions (``positions``) |
 
 Where vstream differs, and why:
 
-- the half-resolution view is the full view's patch features pooled 2×2, not a second
-  pass of the frame at half size through the tower: one tower pass a frame (the
-  reference runs 1.25), and ``FlashMemory`` pools every policy's synopsis so;
+- k-means and the detail frame's nearest-frame search compare both views (the half view
+  and the full view pooled to its grid), where the reference compares the half view alone:
+  the two views travel as one feature, which ``FlashMemory`` pools and banks as any other;
 - k-means runs in a seeded random projection (``FlashConfig.cluster_dim``) and starts
   from k-means++, where the reference clusters the full features from random frames:
   the same result for every run of a stream;
@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from vstream.encoders.merged_patches import MergedPatchEncoder, unmerged_windows
+from vstream.encoders.merged_patches import MergedPatchEncoder, full_view_patches, half_view_patches, unmerged_windows
 from vstream.errors import ModelLoadError
 from vstream.memory import BankConfig, FlashConfig
 
@@ -115,7 +115,8 @@ class FlashVStreamQwenModel(Qwen2VLModel):
 
     timed_memory = False
     frame_rate = 1.0  # time-axis positions a second: one a frame at vstream's default sampling
-    vision_tower_text = "Qwen2-VL's ViT, frames at 448 px, patch features before the merger (32x32 a frame)"
+    vision_tower_text = ("Qwen2-VL's ViT, frames at 448 px and at half size, patch features before the merger "
+                         "(32x32 a frame, the half view beside the full)")
     memory_text = "Flash (60 synopsis centroids at 16x16 patches, 30 detail frames at 32x32), the checkpoint's sizes"
     prompt_text = ("one video block: detail frames then synopsis centroids through the merger, M-RoPE positions "
                    "as the reference's calc_am_rope; the times in a line after it")
@@ -150,7 +151,8 @@ class FlashVStreamQwenModel(Qwen2VLModel):
         return cls(lm.to(device), tokenizer, name, processor, memory)
 
     def make_frame_encoder(self):
-        return MergedPatchEncoder(self.vision_tower(), self.image_processor, self.frame_grid, merged=False)
+        return MergedPatchEncoder(self.vision_tower(), self.image_processor, self.frame_grid, merged=False,
+                                  half_view=True)
 
     def memory_config(self) -> FlashConfig:
         return self.memory
@@ -159,11 +161,14 @@ class FlashVStreamQwenModel(Qwen2VLModel):
         return self.vision_tower().merger
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """One memory item's patch features ``[s*s, D]`` (raster order) -> its
-        ``[s*s/4, H]`` LLM embeddings through the merger."""
+        """One memory item's features ``[s*s, 2D]`` (raster order; the full and half views)
+        -> its ``[s*s/4, H]`` LLM embeddings: a detail frame's full view or a centroid's
+        half view through the merger."""
         merger = self.memory_projector()
         weight = next(merger.parameters())
-        return merger(unmerged_windows(features.to(weight.device, weight.dtype)))
+        detail = features.shape[0] == self.memory.detail_grid**2
+        view = full_view_patches(features) if detail else half_view_patches(features)
+        return merger(unmerged_windows(view.to(weight.device, weight.dtype)))
 
     def question_pieces(self, context: Context, question: str) -> list[Piece]:
         """The untimed user turn (``ChatModel.question_pieces``) with the memory block as

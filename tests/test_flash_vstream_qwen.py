@@ -53,7 +53,27 @@ def test_loads_the_released_layout_with_its_memory_settings(folder, model):
     assert (config.synopsis_length, config.detail_length) == (4, 2)
     assert (config.synopsis_grid, config.detail_grid, config.base_grid) == (16, 32, 32)
     encoder = model.frame_encoder
-    assert (encoder.grid, encoder.dim) == (32, 32)  # 32x32 patches of the tower's width, before the merger
+    assert (encoder.grid, encoder.dim) == (32, 64)  # 32x32 patches before the merger, full and half views
+
+
+def test_the_half_view_is_the_tower_on_the_frame_at_half_size(model):
+    """A frame of 2×2 pixel blocks: at half size (its pixels averaged 2×2) it is exactly
+    every other pixel, so the model's own processor and tower on that 64×64 image give the
+    half view's patches, which the features carry pooled 2×2 (each repeated over the 2×2
+    full patches it covers)."""
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    image = blocks.repeat(2, axis=0).repeat(2, axis=1)  # 128×128: the encoder's size, no resampling
+    features = model.frame_encoder.encode([image])[0].reshape(32, 32, 64)
+    half = features[..., 32:]
+    torch.testing.assert_close(half[0::2, 0::2], half[1::2, 1::2])  # one patch over each 2x2 block
+    batch = model.image_processor(images=[blocks], size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64},
+                                  return_tensors="pt")
+    with torch.inference_mode():
+        states = model.lm.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).last_hidden_state
+    theirs = states.reshape(8, 8, 2, 2, 32).permute(0, 2, 1, 3, 4).reshape(16, 16, 32)  # windows -> raster
+    torch.testing.assert_close(half[0::2, 0::2], theirs, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(features[0::2, 0::2, :32], theirs, atol=1e-2)  # not the full view
 
 
 def test_refuses_a_memory_method_it_does_not_run(tmp_path):
@@ -68,13 +88,13 @@ def test_refuses_a_memory_method_it_does_not_run(tmp_path):
 
 
 def test_a_frame_reaches_the_llm_as_the_models_own_image_path_gives_it(model):
-    """A frame's patch features through the memory's raster layout and ``project`` (the
-    merger) equal what Qwen2-VL's own ``get_image_features`` gives for that frame at the
-    same size: the detail memory feeds the LLM exactly the full-resolution frame."""
+    """A frame's features through the memory's raster layout and ``project`` (the merger on
+    its full view) equal what Qwen2-VL's own ``get_image_features`` gives for that frame at
+    the same size: the detail memory feeds the LLM exactly the full-resolution frame."""
     from PIL import Image
 
     image = frames(1)[0]
-    features = model.frame_encoder.encode([image])[0]  # [32*32, 32], raster order
+    features = model.frame_encoder.encode([image])[0]  # [32*32, 64], raster order, full view first
     ours = model.project(features)
     side = model.frame_encoder.side
     square = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC))
@@ -94,7 +114,7 @@ def test_positions_follow_calc_am_rope(model):
     tokens at p + 512 + (frame, h, w) on an 8x8 grid (frame = the span's middle), the text
     after from p + 512 + max(2 centroids, 8 rows) (reference: visual start + spatial size +
     the placeholder grid's extent)."""
-    detail, synopsis = torch.zeros(1024, 32), torch.zeros(256, 32)
+    detail, synopsis = torch.zeros(1024, 64), torch.zeros(256, 64)
     pieces = [Piece(text="Video:"), Piece(features=detail, evidence=(1.0, 1.0, "frame")),
               Piece(features=detail, evidence=(3.0, 3.0, "frame")),
               Piece(features=synopsis, evidence=(0.0, 2.0, "frame")),
