@@ -140,6 +140,22 @@ def test_memory_attention_resumes_bit_for_bit_and_honours_bfloat16(flash, stream
                                                                                      a["q_proj.weight"])
 
 
+def test_memory_attention_trains_on_top_of_an_earlier_runs_projector(flash, stream_data, tmp_path):
+    """A projector trained first, attached frozen through ``heads``: the attention then
+    learns on top of it, and the projector stays as the earlier run left it."""
+    train(config(flash, stream_data, tmp_path / "projector", train=["projector"], epochs=1), progress=False)
+    report = train(config(flash, stream_data, tmp_path / "attention", heads=[f"projector:weights={tmp_path / 'projector'}"]),
+                   progress=False)
+    assert report.held_out_after < report.held_out_before - 0.005
+    assert not (tmp_path / "attention" / "projector.safetensors").exists()
+    model = load_model(flash, device="cpu", heads=[f"projector:weights={tmp_path / 'projector'}",
+                                                   f"memory_attention:weights={tmp_path / 'attention'}"])
+    before = load_file(str(tmp_path / "projector" / "projector.safetensors"))
+    assert all(torch.equal(model.memory_projector().state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(ConfigError, match="TrainConfig.heads must be a list of head specs"):
+        config(flash, stream_data, tmp_path / "x", heads="projector")
+
+
 def test_memory_attention_needs_the_frames_and_a_checkpoints_attention(flash, stream_data, tmp_path):
     _, features = stream_data
     for file in features.iterdir():  # features extracted before the frames were kept: the same, without them
