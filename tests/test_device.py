@@ -172,3 +172,85 @@ def test_a_star_memory_on_cuda_keeps_what_the_cpu_keeps():
     torch.testing.assert_close(gpu.centroids.cpu(), cpu.centroids, rtol=1e-4, atol=1e-4)
     for memory in memories.values():
         memory.close()
+
+
+def scene_frames(count: int) -> list[np.ndarray]:
+    """``count`` 48×64 frames, three scenes taking turns (a colour block on noise)."""
+    rng = np.random.default_rng(7)
+    images = []
+    for i in range(count):
+        image = rng.integers(0, 40, (48, 64, 3), dtype=np.uint8)
+        image[4:40, 8:56] = [(255, 40, 40), (40, 220, 60), (30, 60, 250)][(i // 2) % 3]
+        images.append(image)
+    return images
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "flash_vstream_qwen", "llava_onevision"])
+def test_a_vlm_reads_its_memory_on_cuda_as_on_the_cpu(kind, tmp_path):
+    """The real-checkpoint adapters (tiny checkpoints in their layouts) in float32 on the
+    GPU and on the CPU: the same frames give memories of the same kinds and sizes, and the
+    question's first-token logits agree (tower, memory, projector or merger, M-RoPE
+    positions, all on the device)."""
+    import tiny_models
+
+    folder = {"qwen2_vl": lambda f: tiny_models.tiny_qwen2_vl(f, "2"),
+              "qwen2_5_vl": lambda f: tiny_models.tiny_qwen2_vl(f, "2.5"),
+              "flash_vstream_qwen": tiny_models.tiny_flash_vstream_qwen,
+              "llava_onevision": tiny_models.tiny_llava_onevision}[kind](tmp_path / kind)
+    logits, counts = {}, {}
+    for device in ("cpu", "cuda"):
+        model = load_model(str(folder), dtype="float32", device=device)
+        with Session(model, SessionConfig(asr=False, ocr=False, device=device)) as session:
+            for t, image in enumerate(scene_frames(7)):
+                session.push_frame(Frame(image, float(t), t), wait=True)
+            session.wait()
+            context = session.context("what is shown?")
+            counts[device] = context.memory.counts()
+            embedded = model.embed(model.question_pieces(context, "what is shown?"))
+            with torch.inference_mode():
+                kwargs = {} if embedded.positions is None else {"position_ids": embedded.positions}
+                logits[device] = model.lm(inputs_embeds=embedded.embeds, **kwargs).logits[0, -1].float().cpu()
+            assert session.ask("what is shown?").text is not None
+    assert counts["cuda"] == counts["cpu"]
+    torch.testing.assert_close(logits["cuda"], logits["cpu"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_training_runs_in_bfloat16_on_cuda_and_the_held_out_loss_falls(tmp_path):
+    """``vstream train`` on the GPU (precision ``auto``: bfloat16 autocast): a projector
+    trained on stored memories of two kinds of clip, the held-out loss falls and the
+    weights are saved in float32."""
+    import json
+
+    from safetensors.torch import load_file
+    from tiny_models import tiny_clip, tiny_flash_vstream
+
+    from vstream.data import RecordFeatures, write_features
+    from vstream.memory import MemoryTokens
+    from vstream.train import TrainConfig, train
+
+    clip = tiny_clip(tmp_path / "clip")
+    _, written = tiny_flash_vstream(tmp_path / "base", clip)
+    flash, _ = tiny_flash_vstream(tmp_path / "flash", clip, extra={"lm_head.weight": written["lm_head.weight"] * 20})
+    answers = ("the red square moves left", "a blue circle appears")
+    records, features = [], tmp_path / "features"
+    for i in range(40):
+        pattern = torch.randn(8, 48, generator=torch.Generator().manual_seed(100 + i % 2))
+        tokens = pattern + 0.3 * torch.randn(8, 48, generator=torch.Generator().manual_seed(i))
+        write_features(features, RecordFeatures(f"clip{i:02d}", MemoryTokens(tokens, ["spatial"] * 8,
+                                                                              [(float(i), float(i))] * 8),
+                                                [], f"clip{i:02d}.mp4"))
+        records.append({"id": f"clip{i:02d}", "video": f"clip{i:02d}.mp4",
+                        "conversations": [{"from": "human", "value": "<video>\nWhat happens in the video?"},
+                                          {"from": "gpt", "value": answers[i % 2]}]})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = TrainConfig(model=str(flash), data=str(data), features=str(features), out=str(tmp_path / "run"),
+                         held_out=0.25, epochs=3, learning_rate=3e-3, accumulate=2, checkpoint_every=4, device="cuda")
+    report = train(config, progress=False)
+    assert report.held_out_after < report.held_out_before - 0.05
+    weights = load_file(tmp_path / "run" / "projector.safetensors")
+    assert weights and all(tensor.dtype == torch.float32 for tensor in weights.values())
