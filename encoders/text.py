@@ -6,11 +6,12 @@
   ``AutoTokenizer`` / ``AutoModel.from_pretrained`` in float32. sentence-transformers is
   not imported: its pipeline for these models (transformer, pooling, L2 normalisation) is
   a few lines here, and a test checks the two agree.
-* **Hub ids: the cache first.** A hub id is looked up in the Hugging Face cache with
-  ``local_files_only=True``; only if it is not there is the hub asked, and not at all when
-  ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, read at load time. Without a
-  network, a hub id that is not cached fails at once with an ``EncoderError`` instead of
-  retrying for a minute; a cached model never waits on the network.
+* **Hub ids: the cache first**, as every model vstream loads
+  (``vstream.config.resolve_model_folder``): a hub id is read from the Hugging Face cache;
+  only if it is not there is the hub asked, and not at all when ``HF_HUB_OFFLINE`` (or
+  ``TRANSFORMERS_OFFLINE``) is set, read at load time. Without a network, a hub id that is
+  not cached fails at once with an ``EncoderError`` instead of retrying for a minute; a
+  cached model never waits on the network.
 * **Pooling and length follow the model's sentence-transformers files** where a model folder
   has them (``modules.json`` → the Pooling module's ``config.json``; ``sentence_bert_config.json``
   for ``max_seq_length``: 256 for MiniLM). Otherwise mean pooling over the attention mask, and
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vstream.config import JsonConfig, cache_first, hub_offline
+from vstream.config import JsonConfig, resolve_model_folder
 from vstream.errors import ConfigError, EncoderError
 
 if TYPE_CHECKING:
@@ -161,8 +162,10 @@ class TextEmbedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        folder = self._folder(self.config.model)
-        self.name = str(folder) if folder is not None else self.config.model
+        model = self.config.model
+        folder = (default_model_folder() if model is None
+                  else resolve_model_folder(model, "text model", error=EncoderError))
+        self.name = model or str(folder)
         device = self.config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,12 +175,12 @@ class TextEmbedder:
         self.device = torch.device(device)
         self._tokenizer = self._load(AutoTokenizer, folder, {})
         self._model = self._load(AutoModel, folder, {"dtype": torch.float32}).to(self.device).eval()
-        self.pooling = self.config.pooling or (_folder_pooling(folder) if folder else None) or "mean"
+        self.pooling = self.config.pooling or _folder_pooling(folder) or "mean"
         limits = [n for n in (getattr(self._tokenizer, "model_max_length", None),
                               getattr(self._model.config, "max_position_embeddings", None))
                   if _positive_int(n) and n < 1_000_000]
         limit = min(limits, default=512)
-        self.max_length = self.config.max_length or (_folder_max_length(folder) if folder else None) or limit
+        self.max_length = self.config.max_length or _folder_max_length(folder) or limit
         if self.max_length > limit:
             raise EncoderError(f"TextConfig.max_length {self.max_length} is more than model {self.name!r} takes "
                                f"({limit} tokens)")
@@ -189,34 +192,14 @@ class TextEmbedder:
                                f"embeddings to pool: {exc}") from None
         self._dim = probe.shape[1]
 
-    @staticmethod
-    def _folder(model: str | None) -> Path | None:
-        """The local folder ``model`` names, or None for a hub id."""
-        if model is None:
-            return default_model_folder()
-        path = Path(model).expanduser()
-        if path.is_dir():
-            return path
-        if path.exists():
-            raise EncoderError(f"text model {model!r} is a file; expected a model folder or a hub id")
-        if model.startswith((".", "/", "~")) or model.count("/") > 1:
-            raise EncoderError(f"text model folder {model!r} does not exist")
-        return None
-
-    def _load(self, auto, folder: Path | None, kwargs: dict):
-        """``auto.from_pretrained`` from the folder, or from the hub id: the cache first."""
+    def _load(self, auto, folder: Path, kwargs: dict):
+        """``auto.from_pretrained`` from the model's folder."""
         what = "tokenizer" if "Tokenizer" in auto.__name__ else "weights"
         try:
-            if folder is not None:
-                return auto.from_pretrained(str(folder), **kwargs)
-            return cache_first(lambda local: auto.from_pretrained(self.name, local_files_only=local, **kwargs))
+            return auto.from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError, KeyError) as exc:
-            if folder is None and isinstance(exc, OSError) and hub_offline():
-                raise EncoderError(f"text model {self.name!r}: no such folder, and its {what} are not in the "
-                                   "Hugging Face cache (HF_HUB_OFFLINE is set, so the hub was not asked); download "
-                                   "it once with a network or pass a local folder") from None
-            raise EncoderError(f"cannot load the {what} of text model {self.name!r} (neither a model folder nor "
-                               f"a hub id it can fetch, or not a transformers text encoder): {exc}") from None
+            raise EncoderError(f"cannot load the {what} of text model {self.name!r} (not the folder of a "
+                               f"transformers text encoder): {exc}") from None
 
     @property
     def dim(self) -> int:

@@ -51,9 +51,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from vstream.config import JsonConfig, check_choice, check_int
+from vstream.config import JsonConfig, check_choice, check_int, resolve_model_folder
 from vstream.device import check_device, resolve_device
-from vstream.encoders.registry import encode_batched, is_hub_id, register_encoder
+from vstream.encoders.registry import encode_batched, register_encoder
 from vstream.errors import ConfigError, EncoderError
 
 _TOWER_CLASSES = {
@@ -122,18 +122,6 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def _check_location(model: str) -> str:
-    """``model`` as a local folder or a hub id; refuses a path that is not a folder."""
-    path = os.path.expanduser(model)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise EncoderError(f"vision model {model!r} is a file; expected a model folder or a hub id")
-    if path.startswith(("/", ".", "~")) or not is_hub_id(model):
-        raise EncoderError(f"vision model folder {model!r} does not exist (and it is not a hub id 'org/name')")
-    return model
-
-
 @register_encoder("vision")
 class VisionEncoder:
     """Patch features from the vision tower of a CLIP, SigLIP or VLM checkpoint.
@@ -167,7 +155,7 @@ class VisionEncoder:
         if not isinstance(config, VisionConfig):
             raise ConfigError(f"VisionEncoder: config must be a VisionConfig, got {type(config).__name__}")
         self.config = config
-        source = _check_location(config.model)
+        source = str(resolve_model_folder(config.model, "vision model", error=EncoderError))
         try:
             model_config = AutoConfig.from_pretrained(source)
         except (OSError, ValueError, KeyError) as exc:

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vstream.config import cache_first
+from vstream.config import resolve_model_folder
 from vstream.errors import ModelLoadError
 from vstream.memory import SemanticAttention, StarConfig
 
@@ -99,24 +99,6 @@ def register_config() -> None:
 def _listing(keys) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-
-
-def _local_folder(name: str) -> Path:
-    """``name`` as a local folder: itself, or the hub snapshot of a hub id (without
-    ``.bin`` weights when the repository has safetensors)."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return folder
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(cache_first(lambda local: snapshot_download(
-            name, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack"], local_files_only=local)))
-        if any(folder.glob("*.safetensors")):
-            return folder
-        return Path(cache_first(lambda local: snapshot_download(name, local_files_only=local)))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot find the Flash-VStream checkpoint {name!r}: {exc}") from exc
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -238,7 +220,7 @@ class FlashVStreamModel(ChatModel):
         from transformers import AutoTokenizer
 
         config_class, lm_class = _classes()
-        folder = _local_folder(name)
+        folder = resolve_model_folder(name, "Flash-VStream checkpoint")
         config = load_pretrained(config_class, str(folder), "Flash-VStream config")
         if getattr(config, "mm_use_4_vision_tokens", False):
             raise ModelLoadError(f"{name!r}: mm_use_4_vision_tokens (2×2 patches per token) is not supported")

@@ -10,8 +10,9 @@
   ``AutoencoderKL``, ``scheduler/`` any diffusers scheduler). The features are the UNet's
   ``encoder_hidden_states``; when D differs from its ``cross_attention_dim`` they pass
   through the linear map in ``projection.safetensors`` (``weight [C, D]``, ``bias [C]``)
-  if a local folder has one (it is not fetched for a hub id), else through a fixed random map (seed 0, scaled by 1/√D) that
-  keeps the pipeline running but carries no trained meaning. Needs ``pip install
+  if the folder (or the hub id's snapshot) has one, else through a fixed random map (seed 0,
+  scaled by 1/√D) that keeps the pipeline running but carries no trained meaning. A hub id
+  is found as every model is (``vstream.config.resolve_model_folder``), only these files. Needs ``pip install
   'vstream[generate]'`` (diffusers).
 
 ``create_decoder(name, memory)``: ``"retrieval"`` or a diffusion decoder's hub id or folder.
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vstream.config import JsonConfig, cache_first, check_int
+from vstream.config import JsonConfig, check_int, resolve_model_folder
 from vstream.errors import ConfigError, ModelLoadError
 from vstream.kernels import pool_grid
 from vstream.memory import StreamMemory
@@ -133,17 +134,17 @@ class DiffusionDecoder(ImageDecoder):
         except ImportError:
             raise ModelLoadError("the diffusion decoder needs diffusers: pip install 'vstream[generate]'") from None
         name = str(name)
-        folder = Path(name)
-        if folder.exists():
-            missing = [part for part in PARTS if not (folder / part).is_dir()]
-            if not folder.is_dir() or missing:
-                raise ModelLoadError(f"diffusion decoder {name!r}: expected the diffusers layout with subfolders "
-                                     f"{', '.join(PARTS)}; missing {', '.join(missing) or 'all (not a folder)'}")
-        unet = load_pretrained(diffusers.UNet2DConditionModel, name, "diffusion UNet", subfolder="unet",
+        folder = resolve_model_folder(name, "diffusion decoder", allow_patterns=[f"{part}/*" for part in PARTS]
+                                      + [PROJECTION])
+        missing = [part for part in PARTS if not (folder / part).is_dir()]
+        if missing:
+            raise ModelLoadError(f"diffusion decoder {name!r}: expected the diffusers layout with subfolders "
+                                 f"{', '.join(PARTS)}; missing {', '.join(missing)}")
+        unet = load_pretrained(diffusers.UNet2DConditionModel, str(folder), "diffusion UNet", subfolder="unet",
                                torch_dtype=dtype)
-        vae = load_pretrained(diffusers.AutoencoderKL, name, "diffusion VAE", subfolder="vae", torch_dtype=dtype)
-        scheduler_class = _scheduler_class(diffusers, name)
-        scheduler = load_pretrained(scheduler_class, name, "diffusion scheduler", subfolder="scheduler")
+        vae = load_pretrained(diffusers.AutoencoderKL, str(folder), "diffusion VAE", subfolder="vae", torch_dtype=dtype)
+        scheduler_class = _scheduler_class(diffusers, name, folder)
+        scheduler = load_pretrained(scheduler_class, str(folder), "diffusion scheduler", subfolder="scheduler")
         if unet.config.addition_embed_type is not None:
             raise ModelLoadError(f"diffusion decoder {name!r}: UNet addition_embed_type "
                                  f"{unet.config.addition_embed_type!r} is not supported (only plain cross-attention)")
@@ -193,18 +194,10 @@ def _seeded_projection(dim: int, width: int) -> torch.nn.Linear:
     return projection
 
 
-def _scheduler_class(diffusers, name: str):
-    """The scheduler class named in ``scheduler/scheduler_config.json``."""
-    from huggingface_hub import hf_hub_download
-
-    folder = Path(name)
+def _scheduler_class(diffusers, name: str, folder: Path):
+    """The scheduler class named in ``scheduler/scheduler_config.json`` of decoder ``name``'s ``folder``."""
     try:
-        if folder.exists():
-            path = folder / "scheduler" / "scheduler_config.json"
-        else:
-            path = cache_first(lambda local: hf_hub_download(name, "scheduler_config.json", subfolder="scheduler",
-                                                             local_files_only=local))
-        class_name = json.loads(Path(path).read_text()).get("_class_name")
+        class_name = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"diffusion decoder {name!r}: cannot read scheduler/scheduler_config.json ({exc})") from None
     scheduler = getattr(diffusers, str(class_name), None)

@@ -12,14 +12,13 @@ renamed into place, and every later load reads that folder (about a second).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from vstream.config import cache_dir, cache_first, package_folder
+from vstream.config import cache_dir, package_folder, resolve_model_folder
 from vstream.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -70,16 +69,14 @@ def resolve(name: str | None) -> str:
 
 
 def load_pretrained(loader, name: str, what: str, **kwargs):
-    """``loader.from_pretrained(name, **kwargs)``, with loading failures as
-    ``ModelLoadError`` naming the model: a missing folder, a hub id that is neither
-    cached nor reachable, or files that do not fit their config. A hub id is looked up
-    in the local cache first, so a cached model never waits on the network."""
-    folder = Path(name)
-    if not folder.exists() and (os.sep in name or name.startswith(".")) and name.count("/") != 1:
-        raise ModelLoadError(f"{what} {name!r}: no such folder")
+    """``loader.from_pretrained`` of the folder ``name`` resolves to
+    (``vstream.config.resolve_model_folder``: a local folder, the Hugging Face cache, then
+    the hub), with loading failures as ``ModelLoadError`` naming the model: a missing
+    folder, a hub id that is neither cached nor reachable, or files that do not fit their
+    config."""
+    folder = resolve_model_folder(name, what)
     try:
-        return cache_first(lambda local: loader.from_pretrained(name, local_files_only=local, **kwargs),
-                           remote=not folder.exists())
+        return loader.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {what} {name!r}: {first_line}") from exc

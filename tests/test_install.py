@@ -103,3 +103,11 @@ def test_a_stage_imports_without_the_decoders_or_transformers(module, tmp_path):
     lazy = subprocess.run([sys.executable, "-c", "import vstream; print(vstream.open_source.__module__)"],
                           capture_output=True, text=True, check=False, cwd=tmp_path, timeout=120)
     assert lazy.stdout.strip() == "vstream.ingest.open"  # and the names still work, loaded on first use
+    every = ("import vstream\n"
+             "exec(f'from vstream import {\", \".join(vstream.__all__)}')\n"
+             "print(sorted(set(vstream.__all__) - set(dir(vstream))),\n"
+             "      sorted({'open_source', 'probe', 'Frame', 'AudioChunk', 'Session', 'Dialogue'} - set(vstream.__all__)))")
+    names = subprocess.run([sys.executable, "-c", every], capture_output=True, text=True, check=False, cwd=tmp_path,
+                           timeout=120)
+    assert names.returncode == 0, names.stderr  # `from vstream import X` for every public name
+    assert names.stdout.split() == ["[]", "[]"]  # dir(vstream) lists them all; DESIGN.md's names are among them

@@ -1,15 +1,18 @@
 """Config plumbing every stage shares: JSON round trip and value checks for the
-config dataclasses, and the cache folder. Importable without torch."""
+config dataclasses, the cache folder, and where a model's files are
+(``resolve_model_folder``: a local folder, the Hugging Face cache, then the hub).
+Importable without torch."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from vstream.errors import ConfigError
+from vstream.errors import ConfigError, ModelLoadError, VStreamError
 
 
 def cache_dir() -> Path:
@@ -18,25 +21,91 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VSTREAM_CACHE") or Path.home() / ".cache" / "vstream")
 
 
-def hub_offline() -> bool:
-    """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE`` or
-    ``TRANSFORMERS_OFFLINE`` set to 1/true/yes/on), read at each call."""
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def offline_variables() -> list[str]:
+    """The variables that switch the Hugging Face hub off (``HF_HUB_OFFLINE``,
+    ``TRANSFORMERS_OFFLINE``) set to 1/true/yes/on, read at each call: empty when online."""
+    return [name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+            if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")]
 
 
-def cache_first(fetch, remote: bool = True):
-    """How every model loader finds its files: ``fetch(True)`` reads a local folder or the
-    Hugging Face cache only (``local_files_only=True``); only when that raises ``OSError``,
-    ``remote`` is true (not a local folder) and the hub is not switched off
-    (``hub_offline``) is ``fetch(False)`` allowed to download. A cached model never waits
-    on the network."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+"""A Hugging Face hub repository id: ``owner/name`` (or a canonical ``name``)."""
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+"""The PyTorch weight files a model folder holds, safetensors preferred."""
+OTHER_FORMATS = ["*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.ot", "*.tflite", "*.gguf", "*.ckpt", "*.mlmodel",
+                 "onnx/*", "openvino/*", "coreml/*"]
+"""Files of a hub repository no PyTorch loader reads (TensorFlow, Flax, ONNX, GGUF...): never downloaded."""
+
+
+def resolve_model_folder(name_or_path: str | os.PathLike, what: str = "model", cache_dir: str | os.PathLike | None = None,
+                         allow_patterns: list[str] | None = None, error: type[VStreamError] = ModelLoadError) -> Path:
+    """The local folder of a model, how every model loader finds its files:
+
+    1. ``name_or_path`` itself when it is a folder;
+    2. for a hub id (``owner/name``), its snapshot in the Hugging Face cache
+       (``cache_dir``, default ``HF_HUB_CACHE``) when it holds weights: a cached
+       model never waits on the network;
+    3. else, unless the hub is switched off (``offline_variables``), the snapshot downloaded:
+       safetensors only when the repository has them (``.bin`` otherwise), never other
+       frameworks' files (``OTHER_FORMATS``); ``allow_patterns``: only these files (a
+       loader that reads part of a repository).
+
+    ``what`` names the model in errors ("language model", "text model"...).
+
+    Raises:
+        error (``ModelLoadError`` unless the caller's stage has its own): a path that is not
+        a folder, a name that is neither a folder nor a hub id, a hub id that is not
+        cached while the hub is offline (naming the variable that says so), or one the
+        hub cannot give.
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise error(f"{what} {name!r} is a file; expected a model folder or a hub id")
+    if name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name) or "--" in name or ".." in name:
+        raise error(f"{what} {name!r}: no such folder (the path does not exist and is not a hub id 'owner/name')")
+    from huggingface_hub import constants, snapshot_download
+
+    cached = _cached_snapshot(name, cache_dir)
+    if cached is not None and _holds_weights(cached):
+        return cached
+    offline = offline_variables()
+    if offline:
+        where = cache_dir or constants.HF_HUB_CACHE
+        state = "is in the Hugging Face cache without its weights" if cached else "is not in the Hugging Face cache"
+        switched_off = f"{' and '.join(offline)} {'are' if len(offline) > 1 else 'is'} set"
+        raise error(f"cannot load {what} {name!r}: not a local folder, and it {state} ({where}), and the hub is "
+                    f"offline ({switched_off}, so it was not asked); download it once with a network "
+                    f"(hf download {name}) or pass a local folder")
     try:
-        return fetch(True)
-    except OSError:
-        if not remote or hub_offline():
-            raise
-        return fetch(False)
+        folder = Path(snapshot_download(name, cache_dir=cache_dir, allow_patterns=allow_patterns,
+                                        ignore_patterns=[*OTHER_FORMATS, *WEIGHT_FILES[1:]]))
+        if not any(folder.rglob(WEIGHT_FILES[0])):  # no safetensors: the PyTorch pickles, then
+            folder = Path(snapshot_download(name, cache_dir=cache_dir, allow_patterns=allow_patterns,
+                                            ignore_patterns=OTHER_FORMATS))
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"cannot load {what} {name!r}: not a local folder, not in the Hugging Face cache, and the hub "
+                    f"did not give it: {first_line}") from exc
+    return folder
+
+
+def _cached_snapshot(name: str, cache_dir: str | os.PathLike | None) -> Path | None:
+    """The cached snapshot folder of hub id ``name`` (the revision ``main`` points to), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, cache_dir=cache_dir, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        return None
+
+
+def _holds_weights(folder: Path) -> bool:
+    """Whether a snapshot holds weight files (in any subfolder): a partial download
+    (only ``config.json``, from a config lookup) does not."""
+    return any(next(folder.rglob(pattern), None) is not None for pattern in WEIGHT_FILES)
 
 
 def package_folder(package: str) -> Path | None:
