@@ -10,7 +10,7 @@ server stays silent). Replies to earlier requests that timed out are skipped. A
         for frame in vstream.open_source("clip.mp4", audio=False):
             client.send_frame(stream, frame)     # False: the server is full (busy)
         answer = client.ask(stream, "what happened?", last=60, on_token=print)
-        print(answer["answer"], answer["evidence"][0])
+        print(answer["answer"], *evidence_lines(answer["evidence"][:3]), sep="\n")  # vstream.types
         client.close_stream(stream)              # saved on the server; open_stream(resume=stream) reopens it
 
 Errors the server sends back raise ``ServerError`` (its ``code`` is one of
