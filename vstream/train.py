@@ -168,8 +168,9 @@ class TrainReport:
     """What a run did: optimizer ``steps`` in all, the mean training loss of the last
     epoch, the held-out loss ``before`` and ``after`` and the held-out answers' mean
     open-answer score (``vstream eval``'s ``score_open``) after (None with no held-out
-    samples, or for a run stopped early), the samples (question-answer pairs) on each
-    side, and the trained weights' folder."""
+    samples, for a run stopped early, or for ``multigranular``, which gives no answers),
+    the samples (question-answer pairs, or images and their paragraphs) on each side,
+    and the trained weights' folder."""
 
     steps: int
     train_loss: float
