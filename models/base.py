@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from vstream.errors import ModelLoadError
+from vstream.errors import ConfigError, ModelLoadError
 
 from .generation import GenerationConfig, attention_shares, generate_tokens, position_kwargs, stop_ids
 from .prompt import (
@@ -256,7 +256,27 @@ class ChatModel:
         needs). ``routing(visual)`` wraps the forward, ``visual`` the ``[1, L]`` mask of
         memory tokens (default: the attached heads' ``routing``)."""
         stop = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        ids = torch.tensor([self.tokenizer(target, add_special_tokens=False).input_ids + stop], device=self.device)
+        ids = self.tokenizer(target, add_special_tokens=False).input_ids + stop
+        logits = self._answer_logits(pieces, ids, routing, history)
+        return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids, device=logits.device))
+
+    def answer_logprobs(self, pieces: list[Piece], target: str, history: Turns = ()) -> tuple[torch.Tensor, bool]:
+        """``[T]``: the log-probability of each of ``target``'s tokens (no end of text) as the
+        start of the answer to the user turn ``pieces`` after ``history``; and whether greedy
+        decoding would produce them all. How a harness scores a multiple-choice option."""
+        ids = self.tokenizer(target, add_special_tokens=False).input_ids
+        if not ids:
+            raise ConfigError(f"answer_logprobs: {target!r} has no tokens to score")
+        with torch.inference_mode():
+            logits = self._answer_logits(pieces, ids, None, history).float()
+        chosen = torch.tensor(ids, device=logits.device)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0]
+        return logprobs.cpu(), bool((logits.argmax(dim=-1) == chosen).all())
+
+    def _answer_logits(self, pieces: list[Piece], ids: list[int], routing: Callable | None,
+                       history: Turns) -> torch.Tensor:
+        """``[len(ids), vocab]``: the logits that predict each of ``ids`` as the answer."""
+        ids = torch.tensor([ids], device=self.device)
         embedded = self.embed(pieces, SYSTEM_PROMPT, history)
         with torch.no_grad():  # the answer's tokens are data
             answer = self.lm.get_input_embeddings()(ids)
@@ -264,7 +284,7 @@ class ChatModel:
         visual = torch.cat([embedded.visual, torch.zeros(ids.shape, dtype=torch.bool)], dim=1)
         with (routing or self.routing)(visual):
             logits = self.lm(inputs_embeds=embeds, **position_kwargs(embedded.positions, ids.shape[1])).logits
-        return torch.nn.functional.cross_entropy(logits[0, -ids.shape[1] - 1:-1].float(), ids[0].to(logits.device))
+        return logits[0, -ids.shape[1] - 1:-1]
 
     def add_head(self, head) -> None:
         """Attach a model head (``vstream.models.heads``): it sees every generation
