@@ -49,6 +49,12 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
     return f"{doc['question']}\\n{options}\\nAnswer with the option's letter."
 
 
+def doc_to_images(doc):  # an image task: each image is a frame of the stream
+    from PIL import Image
+
+    return [Image.new("RGB", (64, 48), tuple(colour)) for colour in doc["colours"]]
+
+
 def doc_to_choice(doc):
     return doc["options"]
 
@@ -79,6 +85,19 @@ generation_kwargs:
   max_new_tokens: 4
   temperature: 0
   do_sample: false
+process_results: !function utils.process_results
+metric_list:
+  - metric: accuracy
+    aggregation: mean
+    higher_is_better: true
+""",
+    "vstream_tiny_images": """output_type: generate_until
+doc_to_visual: !function utils.doc_to_images
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 4
+  until: ["\\n"]
 process_results: !function utils.process_results
 metric_list:
   - metric: accuracy
@@ -122,6 +141,8 @@ QUESTIONS = [  # two questions about one clip (one session, fed once) and one ab
     {"video": "short.mp4", "question": "What colour is the screen?",
      "options": ["Red", "Green", "Blue", "Black"], "answer": "A"},
 ]
+IMAGE_QUESTIONS = [{"colours": [[220, 30, 30], [30, 30, 220]], "question": "What colour comes last?",
+                    "options": ["Red", "Blue"], "answer": "B"}]
 FORWARD = [{"id": "scenes", "task": "CRR", "video": "scenes.mp4", "answer": "",
             "question": "Is the screen green?",
             "test_info": [{"realtime": t, "type": int(t > 4.5)} for t in ROUND_TIMES]}]
@@ -146,7 +167,7 @@ def task_folder(lmms_eval, tmp_path_factory) -> Path:
     (folder / "utils.py").write_text(TASK_UTILS)
     for name, body in TASKS.items():
         docs = folder / f"{name}.jsonl"
-        rows = FORWARD if "ovo" in name else QUESTIONS
+        rows = FORWARD if "ovo" in name else IMAGE_QUESTIONS if "images" in name else QUESTIONS
         docs.write_text("".join(json.dumps(row) + "\n" for row in rows))
         header = COMMON.format(docs=docs)
         (folder / f"{name}.yaml").write_text(f"task: {name}\n{header}{body.format(chunks=chunks)}")
@@ -182,6 +203,7 @@ def test_lmms_eval_cli_scores_local_tasks_with_vstream(task_folder, flash_model,
     assert 0.0 <= results["vstream_tiny_videoqa"]["accuracy,none"] <= 1.0
     assert 0.0 <= results["vstream_tiny_choice"]["acc,none"] <= 1.0
     assert 0.0 <= results["vstream_tiny_ovo_forward"]["forward_acc,none"] <= 100.0
+    assert 0.0 <= results["vstream_tiny_images"]["accuracy,none"] <= 1.0
     assert scores["n-samples"]["vstream_tiny_videoqa"]["effective"] == len(QUESTIONS)
     assert scores["config"]["model"] == "vstream"
 
@@ -238,3 +260,16 @@ def test_option_scores_rank_the_models_own_answer_first(tmp_path):
     assert all(scored[own][0][0] >= logprobs[0] for logprobs, _ in scored.values())
     assert all(bool((logprobs < 0).all()) and len(logprobs) == len(model.tokenizer(option, add_special_tokens=False).input_ids)
                for option, (logprobs, _) in scored.items())
+
+
+def test_generation_kwargs_map_to_vstreams_generation(lmms_eval):
+    from vstream.errors import ConfigError
+    from vstream.lmms import generation_config
+
+    default = GenerationConfig(max_new_tokens=64, temperature=0.0)
+    greedy = generation_config({"max_new_tokens": 16, "temperature": 0.7, "do_sample": False}, default)
+    assert (greedy.max_new_tokens, greedy.temperature) == (16, 0.0)
+    sampled = generation_config({"temperature": 0.7, "do_sample": True, "top_p": 0.9}, default)
+    assert (sampled.max_new_tokens, sampled.temperature, sampled.top_p) == (64, 0.7, 0.9)
+    with pytest.raises(ConfigError, match="num_beams=4"):
+        generation_config({"num_beams": 4}, default)
