@@ -28,9 +28,10 @@ from vstream.ingest.video import DecordDecoder, FileIndex, PyAVDecoder, as_array
 log = logging.getLogger(__name__)
 
 DECORD, PYAV = DecordDecoder.name, PyAVDecoder.name
-TRIAL_FRAMES = 8  # frames each decoder reads in a trial round
+TRIAL_FRAMES = 16  # frames each decoder reads in a trial round
+TRIAL_WARMUP = 4  # of which the first are not counted: a decoder's frame threads fill up on them
 TRIAL_ROUNDS = 2  # alternating rounds, each decoder's best counting: one slow spell of a busy machine does not decide
-TRIAL_SECONDS = 0.15  # a round stops once past this, so a slow decode (4K, software AV1) still opens quickly
+TRIAL_SECONDS = 0.1  # a round stops once past this, so a slow decode (4K, software AV1) still opens quickly
 DECORD_MARGIN = 1.05  # decord must be this much faster to be chosen: PyAV never needs a fallback
 
 
@@ -94,8 +95,10 @@ def open_video_decoder(uri: str, index: FileIndex, size: tuple[int, int], thread
 
 
 def _decord_reader(uri: str, index: FileIndex, size: tuple[int, int], threads: int):
-    """A ``decord.VideoReader`` of ``uri`` at ``size``, or None where decord does not read
-    the file with the frames and times of ``index`` (the reason logged); at frame 0."""
+    """A ``decord.VideoReader`` of ``uri`` at ``size``, at frame 0, or None where decord
+    does not read the file with the frames and times of ``index`` (the reason logged).
+    Its pictures are checked as they come (``DecordDecoder``), not decoded here: that
+    cost a frame's decoding and a seek back on every open."""
     if index.declared_frames > 2 * len(index) + 16:
         # decord sizes its tables by the header: a damaged one claiming billions of frames
         # aborts the whole process (std::bad_alloc) where Python cannot catch it
@@ -113,16 +116,6 @@ def _decord_reader(uri: str, index: FileIndex, size: tuple[int, int], threads: i
     if len(theirs) != len(index) or not np.allclose(theirs + index.video_start, index.times, atol=2e-3):
         log.debug("decord disagrees with the demuxer on the frames of %s; using PyAV", uri)
         return None
-    # decord2 3.4 returns garbage in 4 channels at some sizes (96x64, 48x32): check one frame
-    try:
-        shape = tuple(reader[0].shape) if len(reader) else (size[1], size[0], 3)
-    except Exception as e:  # noqa: BLE001 - decord's own error type: a damaged first frame
-        log.debug("decord cannot decode the first frame of %s (%s); using PyAV", uri, e)
-        return None
-    if shape != (size[1], size[0], 3):
-        log.debug("decord decodes %s as %s, not %sx%s RGB; using PyAV", uri, shape, *size)
-        return None
-    reader.seek(0)  # where a DecordDecoder starts
     return reader
 
 
@@ -151,18 +144,19 @@ def _measure(reader, uri: str, index: FileIndex, size: tuple[int, int], threads:
 
 
 def _rate(decoder: DecordDecoder | PyAVDecoder, trial: list[int]) -> float:
-    """Frames per second ``decoder`` reads ``trial`` at, pixels copied out, from its first
-    frame on (the start-up before it not counted; over it where ``trial`` is one frame),
-    stopping once past ``TRIAL_SECONDS`` with a frame counted."""
-    began = first = time.perf_counter()
-    counted = 0
-    for n, (_, pixels) in enumerate(decoder.frames(trial)):
+    """Frames per second ``decoder`` reads ``trial`` at, pixels copied out, not counting
+    its first ``TRIAL_WARMUP`` frames (its frame threads fill up on them) unless ``trial``
+    is shorter or ``TRIAL_SECONDS`` pass first (then all count: a decoder that slow needs
+    no precision); it stops once past ``TRIAL_SECONDS``."""
+    warmup = min(TRIAL_WARMUP, len(trial) - 1)
+    began = now = time.perf_counter()
+    counting_from, uncounted, n = began, 0, 0
+    for n, (_, pixels) in enumerate(decoder.frames(trial), start=1):
         as_array(pixels)
         now = time.perf_counter()
-        if n == 0 and len(trial) > 1:
-            first = now
-        else:
-            counted += 1
-        if counted and now - began > TRIAL_SECONDS:
+        if now - began > TRIAL_SECONDS:
             break
-    return counted / (now - first) if counted else 0.0
+        if n == warmup:
+            counting_from, uncounted = now, n
+    counted = n - uncounted
+    return counted / (now - counting_from) if counted else 0.0

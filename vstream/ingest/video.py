@@ -186,8 +186,8 @@ class PyAVDecoder:
 
 class DecordDecoder:
     """Decodes chosen frames with decord, one ``next()`` per frame, seeking only over a
-    gap; on a decord failure it hands the rest to PyAV, so a damaged file still yields
-    every frame PyAV can decode.
+    gap; on a decord failure (an error, or a first picture of the wrong shape) it hands
+    the rest to PyAV, so a damaged file still yields every frame PyAV can decode.
 
     ``next()`` rather than ``get_batch``: a batch is decoded into a fresh N-frame buffer
     and copied again into numpy; one frame at a time is one copy, into a buffer the
@@ -201,6 +201,7 @@ class DecordDecoder:
         self.reader = reader
         self.uri = uri
         self._pyav_settings = (index, size, threads)
+        self._shape = (size[1], size[0], 3)  # what each picture should be, checked on the first
         self._fallback: PyAVDecoder | None = None  # opened only when decord fails
         self._decoded = 0
         self._next = 0  # the frame ``reader.next()`` returns
@@ -227,6 +228,9 @@ class DecordDecoder:
                 if i != self._next:
                     self.reader.seek_accurate(i)
                 pixels = self.reader.next()
+                if self._decoded == 0 and pixels.shape != self._shape:
+                    # decord2 3.4 returns garbage in 4 channels at some sizes (96x64, 48x32)
+                    raise ValueError(f"it decoded a {pixels.shape} picture, not {self._shape}")
             except Exception as e:  # decord raises its own error types, RuntimeError, StopIteration
                 log.warning("decord failed at frame %d of %s (%s); continuing with PyAV", i, self.uri, e)
                 self._next = -1  # unknown: seek before the next read
