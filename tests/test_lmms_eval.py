@@ -28,25 +28,18 @@ ROUND_TIMES = (2.0, 4.0, 6.0)  # the forward question's rounds: the clip up to t
 SCENES = [(0.0, (220, 30, 30)), (2.5, (30, 30, 220)), (4.5, (30, 200, 30))]
 
 TASK_UTILS = '''
-import os
-
 from lmms_eval.tasks.ovobench.utils import (  # noqa: F401 - lmms-eval's OVO-Bench, as the yaml names it
     ovo_doc_to_visual,
     ovo_forward_acc,
     ovo_forward_doc_to_text,
     ovo_forward_process_results,
 )
-
-VIDEOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "videos")
-
-
-def doc_to_visual(doc):
-    return [os.path.join(VIDEOS, doc["video"])]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    options = "\\n".join(f"{chr(65 + i)}. {option}" for i, option in enumerate(doc["options"]))
-    return f"{doc['question']}\\n{options}\\nAnswer with the option's letter."
+from lmms_eval.tasks.videomme.utils import (  # noqa: F401 - and its Video-MME (clips in $HF_HOME/videomme/data)
+    videomme_aggregate_results,
+    videomme_doc_to_text,
+    videomme_doc_to_visual,
+    videomme_process_results,
+)
 
 
 def doc_to_images(doc):  # an image task: each image is a frame of the stream
@@ -55,16 +48,20 @@ def doc_to_images(doc):  # an image task: each image is a frame of the stream
     return [Image.new("RGB", (64, 48), tuple(colour)) for colour in doc["colours"]]
 
 
-def doc_to_choice(doc):
-    return doc["options"]
+def doc_to_choice(doc):  # Video-MME by option likelihood: the options' letters
+    return [option[0] for option in doc["options"]]
 
 
 def doc_to_target(doc):
-    return "ABCD".index(doc["answer"])
+    return doc_to_choice(doc).index(doc["answer"])
 
 
-def process_results(doc, results):
-    return {"accuracy": float(results[0].strip()[:1].upper() == doc["answer"])}
+def images_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"] + " " + " or ".join(doc["options"]) + "?"
+
+
+def images_results(doc, results):
+    return {"accuracy": float(results[0].strip().lower() == doc["answer"].lower())}
 '''
 
 COMMON = """dataset_path: json
@@ -75,45 +72,50 @@ test_split: test
 metadata:
   version: 0.0
 """
+VIDEOMME_PROMPT = """lmms_eval_specific_kwargs:
+  default:
+    pre_prompt: ""
+    post_prompt: "Answer with the option's letter from the given choices directly."
+"""
 
-TASKS = {
-    "vstream_tiny_videoqa": """output_type: generate_until
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
+TASKS = {  # Video-MME's functions with a local dataset, an image task, Video-MME by likelihood, OVO-Bench forward
+    "vstream_tiny_videomme": """output_type: generate_until
+doc_to_visual: !function utils.videomme_doc_to_visual
+doc_to_text: !function utils.videomme_doc_to_text
 doc_to_target: answer
 generation_kwargs:
   max_new_tokens: 4
   temperature: 0
   do_sample: false
-process_results: !function utils.process_results
+process_results: !function utils.videomme_process_results
 metric_list:
-  - metric: accuracy
-    aggregation: mean
+  - metric: videomme_perception_score
+    aggregation: !function utils.videomme_aggregate_results
     higher_is_better: true
-""",
+""" + VIDEOMME_PROMPT,
     "vstream_tiny_images": """output_type: generate_until
 doc_to_visual: !function utils.doc_to_images
-doc_to_text: !function utils.doc_to_text
+doc_to_text: !function utils.images_text
 doc_to_target: answer
 generation_kwargs:
   max_new_tokens: 4
   until: ["\\n"]
-process_results: !function utils.process_results
+process_results: !function utils.images_results
 metric_list:
   - metric: accuracy
     aggregation: mean
     higher_is_better: true
 """,
     "vstream_tiny_choice": """output_type: multiple_choice
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
+doc_to_visual: !function utils.videomme_doc_to_visual
+doc_to_text: !function utils.videomme_doc_to_text
 doc_to_choice: !function utils.doc_to_choice
 doc_to_target: !function utils.doc_to_target
 metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-""",
+""" + VIDEOMME_PROMPT,
     "vstream_tiny_ovo_forward": """output_type: generate_until_multi_round
 doc_to_visual: !function utils.ovo_doc_to_visual
 doc_to_text: !function utils.ovo_forward_doc_to_text
@@ -133,19 +135,24 @@ lmms_eval_specific_kwargs:
 """,
 }
 
-QUESTIONS = [  # two questions about one clip (one session, fed once) and one about another
-    {"video": "scenes.mp4", "question": "What colour is the screen at the start?",
-     "options": ["Red", "Green", "Blue", "Black"], "answer": "A"},
-    {"video": "scenes.mp4", "question": "What colour is the screen at the end?",
-     "options": ["Red", "Green", "Blue", "Black"], "answer": "B"},
-    {"video": "short.mp4", "question": "What colour is the screen?",
-     "options": ["Red", "Green", "Blue", "Black"], "answer": "A"},
+COLOURS = ["A. Red", "B. Green", "C. Blue", "D. Black"]
+VIDEOMME = [  # Video-MME's fields; two questions about one clip (one session, fed once) and one about another
+    {"videoID": "scenes", "question_id": "001-1", "question": "What colour is the screen at the start?",
+     "options": COLOURS, "answer": "A"},
+    {"videoID": "scenes", "question_id": "001-2", "question": "What colour is the screen at the end?",
+     "options": COLOURS, "answer": "B"},
+    {"videoID": "short", "question_id": "002-1", "question": "What colour is the screen?",
+     "options": COLOURS, "answer": "A"},
 ]
-IMAGE_QUESTIONS = [{"colours": [[220, 30, 30], [30, 30, 220]], "question": "What colour comes last?",
-                    "options": ["Red", "Blue"], "answer": "B"}]
+for row in VIDEOMME:
+    row.update(duration="short", domain="Knowledge", sub_category="Astronomy", task_type="Attribute Perception")
+IMAGES = [{"colours": [[220, 30, 30], [30, 30, 220]], "question": "What colour comes last,",
+           "options": ["red", "blue"], "answer": "blue"}]
 FORWARD = [{"id": "scenes", "task": "CRR", "video": "scenes.mp4", "answer": "",
             "question": "Is the screen green?",
             "test_info": [{"realtime": t, "type": int(t > 4.5)} for t in ROUND_TIMES]}]
+DOCS = {"vstream_tiny_videomme": VIDEOMME, "vstream_tiny_images": IMAGES, "vstream_tiny_choice": VIDEOMME,
+        "vstream_tiny_ovo_forward": FORWARD}
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +162,11 @@ def lmms_eval():
 
 @pytest.fixture(scope="module")
 def task_folder(lmms_eval, tmp_path_factory) -> Path:
-    """The tasks' YAML files, their functions, documents and clips, in lmms-eval's task format."""
+    """The tasks' YAML files, their functions, documents and clips, in lmms-eval's task format;
+    Video-MME's clips where its functions look (``$HF_HOME/videomme/data``, ``offline_env``)."""
     folder = tmp_path_factory.mktemp("lmms-tasks")
-    videos, chunks = folder / "videos", folder / "chunks"
-    videos.mkdir()
+    videos, chunks = folder / "hf" / "videomme" / "data", folder / "chunks"
+    videos.mkdir(parents=True)
     chunks.mkdir()
     synth.write_clip(videos / "scenes.mp4", duration=6.0, fps=10.0, size=(64, 48), audio=False, scenes=SCENES)
     synth.write_clip(videos / "short.mp4", duration=2.0, fps=10.0, size=(64, 48), audio=False, scenes=SCENES[:1])
@@ -167,8 +175,7 @@ def task_folder(lmms_eval, tmp_path_factory) -> Path:
     (folder / "utils.py").write_text(TASK_UTILS)
     for name, body in TASKS.items():
         docs = folder / f"{name}.jsonl"
-        rows = FORWARD if "ovo" in name else IMAGE_QUESTIONS if "images" in name else QUESTIONS
-        docs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        docs.write_text("".join(json.dumps(row) + "\n" for row in DOCS[name]))
         header = COMMON.format(docs=docs)
         (folder / f"{name}.yaml").write_text(f"task: {name}\n{header}{body.format(chunks=chunks)}")
     return folder
@@ -180,9 +187,9 @@ def flash_model(tmp_path_factory) -> Path:
     return tiny_flash_vstream(root / "flash", tiny_clip(root / "clip"))[0]
 
 
-def offline_env(home: Path) -> dict:
+def offline_env(task_folder: Path, home: Path) -> dict:
     """The environment of an lmms-eval run that reads nothing from the network."""
-    return {**os.environ, "HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    return {**os.environ, "HF_HOME": str(task_folder / "hf"), "HF_DATASETS_CACHE": str(home / "datasets"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "VSTREAM_CACHE": str(home / "vstream"), "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
 
@@ -193,18 +200,18 @@ def test_lmms_eval_cli_scores_local_tasks_with_vstream(task_folder, flash_model,
                "--model_args", f"pretrained={flash_model},fps={FPS},device=cpu",
                "--tasks", ",".join(TASKS), "--include_path", str(task_folder),
                "--output_path", str(out), "--log_samples", "--batch_size", "1"]
-    run = subprocess.run(command, cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True,
+    run = subprocess.run(command, cwd=tmp_path, env=offline_env(task_folder, tmp_path), capture_output=True, text=True,
                          timeout=600, check=False)
     # lmms-eval reports a failed evaluation and exits 0; OVO-Bench's own files go to submissions/
     scores_files = [p for p in out.rglob("*_results.json") if p.parent.name != "submissions"]
     assert run.returncode == 0 and len(scores_files) == 1, run.stdout[-4000:] + run.stderr[-6000:]
     scores = json.loads(scores_files[0].read_text())
     results = scores["results"]
-    assert 0.0 <= results["vstream_tiny_videoqa"]["accuracy,none"] <= 1.0
+    assert 0.0 <= results["vstream_tiny_videomme"]["videomme_perception_score,none"] <= 100.0
     assert 0.0 <= results["vstream_tiny_choice"]["acc,none"] <= 1.0
     assert 0.0 <= results["vstream_tiny_ovo_forward"]["forward_acc,none"] <= 100.0
     assert 0.0 <= results["vstream_tiny_images"]["accuracy,none"] <= 1.0
-    assert scores["n-samples"]["vstream_tiny_videoqa"]["effective"] == len(QUESTIONS)
+    assert scores["n-samples"]["vstream_tiny_videomme"]["effective"] == len(VIDEOMME)
     assert scores["config"]["model"] == "vstream"
 
     # every round of the forward question got an answer of its own, scored by OVO-Bench's rules
@@ -218,7 +225,7 @@ def test_lmms_eval_cli_scores_local_tasks_with_vstream(task_folder, flash_model,
     assert all(isinstance(r["response"], str) for r in rounds)
     # the option-scored task got a (loss, greedy) pair for each option of each question
     choice = logged["vstream_tiny_choice"]
-    assert [len(row["filtered_resps"]) for row in choice] == [4] * len(QUESTIONS)
+    assert [len(row["filtered_resps"]) for row in choice] == [len(COLOURS)] * len(VIDEOMME)
     assert all(float(loss) > 0 for row in choice for loss, _ in row["filtered_resps"])
 
 
@@ -231,7 +238,7 @@ def test_rounds_see_the_stream_up_to_their_time(task_folder, flash_model, tmp_pa
 
     from vstream.session import Session
 
-    for key, value in offline_env(tmp_path).items():
+    for key, value in offline_env(task_folder, tmp_path).items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     pushed = []
