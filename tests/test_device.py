@@ -175,12 +175,13 @@ def test_a_star_memory_on_cuda_keeps_what_the_cpu_keeps():
 
 
 def scene_frames(count: int) -> list[np.ndarray]:
-    """``count`` 48×64 frames, three scenes taking turns (a colour block on noise)."""
+    """``count`` 48×64 frames, two of each scene in turn (a colour block on noise): four
+    scenes in seven frames, so a memory of four clusters has no near tie to break."""
     rng = np.random.default_rng(7)
     images = []
     for i in range(count):
         image = rng.integers(0, 40, (48, 64, 3), dtype=np.uint8)
-        image[4:40, 8:56] = [(255, 40, 40), (40, 220, 60), (30, 60, 250)][(i // 2) % 3]
+        image[4:40, 8:56] = [(255, 40, 40), (40, 220, 60), (30, 60, 250), (240, 240, 40)][(i // 2) % 4]
         images.append(image)
     return images
 
