@@ -280,3 +280,31 @@ def test_generation_kwargs_map_to_vstreams_generation(lmms_eval):
     assert (sampled.max_new_tokens, sampled.temperature, sampled.top_p) == (64, 0.7, 0.9)
     with pytest.raises(ConfigError, match="num_beams=4"):
         generation_config({"num_beams": 4}, default)
+
+
+def test_clip_stream_places_clips_and_images_in_stream_time(lmms_eval, task_folder, flash_model, monkeypatch):
+    """A request's clips and images follow each other in stream time; a later round's media
+    (``replay``) is the stream again from its start, and only what it adds is pushed."""
+    from PIL import Image
+
+    from vstream.lmms import ClipStream
+    from vstream.session import Session, SessionConfig
+
+    config = SessionConfig(fps=FPS, asr=False, ocr=False)
+    pushed = []
+    push_frame = Session.push_frame
+    monkeypatch.setattr(Session, "push_frame", lambda self, frame, **kw: pushed.append(frame.t) or push_frame(
+        self, frame, **kw))
+    short = str(task_folder / "hf" / "videomme" / "data" / "short.mp4")  # 2 s: frames at 0, 0.5, 1, 1.5
+    with Session(str(flash_model), config) as session:
+        stream = ClipStream(session, config)
+        stream.feed([short, short])
+        assert pushed == [i / FPS for i in range(8)]
+        assert session.stats.frames_processed == 8
+    pushed.clear()
+    images = [Image.new("RGB", (64, 48), colour) for colour in ("red", "blue", "green")]
+    with Session(str(flash_model), config) as session:
+        stream = ClipStream(session, config)
+        stream.feed(images[:2])
+        stream.feed(images, replay=True)
+        assert pushed == [0.0, 0.5, 1.0]

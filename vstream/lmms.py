@@ -199,18 +199,20 @@ class ClipStream:
         self.session, self.fps, self.asr = session, config.fps, config.asr
         self.last_t = -math.inf  # the newest frame pushed, stream seconds
         self.audio_end = 0.0  # the end of the newest audio pushed, stream seconds
+        self.images = 0  # images pushed as frames: their index
 
     def feed(self, media: list, replay: bool = False) -> None:
         """Push ``media`` and wait until it is in the memories. Without ``replay`` its items
-        follow each other, after what was fed before; with ``replay`` each is the stream
-        again from its start (a later round's clip): only what lies beyond what was
-        already pushed is pushed."""
-        for item in media:
+        follow each other, after what was fed before; with ``replay`` they are the stream
+        again from its start (a later round's clip, or its images ``1 / fps`` apart): only
+        what lies beyond what was already pushed is pushed."""
+        for position, item in enumerate(media):
             shift = 0.0 if replay or self.last_t == -math.inf else self.last_t + 1.0 / self.fps
             if isinstance(item, str):
                 self._clip(item, shift)
             elif isinstance(item, Image.Image):
-                self._frame(np.asarray(item.convert("RGB")), shift, index=0)
+                self._frame(np.asarray(item.convert("RGB")), position / self.fps if replay else shift, self.images)
+                self.images += 1
             else:
                 raise ConfigError(f"--model vstream reads video paths and PIL images; the task gave a "
                                   f"{type(item).__name__}")
