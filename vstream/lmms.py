@@ -143,8 +143,9 @@ class VStreamLMM(lmms):
                 while True:
                     stream.feed(media, replay=bool(rounds))
                     rounds.append(_generated(session.ask(question).text, generation))
-                    logger.info("%s doc %s: round %d asked after %.1f s of the stream", request.task_name,
-                                request.doc_id, len(rounds), stream.last_t)
+                    logger.info("%s doc %s: round %d asked after %.1f s of the stream (%d frames in memory)",
+                                request.task_name, request.doc_id, len(rounds), stream.last_t,
+                                session.stats.frames_processed)
                     media, question, done, previous, info = doc_to_text(
                         doc, previous_output=rounds, round_idx=len(rounds), previous_round_info=info)
                     rounds = list(previous)
