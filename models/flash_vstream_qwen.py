@@ -48,6 +48,8 @@ then vstream's transcript and screen text and the question.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vstream.encoders.merged_patches import MergedPatchEncoder, full_view_patches, half_view_patches, unmerged_windows
@@ -191,38 +193,24 @@ class FlashVStreamQwenModel(Qwen2VLModel):
             at = end
         return [*pieces[:memory[0]], *items["detail"], *items["synopsis"], *pieces[memory[-1] + 1:]]
 
-    def positions(self, parts: list[tuple[int, Piece]]) -> torch.Tensor:
-        """``[3, 1, L]`` M-RoPE position ids as the reference's ``get_rope_index`` and
-        ``calc_am_rope`` give them: text counts up on all three axes; from the block's
-        first position ``p``, a detail frame's tokens at ``p + (f, h, w)`` (``f`` its frame
-        index, ``h, w`` along its merged grid), then each centroid's at
+    def block_positions(self, block: list[tuple[int, Piece]], at: int) -> tuple[torch.Tensor, int]:
+        """The memory block's M-RoPE positions as the reference's ``calc_am_rope`` gives
+        them, and the text's next position as its ``get_rope_index`` does: from the block's
+        first position ``p`` (= ``at``), a detail frame's tokens at ``p + (f, h, w)`` (``f``
+        its frame index, ``h, w`` along its merged grid), then each centroid's at
         ``p + S + (f, h, w)`` (``S`` the number of detail tokens, ``f`` its span's middle),
         and the text after the block from ``p + S + max(C, side)`` (``C`` centroids of
         ``side × side`` tokens), where the reference's placeholder grid ends."""
-        axes: list[torch.Tensor] = []
         detail_tokens = (self.memory.detail_grid // 2) ** 2
-        at, i = 0, 0
-        while i < len(parts):
-            length, piece = parts[i]
-            if piece.features is None:
-                axes.append(torch.arange(at, at + length).expand(3, -1))
-                at, i = at + length, i + 1
-                continue
-            block = []
-            while i < len(parts) and parts[i][1].features is not None:
-                block.append(parts[i])
-                i += 1
-            spatial = sum(length for length, _ in block if length == detail_tokens)
-            centroids, side = 0, 0
-            for length, piece in block:
-                grid = length ** 0.5
-                side = int(grid)
-                start, end = piece.evidence[0], piece.evidence[1]
-                frame = round((start + end) / 2 * self.frame_rate)
-                offset = at if length == detail_tokens else at + spatial
-                centroids += length != detail_tokens
-                cells = torch.arange(length)
-                axes.append(torch.stack([torch.full((length,), frame), cells // side, cells % side]) + offset)
-            synopsis_side = self.memory.synopsis_grid // 2
-            at += spatial + max(centroids, synopsis_side)
-        return torch.cat(axes, dim=1).unsqueeze(1).to(self.device)
+        spatial = sum(length for length, _ in block if length == detail_tokens)
+        axes, centroids = [], 0
+        for length, piece in block:
+            side = math.isqrt(length)
+            start, end = piece.evidence[0], piece.evidence[1]
+            frame = round((start + end) / 2 * self.frame_rate)
+            detail = length == detail_tokens
+            centroids += not detail
+            cells = torch.arange(length)
+            axes.append(torch.stack([torch.full((length,), frame), cells // side, cells % side])
+                        + (at if detail else at + spatial))
+        return torch.cat(axes, dim=1), at + spatial + max(centroids, self.memory.synopsis_grid // 2)

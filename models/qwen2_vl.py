@@ -102,15 +102,10 @@ class Qwen2VLModel(VisionLanguageModel):
         return None
 
     def positions(self, parts: list[tuple[int, Piece]]) -> torch.Tensor:
-        """``[3, 1, L]`` M-RoPE position ids: text counts up on all three axes; a block of
-        memory runs starts at the next position ``p``: each run's height and width along
-        its grid from ``p`` (``n`` tokens: a square grid when ``n`` is a square, else one
-        row), its time axis at ``p`` (images) or at ``p + floor((t − t0) · interval)``
-        (``time_interval``, ``t`` the run's start, ``t0`` the block's first); the text after a
-        block goes on one past the block's largest position."""
+        """``[3, 1, L]`` M-RoPE position ids: text counts up on all three axes; each block
+        of consecutive memory runs is placed by ``block_positions`` from the next position."""
         axes: list[torch.Tensor] = []
         at, i = 0, 0
-        interval = self.time_interval()
         while i < len(parts):
             length, piece = parts[i]
             if piece.features is None:
@@ -121,15 +116,28 @@ class Qwen2VLModel(VisionLanguageModel):
             while i < len(parts) and parts[i][1].features is not None:
                 block.append(parts[i])
                 i += 1
-            first = min(piece.evidence[0] if piece.evidence else 0.0 for _, piece in block)
-            for length, piece in block:
-                side = math.isqrt(length)
-                cols = side if side * side == length else length
-                t = at if interval is None or piece.evidence is None else at + int((piece.evidence[0] - first) * interval)
-                grid = torch.arange(length)
-                axes.append(torch.stack([torch.full((length,), t), at + grid // cols, at + grid % cols]))
-            at = int(torch.cat(axes[-len(block):], dim=1).max()) + 1
+            placed, at = self.block_positions(block, at)
+            axes.append(placed)
         return torch.cat(axes, dim=1).unsqueeze(1).to(self.device)
+
+    def block_positions(self, block: list[tuple[int, Piece]], at: int) -> tuple[torch.Tensor, int]:
+        """A block of memory runs (each its token count and piece) from position ``at`` ->
+        their ``[3, n]`` positions and the text's next position. Each run's height and width
+        go along its grid from ``at`` (``n`` tokens: a square grid when ``n`` is a square, else
+        one row), its time axis at ``at`` (images) or at ``at + floor((t − t0) · interval)``
+        (``time_interval``, ``t`` the run's start, ``t0`` the block's first); the text after
+        the block goes on one past its largest position."""
+        interval = self.time_interval()
+        first = min(piece.evidence[0] if piece.evidence else 0.0 for _, piece in block)
+        axes = []
+        for length, piece in block:
+            side = math.isqrt(length)
+            cols = side if side * side == length else length
+            t = at if interval is None or piece.evidence is None else at + int((piece.evidence[0] - first) * interval)
+            grid = torch.arange(length)
+            axes.append(torch.stack([torch.full((length,), t), at + grid // cols, at + grid % cols]))
+        placed = torch.cat(axes, dim=1)
+        return placed, int(placed.max()) + 1
 
 
 @register_model("qwen2_5_vl")
