@@ -1,6 +1,7 @@
 """vstream as a model of lmms-eval (``lmms-eval --model vstream``), the harness video LLMs
 are compared with (OVO-Bench, Video-MME, MVBench, ...). Install with ``pip install
-"vstream[lmms]"``; lmms-eval finds the model through the ``lmms_eval.models`` entry point
+"vstream[lmms]"`` and ``pip install --no-deps lmms-eval`` (0.7.3; its metadata pins av<16,
+see pyproject.toml); lmms-eval finds the model through the ``lmms_eval.models`` entry point
 (``manifest``), so no lmms-eval file is changed. This is the only module that imports
 lmms-eval.
 
