@@ -17,7 +17,9 @@ cached under ``.bench/`` in the repository root (git-ignored; reused when presen
      with ``thread_type="AUTO"``.
 
    ``ingest_overhead`` = pipeline time / fastest bare decoder time, the larger of the
-   two clips' ratios.
+   two clips' ratios. The pipeline decodes with whichever of decord and PyAV it measured
+   faster on the clip's first frames (``vstream.ingest.decoder_choice``); the table names
+   its choice and the rates it measured, and which bare decoder really was the faster.
 
 2. **Sampling a long recording.** A 1-hour 160x120 15 fps clip with audio (key frame
    every 2 s; ``--quick``: 10 minutes) is opened with ``open_source(path, fps=1.0,
@@ -32,7 +34,10 @@ cached under ``.bench/`` in the repository root (git-ignored; reused when presen
    buys once the consumer is not idle.
 
 Targets: ``ingest_overhead <= 1.15`` and ``sample_1fps_speedup >= 200``. The last line
-printed is ``RESULT ingest_overhead=<float> sample_1fps_speedup=<float> ...``. A 360p
+printed is ``RESULT ingest_overhead=<float> sample_1fps_speedup=<float> ...``, with per
+clip ``pipeline_decoder_<clip>`` (the pipeline's choice), ``faster_bare_<clip>`` (the
+faster of bare decord ``next()`` and bare PyAV) and their rates ``bare_decord_fps_<clip>``,
+``bare_pyav_fps_<clip>``. A 360p
 clip decodes in well under 0.1 s, so its ratio moves by +-0.1 with the machine's other
 load; raise ``--repeat`` or ``--seconds`` for steadier numbers.
 
@@ -159,11 +164,20 @@ def pyav_decode(path: Path, size: tuple[int, int]) -> int:
     return frames
 
 
+def pipeline_choice(path: Path) -> vstream.SourceStats:
+    """The stats of the pipeline on ``path`` once its decoder is chosen: the choice is
+    kept for the process, so the timed runs before this one decoded with it too."""
+    with vstream.open_source(path, fps=None, audio=False) as source:
+        next(iter(source))
+        return source.stats
+
+
 PIPELINE = "vstream pipeline"
+BARE_DECORD, BARE_PYAV = "decord next()", "pyav decode AUTO"
 BARE_DECODERS: dict[str, Callable[[Path, tuple[int, int]], int]] = {
-    "decord next()": decord_next,
+    BARE_DECORD: decord_next,
     f"decord get_batch({DECORD_BATCH})": decord_get_batch,
-    "pyav decode AUTO": pyav_decode,
+    BARE_PYAV: pyav_decode,
 }
 
 
@@ -193,7 +207,8 @@ def full_rate(seconds: float, repeat: int) -> list[dict]:
         runs = {PIPELINE: lambda p=path, s=size: vstream_pipeline(p, s)}
         runs |= {label: lambda p=path, s=size, f=fn: f(p, s) for label, fn in BARE_DECODERS.items()}
         print(f"timing {width}x{height} ({expected} frames), best of {repeat} ...", flush=True)
-        results.append({"size": size, "frames": expected, "times": best_times(runs, repeat, expected)})
+        times = best_times(runs, repeat, expected)
+        results.append({"size": size, "frames": expected, "times": times, "choice": pipeline_choice(path)})
     return results
 
 
@@ -206,7 +221,7 @@ def busy_consumer(seconds: float, repeat: int) -> dict[str, float]:
     print(f"timing {size[0]}x{size[1]} with a busy consumer, best of {repeat} ...", flush=True)
     runs = {
         PIPELINE: lambda: vstream_pipeline(path, size, light_encoder),
-        "decord next()": lambda: decord_next(path, size, light_encoder),
+        BARE_DECORD: lambda: decord_next(path, size, light_encoder),
     }
     return best_times(runs, repeat, expected)
 
@@ -214,6 +229,11 @@ def busy_consumer(seconds: float, repeat: int) -> dict[str, float]:
 def overhead(result: dict) -> float:
     times = result["times"]
     return times[PIPELINE] / min(t for name, t in times.items() if name != PIPELINE)
+
+
+def faster_bare(result: dict) -> str:
+    """``decord`` or ``pyav``: which bare decoder read the whole clip faster."""
+    return "decord" if result["times"][BARE_DECORD] < result["times"][BARE_PYAV] else "pyav"
 
 
 def sample_1fps(seconds: int, repeat: int) -> dict[bool, float]:
@@ -265,6 +285,11 @@ def print_full_rate(results: list[dict]) -> None:
         for name, t in times.items():
             print(f"{clip:<18}{name:<24}{t:>9.3f}{result['frames'] / t:>11.0f}{t / fastest:>17.2f}")
             clip = ""
+        choice = result["choice"]
+        rates = ", ".join(f"{name} {rate:.0f}" for name, rate in choice.decoder_rates.items())
+        print(f"{'':<18}the pipeline decoded with {choice.decoder} ({choice.decoder_choice}"
+              f"{f' on the first frames, frames/s: {rates}' if rates else ''}); "
+              f"the faster bare decoder was {faster_bare(result)}")
 
 
 def print_sampling(seconds: int, times: dict[bool, float]) -> None:
@@ -304,8 +329,13 @@ def main() -> None:
     print(f"sample_1fps_speedup {speedup:.1f}  {verdict(speedup, TARGET_SPEEDUP, at_most=False)}")
     extras = " ".join(f"ingest_overhead_{k}={v:.3f}" for k, v in ratios.items())
     extras += " " + " ".join(f"pipeline_fps_{r['size'][1]}p={r['frames'] / r['times'][PIPELINE]:.0f}" for r in results)
-    busy_speedup = busy["decord next()"] / busy[PIPELINE]
-    print(f"busy consumer (720p): pipeline {busy[PIPELINE]:.3f} s, bare decord {busy['decord next()']:.3f} s, "
+    for r in results:
+        clip = f"{r['size'][1]}p"
+        extras += (f" pipeline_decoder_{clip}={r['choice'].decoder} faster_bare_{clip}={faster_bare(r)}"
+                   f" bare_decord_fps_{clip}={r['frames'] / r['times'][BARE_DECORD]:.0f}"
+                   f" bare_pyav_fps_{clip}={r['frames'] / r['times'][BARE_PYAV]:.0f}")
+    busy_speedup = busy[BARE_DECORD] / busy[PIPELINE]
+    print(f"busy consumer (720p): pipeline {busy[PIPELINE]:.3f} s, bare decord {busy[BARE_DECORD]:.3f} s, "
           f"pipeline is {busy_speedup:.2f}x as fast")
     extras += f" busy_consumer_speedup_720p={busy_speedup:.2f}"
     print(

@@ -1,16 +1,18 @@
 """Which decoder reads a file's video: decord or PyAV, the faster of the two, measured.
 
 decord is a candidate only where it reads the file as the demuxer does (the same frames
-at the same times, RGB at the asked size) and the header does not claim absurd frame
-counts; otherwise PyAV decodes, whatever was asked. Where both can, the first frames to
+at the same times) and the header does not claim absurd frame counts; otherwise PyAV
+decodes, whatever was asked (a decord that fails on the trial's frames, or yields a
+picture that is not RGB at the asked size, loses to PyAV the same way). Where both can, the first frames to
 be read are timed with each, pixels in hand, and the faster decodes the file; the result
 is kept for the process, keyed by codec, pixel format, picture size, output size, thread
 count and sampling density, so the next file of the same kind is not timed again.
 
-The result is not kept on disk: timing costs a few milliseconds at 720p, less than the
-demux pass that indexes a file, while a stored answer would outlive a busy spell of the
-machine, a library upgrade or a move to another host, which is when it changes (PyAV was
-the faster on one build machine, decord on another).
+The result is not kept on disk: timing costs about 0.1 s at 720p (at most about
+``2 * TRIAL_ROUNDS * TRIAL_SECONDS``: a round stops at its first frame past the cap),
+once per kind of video in a process, while a stored answer would outlive what changes
+it: the machine's load (on a busy 2-core machine PyAV read 720p H.264 faster, on an idle
+one decord), a library upgrade, another host.
 """
 
 from __future__ import annotations
