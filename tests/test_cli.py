@@ -39,7 +39,8 @@ def test_probe_shows_the_decoder_chosen_by_measurement_and_the_rates(make_clip, 
     monkeypatch.setenv("VSTREAM_DECODER", "auto")
     text = run("probe", str(clip.path))
     assert text.returncode == 0, text.stderr
-    shown = re.search(r"decoder:  (decord|pyav) \(measured: decord (\d+) frames/s, pyav (\d+) frames/s", text.stdout)
+    shown = re.search(r"decoder:  (decord|pyav) \(measured sampling 1 frame a second: "
+                      r"decord (\d+) frames/s, pyav (\d+) frames/s", text.stdout)
     assert shown and int(shown[2]) > 0 and int(shown[3]) > 0, text.stdout
     info = json.loads(run("probe", str(clip.path), "--json").stdout)
     assert info["decoder_choice"] == "measured" and set(info["decoder_rates"]) == {"decord", "pyav"}

@@ -624,7 +624,7 @@ def _probe(args) -> None:
     elif stats:
         rates = ", ".join(f"{name} {rate:.0f} frames/s" for name, rate in stats.decoder_rates.items())
         print(f"{info.describe()}\ndecoder:  {stats.decoder} ({stats.decoder_choice}"
-              f"{f': {rates} at 1 frame a second' if rates else ''})")
+              f"{f' sampling 1 frame a second: {rates}' if rates else ''})")
     else:
         print(info.describe())
 
