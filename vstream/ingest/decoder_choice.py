@@ -48,8 +48,8 @@ class DecoderChoice:
             (``SourceConfig.decoder`` named it) or ``only`` (the other cannot read this
             file, or failed on it).
         rates: frames per second each decoder read the trial frames at, pixels in hand,
-            not counting each round's first frame (the decoder's start-up); empty unless
-            measured or cached.
+            its best round, not counting a round's first ``TRIAL_WARMUP`` frames (the
+            decoder's start-up); empty unless measured or cached.
     """
 
     decoder: str
@@ -92,7 +92,7 @@ def open_video_decoder(uri: str, index: FileIndex, size: tuple[int, int], thread
             _CHOSEN[kind] = replace(chosen, how="cached")
     if chosen.decoder == PYAV:
         return PyAVDecoder(uri, index, size, threads), chosen
-    reader.seek(0)  # the trial moved it
+    reader.seek(0)  # back from where a trial left it
     return DecordDecoder(reader, uri, index, size, threads), chosen
 
 
