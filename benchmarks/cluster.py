@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-# before Ray loads: every node and address on loopback (see the README's design notes)
+# before Ray loads: every node and address on loopback (see docs/design.md)
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import numpy as np

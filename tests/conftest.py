@@ -18,7 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # installed `kernels` package (kernels/__init__.py guards that case too; see test_install.py).
 os.environ["PYTHONSAFEPATH"] = "1"
 # Ray clusters in tests stay on loopback: Ray reads this when it is imported, and without it
-# rewrites a loopback node address to the machine's other interface (README, design notes).
+# rewrites a loopback node address to the machine's other interface (docs/design.md).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # One decoder for the suite, not the faster-by-measurement one (timing decides it, and
 # tests then take different paths run to run); the measured choice and PyAV have tests

@@ -156,7 +156,7 @@ DOCS = {"vstream_tiny_videomme": VIDEOMME, "vstream_tiny_images": IMAGES, "vstre
 
 @pytest.fixture(scope="module")
 def lmms_eval():
-    return pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the lmms extra; see the README)")
+    return pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the lmms extra; see docs/evaluation.md)")
 
 
 @pytest.fixture(scope="module")

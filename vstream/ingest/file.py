@@ -112,7 +112,7 @@ class FileSource(Source):
         decoder = self._open_decoder() if self.has_video else None
         items = self._produce(decoder)
         # decord decodes and converts ahead on threads of its own: a second hand-off
-        # through a thread of ours only cost time (README, Design). Audio, PyAV and
+        # through a thread of ours only cost time (docs/design.md). Audio, PyAV and
         # paced or dropping reads keep the decoder thread.
         paced = self.config.realtime
         if decoder is not None and decoder.decodes_ahead and not (self.has_audio or self.drops or paced):

@@ -10,7 +10,7 @@ Decoders yield ``(index, pixels)``: ``pixels`` is an RGB ``[H, W, 3]`` uint8 num
 or a decord buffer, which ``as_array`` copies into numpy. The copy is left to the thread
 that consumes the frame: an array allocated on the decoder thread and freed on the
 consumer's made glibc hand its pages back to the OS and fault them in again for every
-frame, which cost 1.3-2.3x the bare decoder's time at full rate (see the README).
+frame, which cost 1.3-2.3x the bare decoder's time at full rate (docs/design.md, docs/benchmarks.md).
 """
 
 from __future__ import annotations
