@@ -87,7 +87,9 @@ def memory_config_from(settings: dict, frame_grid: int) -> FlashConfig:
     """The ``FlashConfig`` of a checkpoint's ``flash_memory_config`` for frames of
     ``frame_grid`` merged tokens a side (``2·frame_grid`` patches); ``ValueError`` naming
     what vstream cannot run."""
-    settings = {**REFERENCE_MEMORY, **(settings or {})}
+    if settings is not None and not isinstance(settings, dict):
+        raise ValueError(f"expected an object of flash_memory_* fields, got {type(settings).__name__}")
+    settings = {**REFERENCE_MEMORY, **(settings or {})}  # none: the reference's defaults, as it falls back
     methods = (settings["flash_memory_temporal_method"], settings["flash_memory_spatial_method"])
     if methods != ("kmeans_ordered", "klarge_retrieve"):
         raise ValueError(f"temporal/spatial methods {methods[0]!r}/{methods[1]!r}: vstream runs "

@@ -76,14 +76,23 @@ def test_the_half_view_is_the_tower_on_the_frame_at_half_size(model):
     assert not torch.allclose(features[0::2, 0::2, :32], theirs, atol=1e-2)  # not the full view
 
 
-def test_refuses_a_memory_method_it_does_not_run(tmp_path):
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("flash_memory_temporal_method", "dbscan", "dbscan"),
+    ("flash_memory_spatial_length", 7, "even ints"),
+    ("flash_memory_spatial_length", 12, "detail_length"),  # more detail frames than centroids
+    (None, "120 frames", "expected an object"),
+])
+def test_refuses_a_memory_config_it_does_not_run(tmp_path, field, value, said):
     import json
 
     folder = tiny_flash_vstream_qwen(tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
-    config["vision_config"]["flash_memory_config"]["flash_memory_temporal_method"] = "dbscan"
+    if field is None:
+        config["vision_config"]["flash_memory_config"] = value
+    else:
+        config["vision_config"]["flash_memory_config"][field] = value
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="dbscan"):
+    with pytest.raises(ModelLoadError, match=said):
         load_model(str(folder), device="cpu")
 
 
