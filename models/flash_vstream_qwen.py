@@ -140,19 +140,13 @@ class FlashVStreamQwenModel(Qwen2VLModel):
             memory = memory_config_from(settings, frame_grid=16)
         except ValueError as exc:
             raise ModelLoadError(f"{name!r}: its flash_memory_config is not one vstream runs: {exc}") from None
-        lm, info = load_pretrained(transformers.Qwen2VLForConditionalGeneration, name, "Flash-VStream-Qwen model",
-                                   config=config, dtype=dtype, key_mapping=LEGACY_KEYS, output_loading_info=True)
+        (lm, info), tokenizer = cls.load_parts(name, dtype, config=config, key_mapping=LEGACY_KEYS,
+                                               output_loading_info=True)
         wrong = [f"{what} {', '.join(sorted(keys)[:4])}" for what, keys in
                  (("missing", info["missing_keys"]), ("unexpected", info["unexpected_keys"])) if keys]
         if wrong:
             raise ModelLoadError(f"{name!r} does not match the Qwen2-VL layout: {'; '.join(wrong)}")
-        tokenizer = load_pretrained(transformers.AutoTokenizer, name, "tokenizer")
-        if not getattr(tokenizer, "chat_template", None):
-            from .llava_onevision import _processor_template
-
-            tokenizer.chat_template = _processor_template(name)
-        processor = load_pretrained(transformers.AutoImageProcessor, name, "image processor")
-        return cls(lm.to(device), tokenizer, name, processor, memory)
+        return cls(lm.to(device), tokenizer, name, cls.load_image_processor(name), memory)
 
     def make_frame_encoder(self):
         return MergedPatchEncoder(self.vision_tower(), self.image_processor, self.frame_grid, merged=False,

@@ -72,12 +72,13 @@ class VisionLanguageModel(ChatModel):
         return cls(lm.to(device), tokenizer, name)
 
     @classmethod
-    def load_parts(cls, name: str, dtype: torch.dtype):
-        """The whole model (``model_class``) and its tokenizer, with the processor's chat
-        template when the tokenizer has none."""
+    def load_parts(cls, name: str, dtype: torch.dtype, **lm_kwargs):
+        """The whole model (``model_class``; ``lm_kwargs`` go to its ``from_pretrained``) and
+        its tokenizer, with the processor's chat template when the tokenizer has none."""
         import transformers
 
-        lm = load_pretrained(getattr(transformers, cls.model_class), name, "vision-language model", dtype=dtype)
+        lm = load_pretrained(getattr(transformers, cls.model_class), name, "vision-language model", dtype=dtype,
+                             **lm_kwargs)
         tokenizer = load_pretrained(transformers.AutoTokenizer, name, "tokenizer")
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = _processor_template(name)

@@ -62,11 +62,15 @@ class Qwen2VLModel(VisionLanguageModel):
 
     @classmethod
     def from_pretrained(cls, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        lm, tokenizer = cls.load_parts(name, dtype)
+        return cls(lm.to(device), tokenizer, name, cls.load_image_processor(name))
+
+    @staticmethod
+    def load_image_processor(name: str):
+        """The checkpoint's image processor (what the frame encoder preprocesses with)."""
         import transformers
 
-        lm, tokenizer = cls.load_parts(name, dtype)
-        processor = load_pretrained(transformers.AutoImageProcessor, name, "image processor")
-        return cls(lm.to(device), tokenizer, name, processor)
+        return load_pretrained(transformers.AutoImageProcessor, name, "image processor")
 
     def vision_tower(self):
         return self.lm.model.visual
