@@ -57,3 +57,18 @@ def merge_case(k: int, dim: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     near = centroids[torch.randint(0, k, (6,), generator=g)] + noise * torch.randn(6, dim, generator=g)
     far = 40.0 * torch.randn(2, dim, generator=g)
     return state, torch.cat([near, far])
+
+
+SCENE_COLOURS = ((255, 40, 40), (40, 220, 60), (30, 60, 250), (240, 240, 40))
+
+
+def scene_frames(count: int, scenes: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """``count`` 48×64 frames, two of each of ``scenes`` scenes in turn (a colour block of
+    ``SCENE_COLOURS`` on noise)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        image = rng.integers(0, 40, (48, 64, 3), dtype=np.uint8)
+        image[4:40, 8:56] = SCENE_COLOURS[(i // 2) % scenes]
+        images.append(image)
+    return images

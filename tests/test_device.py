@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import merge_case
+from helpers import merge_case, scene_frames
 from tiny_models import tiny_llama
 
 from vstream import kernels
@@ -174,18 +174,6 @@ def test_a_star_memory_on_cuda_keeps_what_the_cpu_keeps():
         memory.close()
 
 
-def scene_frames(count: int) -> list[np.ndarray]:
-    """``count`` 48×64 frames, two of each scene in turn (a colour block on noise): four
-    scenes in seven frames, so a memory of four clusters has no near tie to break."""
-    rng = np.random.default_rng(7)
-    images = []
-    for i in range(count):
-        image = rng.integers(0, 40, (48, 64, 3), dtype=np.uint8)
-        image[4:40, 8:56] = [(255, 40, 40), (40, 220, 60), (30, 60, 250), (240, 240, 40)][(i // 2) % 4]
-        images.append(image)
-    return images
-
-
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "flash_vstream_qwen", "llava_onevision"])
@@ -204,7 +192,7 @@ def test_a_vlm_reads_its_memory_on_cuda_as_on_the_cpu(kind, tmp_path):
     for device in ("cpu", "cuda"):
         model = load_model(str(folder), dtype="float32", device=device)
         with Session(model, SessionConfig(asr=False, ocr=False, device=device)) as session:
-            for t, image in enumerate(scene_frames(7)):
+            for t, image in enumerate(scene_frames(7, seed=7)):
                 session.push_frame(Frame(image, float(t), t), wait=True)
             session.wait()
             context = session.context("what is shown?")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import scene_frames
 from safetensors.torch import load_file
 from tiny_models import tiny_flash_vstream_qwen
 
@@ -29,17 +30,6 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(folder):
     return load_model(str(folder), device="cpu")
-
-
-def frames(count: int, seed: int = 0) -> list[np.ndarray]:
-    """``count`` 48×64 frames, three scenes taking turns (a colour block on noise)."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for i in range(count):
-        image = rng.integers(0, 40, (48, 64, 3), dtype=np.uint8)
-        image[4:40, 8:56] = [(255, 40, 40), (40, 220, 60), (30, 60, 250)][(i // 2) % 3]
-        images.append(image)
-    return images
 
 
 def test_loads_the_released_layout_with_its_memory_settings(folder, model):
@@ -102,7 +92,7 @@ def test_a_frame_reaches_the_llm_as_the_models_own_image_path_gives_it(model):
     the same size: the detail memory feeds the LLM exactly the full-resolution frame."""
     from PIL import Image
 
-    image = frames(1)[0]
+    image = scene_frames(1, scenes=3)[0]
     features = model.frame_encoder.encode([image])[0]  # [32*32, 64], raster order, full view first
     ours = model.project(features)
     side = model.frame_encoder.side
@@ -156,7 +146,7 @@ def test_a_session_runs_the_flash_memory_and_answers(model, tmp_path):
     the prompt with its positions; saved and loaded, the memory gives the same tokens."""
     config = SessionConfig(asr=False, ocr=False, device="cpu")
     with Session(model, config) as session:
-        for t, image in enumerate(frames(7)):
+        for t, image in enumerate(scene_frames(7, scenes=3)):
             session.push_frame(Frame(image, float(t), t), wait=True)
         session.wait()
         assert isinstance(session.memory, FlashMemory)
