@@ -616,7 +616,7 @@ def _progress(counts: dict) -> str:
 
 def _probe(args) -> None:
     info = vstream.probe(args.source, open_timeout=args.timeout, read_timeout=args.timeout)
-    stats = _file_decoder(args.source) if info.video is not None else None
+    stats = _decoder_stats(args.source) if info.video is not None else None
     if args.json:
         decoder = {"decoder": stats.decoder, "decoder_choice": stats.decoder_choice,
                    "decoder_rates": stats.decoder_rates} if stats else {}
@@ -629,7 +629,7 @@ def _probe(args) -> None:
         print(info.describe())
 
 
-def _file_decoder(uri: str) -> vstream.SourceStats | None:
+def _decoder_stats(uri: str) -> vstream.SourceStats | None:
     """The stats of a file opened at 1 fps once its decoder is chosen (``decoder``,
     ``decoder_choice``, ``decoder_rates``); None for a live source."""
     from vstream.ingest import FileSource

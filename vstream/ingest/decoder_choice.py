@@ -141,6 +141,7 @@ def _measure(reader, uri: str, index: FileIndex, size: tuple[int, int], threads:
         return DecoderChoice(DECORD, "only")
     finally:
         pyav.close()
+        decord.close()  # its PyAV fallback, when decord failed; the reader is the caller's
     faster = DECORD if rates[DECORD] > DECORD_MARGIN * rates[PYAV] else PYAV
     return DecoderChoice(faster, "measured", {name: round(rate, 1) for name, rate in rates.items()})
 
