@@ -25,7 +25,7 @@ from vstream.data import (
     read_features,
     write_features,
 )
-from vstream.errors import ConfigError, DataError
+from vstream.errors import ConfigError, DataError, ModelLoadError
 from vstream.extract import extract_features
 from vstream.memory import MemoryTokens, replay_abstract
 from vstream.models import load_model
@@ -152,6 +152,12 @@ def test_memory_attention_trains_on_top_of_an_earlier_runs_projector(flash, stre
                                                    f"memory_attention:weights={tmp_path / 'attention'}"])
     before = load_file(str(tmp_path / "projector" / "projector.safetensors"))
     assert all(torch.equal(model.memory_projector().state_dict()[k], v) for k, v in before.items())
+    # one part's weights are refused as the other's, naming the file
+    (tmp_path / "projector" / "projector.safetensors").rename(tmp_path / "projector" / "memory_attention.safetensors")
+    with pytest.raises(ModelLoadError, match="memory_attention.safetensors: the weights are of another abstract"):
+        load_model(flash, device="cpu", heads=[f"memory_attention:weights={tmp_path / 'projector'}"])
+    with pytest.raises(ModelLoadError, match="projector.safetensors: no projector weights there"):
+        load_model(flash, device="cpu", heads=[f"projector:weights={tmp_path / 'projector'}"])
     with pytest.raises(ConfigError, match="TrainConfig.heads must be a list of head specs"):
         config(flash, stream_data, tmp_path / "x", heads="projector")
 

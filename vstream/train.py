@@ -72,9 +72,9 @@ from vstream.memory import MemoryTokens, SemanticAttention, replay_abstract
 from vstream.models import GenerationConfig, load_model
 from vstream.models.heads import attach_head
 from vstream.models.heads.lora import add_lora, save_lora
-from vstream.models.heads.memory_attention import model_attention, save_memory_attention
+from vstream.models.heads.memory_attention import MemoryAttentionWeights
 from vstream.models.heads.multigranular import LEVELS, MultigranularHead, hidden_size_of
-from vstream.models.heads.projector import save_projector
+from vstream.models.heads.projector import ProjectorWeights
 from vstream.models.prompt import Context
 
 log = logging.getLogger(__name__)
@@ -312,16 +312,14 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
     train_set, held = samples(config)
     trained, experts, attention, head = [], None, None, None
     if "projector" in config.train:
-        if model.memory_projector() is None:
-            raise ConfigError(f"{config.model}: has no memory projector to train")
-        trained += list(model.memory_projector().parameters())
+        trained += list(ProjectorWeights.module_of(model).parameters())
     if "visual_experts" in config.train:  # new experts: copies of the text FFNs, routed by the memory tokens
         experts = attach_head(model, "visual_experts")
         trained += experts.trainable_parameters()
     if "lora" in config.train:
         trained += add_lora(model.lm, config.lora_rank, config.lora_alpha, config.lora_targets)
     if "memory_attention" in config.train:
-        attention = model_attention(model).to(model.device)
+        attention = MemoryAttentionWeights.module_of(model).to(model.device)
         trained += list(attention.parameters())
     if documents:  # the head's levels: those the stored images' grid gives
         images = features_of(train_set[0]).images
@@ -368,13 +366,13 @@ def train(config: TrainConfig, progress: bool = True, stop_after: int | None = N
             losses = losses[-len(train_set):]
     _checkpoint(out / CHECKPOINT, trained, optimizer, epoch, index, steps, before)
     if "projector" in config.train:
-        save_projector(model, out)
+        ProjectorWeights.save(model, out)
     if experts is not None:
         experts.save_experts(out)
     if "lora" in config.train:
         save_lora(model.lm, out, config.lora_rank, config.lora_alpha, config.lora_targets)
     if attention is not None:
-        save_memory_attention(model, out)
+        MemoryAttentionWeights.save(model, out)
     if head is not None:
         head.save(out)
     after = held_out_loss(loss_of, held)

@@ -106,16 +106,50 @@ def trained_weights(head: str, weights: str | None, file: str) -> dict:
         raise ModelLoadError(f"{path}: cannot read the {head} weights ({exc})") from None
 
 
-def load_in_place(module, saved: dict, path, what: str) -> None:
-    """Load ``saved`` (a ``trained_weights`` dict from the file ``path``) into ``module``,
-    on its device and in its dtypes; ``ModelLoadError`` naming the file when the names or
-    shapes are those of another ``what``."""
-    own = module.state_dict()
-    if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
-        raise ModelLoadError(f"{path}: the weights are of another {what}: "
-                             f"{sorted((k, tuple(v.shape)) for k, v in saved.items())} against this model's "
-                             f"{sorted((k, tuple(v.shape)) for k, v in own.items())}")
-    module.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in saved.items()})
+class ModuleWeights(Head):
+    """Base of a head that is one of the model's own modules (``module_of``), trained by
+    ``vstream train``: ``save`` writes its weights as ``file`` into the run's output
+    folder, and ``attach`` (``--head NAME:weights=FOLDER``) loads them back in place, on
+    the module's device and in its dtypes, refusing a file whose tensor names or shapes
+    are those of another ``what``. It changes no forward: the weights did."""
+
+    file = ""
+    what = ""
+
+    def __init__(self, folder: str):
+        super().__init__(None)
+        self.folder = folder
+
+    @classmethod
+    def module_of(cls, chat_model):
+        """The module of ``chat_model`` these weights are (``ConfigError`` when it has none)."""
+        raise NotImplementedError
+
+    @classmethod
+    def save(cls, chat_model, folder):
+        """Write the module's weights into ``folder`` (made if missing); returns the file."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        path = Path(folder) / cls.file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in cls.module_of(chat_model).state_dict().items()},
+                  str(path))
+        return path
+
+    @classmethod
+    def attach(cls, chat_model, weights: str | None = None) -> ModuleWeights:
+        from pathlib import Path
+
+        module = cls.module_of(chat_model)
+        saved, own = trained_weights(cls.name, weights, cls.file), module.state_dict()
+        if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
+            raise ModelLoadError(f"{Path(weights) / cls.file}: the weights are of another {cls.what}: "
+                                 f"{sorted((k, tuple(v.shape)) for k, v in saved.items())} against this model's "
+                                 f"{sorted((k, tuple(v.shape)) for k, v in own.items())}")
+        module.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in saved.items()})
+        return cls(weights)
 
 
 def attach_head(chat_model, spec: str) -> Head:

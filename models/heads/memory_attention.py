@@ -17,47 +17,24 @@ trained part loads.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from safetensors.torch import save_file
-
 from vstream.errors import ConfigError
-from vstream.models.heads import Head, load_in_place, register_head, trained_weights
-
-WEIGHTS = "memory_attention.safetensors"
-
-
-def model_attention(chat_model):
-    """``chat_model``'s own abstract attention (a ``SemanticAttention``); ``ConfigError``
-    for a model whose memory uses the default similarity projection (nothing of the
-    checkpoint's to train or replace)."""
-    module = chat_model.memory_attention()
-    if module is None:
-        raise ConfigError(f"{chat_model.name or 'the model'} brings no abstract attention of its own (its memory "
-                          "uses the default similarity projection); memory_attention trains a checkpoint's "
-                          "(Flash-VStream's attention_model)")
-    return module
-
-
-def save_memory_attention(chat_model, folder) -> Path:
-    """Write ``chat_model``'s abstract attention (q and k) into ``folder``; returns the file."""
-    path = Path(folder) / WEIGHTS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_attention(chat_model).state_dict().items()},
-              str(path))
-    return path
+from vstream.models.heads import ModuleWeights, register_head
 
 
 @register_head("memory_attention")
-class MemoryAttentionWeights(Head):
+class MemoryAttentionWeights(ModuleWeights):
     """The abstract attention's q/k of ``folder``/memory_attention.safetensors, in place."""
 
-    def __init__(self, folder: str):
-        super().__init__(None)
-        self.folder = folder
+    file, what = "memory_attention.safetensors", "abstract attention"
 
     @classmethod
-    def attach(cls, chat_model, weights: str | None = None) -> MemoryAttentionWeights:
-        load_in_place(model_attention(chat_model), trained_weights("memory_attention", weights, WEIGHTS),
-                      Path(weights) / WEIGHTS, "abstract attention")
-        return cls(weights)
+    def module_of(cls, chat_model):
+        """``chat_model``'s own abstract attention (a ``SemanticAttention``); ``ConfigError``
+        for a model whose memory uses the default similarity projection (nothing of the
+        checkpoint's to train or replace)."""
+        module = chat_model.memory_attention()
+        if module is None:
+            raise ConfigError(f"{chat_model.name or 'the model'} brings no abstract attention of its own (its memory "
+                              "uses the default similarity projection); memory_attention trains a checkpoint's "
+                              "(Flash-VStream's attention_model)")
+        return module
