@@ -43,10 +43,10 @@ from vstream.data import (
 from vstream.data.interleaved import image_path, is_interleaved
 from vstream.errors import VStreamError
 from vstream.kernels import pool_grid
+from vstream.models.heads.multigranular import FINEST_GRID
 from vstream.session import Session, SessionConfig, model_and_encoder
 
 log = logging.getLogger(__name__)
-FINEST_GRID = 16  # the multi-granular head's finest level, 16×16 (vstream.models.heads.multigranular)
 
 
 @dataclass
