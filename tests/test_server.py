@@ -15,6 +15,7 @@ import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -119,6 +120,26 @@ def replies(sock: zmq.Socket, n: int, timeout: float = 10.0) -> list:
     return got
 
 
+def sent_stream(client: Client, sent: list[Frame]) -> str:
+    """A new stream on the server holding every frame of ``sent``, processed."""
+    stream = client.open_stream()
+    for frame in sent:
+        assert client.send_frame(stream, frame)
+    wait_processed(client, stream, len(sent))
+    return stream
+
+
+@contextmanager
+def session_holding(model: str, sent: list[Frame]):
+    """An in-process session with the servers' settings, holding every frame of ``sent``."""
+    config = SessionConfig(asr=False, generation=GenerationConfig(max_new_tokens=int(MAX_TOKENS)))
+    with Session(model, config) as session:
+        for frame in sent:
+            session.push_frame(frame, wait=True)
+        assert session.wait(20)
+        yield session
+
+
 def same_answer(remote: dict, local) -> None:
     assert remote["answer"] == local.text
     assert remote["evidence"] == [{"start": e.start, "end": e.end, "kind": e.kind, "score": e.score}
@@ -198,18 +219,11 @@ def test_concurrent_streams_with_questions_in_flight(main_server):
 
 def test_server_answers_as_the_in_process_session(client, model):
     sent = frames(16)
-    stream = client.open_stream()
-    for frame in sent:
-        assert client.send_frame(stream, frame)
-    wait_processed(client, stream, 16)
+    stream = sent_stream(client, sent)
     remote = [client.ask(stream, q) for q in ("what happens?", "what colour is it?")]
     window = client.ask(stream, "what happens?", start=4, end=9)
     client.close_stream(stream)
-    config = SessionConfig(asr=False, generation=GenerationConfig(max_new_tokens=int(MAX_TOKENS)))
-    with Session(model, config) as session:
-        for frame in sent:
-            session.push_frame(frame, wait=True)
-        assert session.wait(20)
+    with session_holding(model, sent) as session:
         same_answer(remote[0], session.ask("what happens?"))
         same_answer(remote[1], session.ask("what colour is it?"))
         same_answer(window, session.ask("what happens?", start=4, end=9))
@@ -219,18 +233,11 @@ def test_evidence_past_an_hour_prints_alike_from_the_server_and_the_session(clie
     """A stream whose clock crosses an hour: ``vstream ask --server`` and an in-process
     session's answer print the same lines, every time as ``h:mm:ss``."""
     sent = frames(10, offset=3595.0)  # 0:59:55 to 1:00:04
-    stream = client.open_stream()
-    for frame in sent:
-        assert client.send_frame(stream, frame)
-    wait_processed(client, stream, len(sent))
+    stream = sent_stream(client, sent)
     assert main(["ask", "what happens?", "--stream", stream, "--server", main_server.address, "--token", TOKEN]) == 0
     remote = capsys.readouterr().out.splitlines()[1:]
     client.close_stream(stream)
-    config = SessionConfig(asr=False, generation=GenerationConfig(max_new_tokens=int(MAX_TOKENS)))
-    with Session(model, config) as session:
-        for frame in sent:
-            session.push_frame(frame, wait=True)
-        assert session.wait(20)
+    with session_holding(model, sent) as session:
         local = [f"  {line}" for line in evidence_lines(session.ask("what happens?").to_dict()["evidence"][:5])]
     assert remote == local and remote
     assert all(re.fullmatch(r"  \d:\d\d:\d\d-\d:\d\d:\d\d  frame +\d\.\d\d", line) for line in remote), remote

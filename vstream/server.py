@@ -746,11 +746,11 @@ class Server:
             error = f"saving the stream failed: {type(exc).__name__}: {exc}"
         finally:
             stream.session.close()
-        replies = [encode("ok", request_id, data={"stream": stream.id, "saved": str(folder)}) if error is None
-                   else encode("error", request_id, code="internal", message=error)
-                   for _, request_id in stream.waiters]
-        self._push([b"closed", stream.id.encode()],
-                   *([b"admin", b"", identity, b"", *reply] for (identity, _), reply in zip(stream.waiters, replies)))
+        replies = [[b"admin", b"", identity, b"",
+                    *(encode("ok", request_id, data={"stream": stream.id, "saved": str(folder)}) if error is None
+                      else encode("error", request_id, code="internal", message=error))]
+                   for identity, request_id in stream.waiters]
+        self._push([b"closed", stream.id.encode()], *replies)
 
     def _spawn(self, name: str, target, *args) -> threading.Thread:
         """Run ``target(*args)`` on a thread of its own (opening a source, draining a node,
