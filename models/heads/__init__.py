@@ -16,7 +16,8 @@ ones. A head that changes how the model answers is attached to a ``ChatModel``
 line): every answer's generation then runs inside ``head.routing(visual)``, with the
 prompt's ``[1, L]`` mask of memory tokens. The frame-encoder head (big.LITTLE)
 registers with ``vstream.encoders`` instead, since it is a frame encoder
-(``--encoder biglittle:big=...,little=...``).
+(``--encoder biglittle:big=...,little=...``). A head that is only a trained module of the
+model's own (the projector, the abstract attention) derives from ``ModuleWeights``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pkgutil
+from pathlib import Path
 
 from vstream.config import parse_spec
 from vstream.errors import ConfigError, ModelLoadError
@@ -90,8 +92,6 @@ def trained_weights(head: str, weights: str | None, file: str) -> dict:
     """The tensors a ``vstream train`` run saved for the ``head`` head, from ``weights``
     (its output folder) / ``file``: ``ConfigError`` without a folder, ``ModelLoadError``
     naming the file when it is absent or unreadable."""
-    from pathlib import Path
-
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -126,10 +126,8 @@ class ModuleWeights(Head):
         raise NotImplementedError
 
     @classmethod
-    def save(cls, chat_model, folder):
+    def save(cls, chat_model, folder) -> Path:
         """Write the module's weights into ``folder`` (made if missing); returns the file."""
-        from pathlib import Path
-
         from safetensors.torch import save_file
 
         path = Path(folder) / cls.file
@@ -140,8 +138,6 @@ class ModuleWeights(Head):
 
     @classmethod
     def attach(cls, chat_model, weights: str | None = None) -> ModuleWeights:
-        from pathlib import Path
-
         module = cls.module_of(chat_model)
         saved, own = trained_weights(cls.name, weights, cls.file), module.state_dict()
         if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
