@@ -303,6 +303,25 @@ def test_a_measured_choice_is_reused_for_video_of_the_same_kind(make_clip, monke
     assert stats[1].decoder_rates == stats[0].decoder_rates
 
 
+def test_a_kind_pyav_reads_faster_does_not_open_decord_again(make_clip, monkeypatch):
+    """Once PyAV measured faster on a kind of video, the next file of that kind is decoded
+    by PyAV without opening decord (whose reader indexes the whole file)."""
+    import decord
+
+    clip = make_clip("choice.mp4", duration=3.0, fps=10, size=(160, 120), audio=False)
+    monkeypatch.setattr(decoder_choice, "_CHOSEN", {})
+    slowed(monkeypatch, DecordDecoder, 0.01)
+    with vstream.open_source(clip.path, fps=None, audio=False, decoder="auto") as source:
+        list(source)
+    measured = source.stats
+    assert (measured.decoder, measured.decoder_choice) == ("pyav", "measured")
+    monkeypatch.setattr(decord, "VideoReader", lambda *a, **k: pytest.fail("decord opened for a kind PyAV reads faster"))
+    with vstream.open_source(clip.path, fps=None, audio=False, decoder="auto") as source:
+        assert [synth.read_index(item.image) for item in source] == list(range(30))
+    assert (source.stats.decoder, source.stats.decoder_choice) == ("pyav", "cached")
+    assert source.stats.decoder_rates == measured.decoder_rates
+
+
 def test_the_timing_is_bounded_when_a_decoder_is_slow(make_clip, monkeypatch):
     """A decoder at 0.2 s a frame would take 6.4 s over two rounds of 16 trial frames; the
     time cap ends each round after its first frame."""

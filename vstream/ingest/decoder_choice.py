@@ -75,15 +75,18 @@ def open_video_decoder(uri: str, index: FileIndex, size: tuple[int, int], thread
     decord does not read the file as ``index`` says it is."""
     if choice == PYAV:
         return PyAVDecoder(uri, index, size, threads), DecoderChoice(PYAV, "pinned")
+    trial = [int(i) for i in indices[:TRIAL_FRAMES]]
+    dense = len(trial) > 1 and bool(np.all(np.diff(trial) == 1))
+    kind = (index.codec, index.pixel_format, index.coded_size, size, threads, dense)
+    chosen = _CHOSEN.get(kind) if choice == "auto" else None
+    if chosen is not None and chosen.decoder == PYAV:
+        # decord is not opened at all: its reader would index the whole file again (0.13 s an hour of video)
+        return PyAVDecoder(uri, index, size, threads), chosen
     reader = _decord_reader(uri, index, size, threads)
     if reader is None:
         return PyAVDecoder(uri, index, size, threads), DecoderChoice(PYAV, "only")
     if choice == DECORD:
         return DecordDecoder(reader, uri, index, size, threads), DecoderChoice(DECORD, "pinned")
-    trial = [int(i) for i in indices[:TRIAL_FRAMES]]
-    dense = len(trial) > 1 and bool(np.all(np.diff(trial) == 1))
-    kind = (index.codec, index.pixel_format, index.coded_size, size, threads, dense)
-    chosen = _CHOSEN.get(kind)
     if chosen is None:
         chosen = _measure(reader, uri, index, size, threads, trial)
         log.debug("decoder for %s %s %sx%s frames: %s, on %s", index.codec, index.pixel_format, *size,
