@@ -56,6 +56,9 @@ class StarMemory(StreamMemory):
     def __init__(self, config: StarConfig | None = None, attention: SemanticAttention | None = None):
         super().__init__(config)
         self.attention = attention
+        # set to a list to keep every frame's abstract input, in order ([T, g*g, D] a batch,
+        # on the CPU): what rebuilds the abstract memory with other weights (vstream extract)
+        self.abstract_inputs: list[torch.Tensor] | None = None
 
     def _grids(self) -> dict[str, int]:
         c = self.config
@@ -209,6 +212,8 @@ class StarMemory(StreamMemory):
         fill its slots; later ones gather in chunks of ``abstract_chunk``, each full chunk
         updating the slots by semantic attention. Copies go a run of frames at a time."""
         c, done = self.config, 0
+        if self.abstract_inputs is not None:
+            self.abstract_inputs.append(tokens.cpu())
         while done < len(times):
             if self.slot_count < c.abstract_length:
                 count = min(c.abstract_length - self.slot_count, len(times) - done)

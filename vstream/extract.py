@@ -5,9 +5,8 @@ that training never decodes a video twice. What ``vstream extract`` runs.
 The model is loaded once (its frame encoder and memory settings decide the features);
 each video gets a fresh session that reads the whole file. Besides the memory's tokens,
 every frame at the abstract grid is kept in order (``AbstractInputs``): what rebuilds the
-abstract memory when its attention trains. They are taken where the session's encoder
-hands its features over, pooled as the memory pools them, so the rebuilt memory equals
-the session's. Records already extracted are skipped, so a run that stopped resumes
+abstract memory when its attention trains. The memory keeps them as it takes them
+(``StarMemory.abstract_inputs``), so the rebuilt memory equals the session's. Records already extracted are skipped, so a run that stopped resumes
 where it was; a record that fails (a missing or broken video) is reported and listed in
 ``failed.jsonl`` in the output folder, and the others go on.
 
@@ -43,6 +42,7 @@ from vstream.data import (
 from vstream.data.interleaved import image_path, is_interleaved
 from vstream.errors import VStreamError
 from vstream.kernels import pool_grid
+from vstream.memory import StarMemory
 from vstream.models.heads.multigranular import FINEST_GRID
 from vstream.session import Session, SessionConfig, model_and_encoder
 
@@ -116,36 +116,15 @@ def extract_features(data, out, model=None, config: SessionConfig | None = None,
     return report
 
 
-class AbstractTap:
-    """A session's frame encoder, unchanged, that also keeps each frame it encodes pooled
-    as the memory pools it for the abstract memory (``config``: the memory's
-    ``StarConfig``, set once the session has made it): the abstract memory's inputs, in
-    order. Everything else is the encoder's."""
-
-    def __init__(self, encoder):
-        self.encoder, self.config = encoder, None
-        self.frames: list[torch.Tensor] = []
-
-    def __getattr__(self, name):  # grid, dim, device, labels, describe: the encoder's own
-        return getattr(self.encoder, name)
-
-    def encode(self, images) -> torch.Tensor:
-        features = self.encoder.encode(images)
-        base = pool_grid(features, self.config.base_grid).float()
-        self.frames.append(pool_grid(base, self.config.abstract_grid).cpu())
-        return features
-
-    def inputs(self, frames_seen: int) -> AbstractInputs | None:
-        """The abstract memory's inputs (None when the memory keeps no abstract slots);
-        ``VStreamError`` unless they are the ``frames_seen`` frames the memory took."""
-        c = self.config
-        if not c.abstract_length:
-            return None
-        frames = torch.cat(self.frames) if self.frames else torch.zeros(0, c.abstract_grid**2, self.encoder.dim)
-        if frames.shape[0] != frames_seen:
-            raise VStreamError(f"the memory took {frames_seen} frames of the {frames.shape[0]} encoded "
-                               "(a batch failed): its abstract memory cannot be rebuilt")
-        return AbstractInputs(frames, c.abstract_length, c.abstract_chunk, c.abstract_alpha)
+def abstract_inputs(memory, dim: int) -> AbstractInputs | None:
+    """The abstract memory's inputs a ``StarMemory`` kept (``abstract_inputs``), with its
+    update's settings; None for a memory that keeps no abstract slots (or another policy)."""
+    if getattr(memory, "abstract_inputs", None) is None:
+        return None
+    c = memory.config
+    kept = memory.abstract_inputs
+    frames = torch.cat(kept) if kept else torch.zeros(0, c.abstract_grid**2, dim)
+    return AbstractInputs(frames, c.abstract_length, c.abstract_chunk, c.abstract_alpha)
 
 
 def extract_record(record, chat, encoder, config: SessionConfig) -> RecordFeatures:
@@ -155,12 +134,13 @@ def extract_record(record, chat, encoder, config: SessionConfig) -> RecordFeatur
     video = record.paths[0]
     if not video.is_file():
         raise VStreamError(f"{video}: no such video file (record {record.id!r})")
-    tap = AbstractTap(encoder)
-    with Session(chat, config, tap) as session:
-        tap.config = session.memory.config
-        session.ingest(str(video), progress=False)
+    with Session(chat, config, encoder) as session:
         memory = session.memory
-        return RecordFeatures(record.id, memory.tokens(), memory.timeline(), str(video), tap.inputs(memory.frames_seen))
+        if isinstance(memory, StarMemory) and memory.config.abstract_length:
+            memory.abstract_inputs = []  # each frame's abstract input, as the memory took it
+        session.ingest(str(video), progress=False)
+        return RecordFeatures(record.id, memory.tokens(), memory.timeline(), str(video),
+                              abstract_inputs(memory, encoder.dim))
 
 
 def extract_document(document, encoder, root: Path, config: SessionConfig) -> DocumentFeatures:
