@@ -1,5 +1,7 @@
 """Helpers shared by several test files."""
 
+import json
+
 import numpy as np
 import torch
 
@@ -72,3 +74,8 @@ def scene_frames(count: int, scenes: int = 4, seed: int = 0) -> list[np.ndarray]
         image[4:40, 8:56] = SCENE_COLOURS[(i // 2) % scenes]
         images.append(image)
     return images
+
+
+def write_jsonl(path, records) -> None:
+    """``records`` as JSON Lines at ``path``."""
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))

@@ -6,6 +6,7 @@ import json
 import tracemalloc
 
 import pytest
+from helpers import write_jsonl
 
 from vstream.data import ConversationRecord, Turn, read_conversations, read_json_records
 from vstream.data import conversations as module
@@ -141,7 +142,7 @@ def test_mminstruct_records_without_ids_and_their_question_types(tmp_path, capsy
             {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "Traffic."}]},
     ]
     path = tmp_path / "qa_en.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     read = list(read_mminstruct(path))
     assert [r.conversation.id for r in read] == ["qa_en-0", "q7", "qa_en-2"]
     assert [r.types for r in read] == [("judgement", "multiple_choice"), ("long_vqa",), ("short_vqa", "other")]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import merge_case, scene_frames
+from helpers import merge_case, scene_frames, write_jsonl
 from tiny_models import tiny_llama
 
 from vstream import kernels
@@ -212,18 +212,14 @@ def test_training_runs_in_bfloat16_on_cuda_and_the_held_out_loss_falls(tmp_path)
     """``vstream train`` on the GPU (precision ``auto``: bfloat16 autocast): a projector
     trained on stored memories of two kinds of clip, the held-out loss falls and the
     weights are saved in float32."""
-    import json
-
     from safetensors.torch import load_file
-    from tiny_models import tiny_clip, tiny_flash_vstream
+    from tiny_models import sharpened_flash_vstream, tiny_clip
 
     from vstream.data import RecordFeatures, write_features
     from vstream.memory import MemoryTokens
     from vstream.train import TrainConfig, train
 
-    clip = tiny_clip(tmp_path / "clip")
-    _, written = tiny_flash_vstream(tmp_path / "base", clip)
-    flash, _ = tiny_flash_vstream(tmp_path / "flash", clip, extra={"lm_head.weight": written["lm_head.weight"] * 20})
+    flash = sharpened_flash_vstream(tmp_path, tiny_clip(tmp_path / "clip"))
     answers = ("the red square moves left", "a blue circle appears")
     records, features = [], tmp_path / "features"
     for i in range(40):
@@ -236,7 +232,7 @@ def test_training_runs_in_bfloat16_on_cuda_and_the_held_out_loss_falls(tmp_path)
                         "conversations": [{"from": "human", "value": "<video>\nWhat happens in the video?"},
                                           {"from": "gpt", "value": answers[i % 2]}]})
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(data, records)
     config = TrainConfig(model=str(flash), data=str(data), features=str(features), out=str(tmp_path / "run"),
                          held_out=0.25, epochs=3, learning_rate=3e-3, accumulate=2, checkpoint_every=4, device="cuda")
     report = train(config, progress=False)

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import write_jsonl
 from tiny_models import tiny_clip, tiny_flash_vstream, tiny_llama
 
 from vstream.cli import main
@@ -43,7 +44,7 @@ def data(tmp_path, make_clip):
                                                          {"from": "gpt", "value": "Red."}]},
     ]
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     return path
 
 

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import write_jsonl
 from PIL import Image
 from tiny_models import tiny_llama
 
@@ -34,7 +35,7 @@ OTHER_RECORD = {"id": "q7", "images": ["a.png", "b.png", "c.png"], "question": "
 def write(tmp_path, records, name="mmiu.json"):
     path = tmp_path / name
     if name.endswith(".jsonl"):
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_jsonl(path, records)
     else:
         path.write_text(json.dumps(records))
     return path

@@ -10,8 +10,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import write_jsonl
 from safetensors.torch import load_file
-from tiny_models import tiny_clip, tiny_flash_vstream
+from tiny_models import sharpened_flash_vstream, tiny_clip
 
 from vstream.cli import main
 from vstream.data import RecordFeatures, read_features, write_features
@@ -28,14 +29,9 @@ ANSWERS = ("the red square moves left", "a blue circle appears")
 
 @pytest.fixture(scope="module")
 def flash(tmp_path_factory):
-    """A tiny Flash-VStream checkpoint whose output layer is 20 times sharper than its
-    random start: what it predicts then depends on its prompt enough to learn from in a
-    few steps (at the random start every answer costs about ln(vocabulary))."""
+    """A tiny Flash-VStream checkpoint with a sharpened output layer (``sharpened_flash_vstream``)."""
     root = tmp_path_factory.mktemp("train-models")
-    clip = tiny_clip(root / "clip")
-    _, written = tiny_flash_vstream(root / "base", clip)
-    folder, _ = tiny_flash_vstream(root / "flash", clip, extra={"lm_head.weight": written["lm_head.weight"] * 20})
-    return str(folder)
+    return str(sharpened_flash_vstream(root, tiny_clip(root / "clip")))
 
 
 def memory_of(kind: int, seed: int) -> MemoryTokens:
@@ -57,7 +53,7 @@ def data(tmp_path):
                                           {"from": "gpt", "value": ANSWERS[i % 2]}]})
         write_features(features, RecordFeatures(record_id, memory_of(i % 2, i), [], f"{record_id}.mp4"))
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     return path, features
 
 

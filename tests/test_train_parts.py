@@ -11,9 +11,10 @@ import json
 
 import pytest
 import torch
+from helpers import write_jsonl
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import tiny_clip, tiny_flash_vstream, tiny_llama
+from tiny_models import sharpened_flash_vstream, tiny_clip, tiny_llama
 
 from vstream.cli import main
 from vstream.data import (
@@ -46,11 +47,7 @@ def flash(tmp_path_factory):
     16 abstract slots updated 16 frames at a time: a memory that is mostly abstract, so
     what the abstract attention picks matters to the answer."""
     root = tmp_path_factory.mktemp("train-parts-models")
-    clip = tiny_clip(root / "clip")
-    _, written = tiny_flash_vstream(root / "base", clip)
-    folder, _ = tiny_flash_vstream(root / "flash", clip, extra={"lm_head.weight": written["lm_head.weight"] * 20},
-                                   video_Turing_memory_length=SLOTS)
-    return str(folder)
+    return str(sharpened_flash_vstream(root, tiny_clip(root / "clip"), video_Turing_memory_length=SLOTS))
 
 
 def frames_of(kind: int, seed: int) -> torch.Tensor:
@@ -83,7 +80,7 @@ def stream_data(flash, tmp_path):
                         "conversations": [{"from": "human", "value": f"<video>\n{QUESTION}"},
                                           {"from": "gpt", "value": ANSWERS[i % 2]}]})
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     return path, features
 
 
@@ -195,7 +192,7 @@ def documents(tmp_path):
     rows.append({"texts": [None], "images": ["img0.png"], "general_metadata": {"id": "lonely"}})
     rows.append({"texts": ["No pictures here."], "images": [None], "general_metadata": {"id": "words"}})
     path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 

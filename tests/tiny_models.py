@@ -167,6 +167,17 @@ def tiny_flash_vstream(folder: Path, tower: Path | str, drop: tuple[str, ...] = 
     return folder, tensors
 
 
+def sharpened_flash_vstream(root: Path, tower: Path | str, **config_overrides) -> Path:
+    """A tiny Flash-VStream checkpoint (``root/flash``) whose output layer is 20 times
+    sharper than its random start (the start written once to ``root/base``): what it
+    predicts then depends on its prompt enough to learn from in a few steps (at the random
+    start every answer costs about ln(vocabulary)). What the training tests train."""
+    _, written = tiny_flash_vstream(Path(root) / "base", tower)
+    folder, _ = tiny_flash_vstream(Path(root) / "flash", tower, extra={"lm_head.weight": written["lm_head.weight"] * 20},
+                                   **config_overrides)
+    return folder
+
+
 def tiny_llava_onevision(folder: Path, seed: int = 0) -> Path:
     """LLaVA-OneVision with a SigLIP tower (8×8 patch grid, width 48) and a 2-layer
     Qwen2, its tokenizer (ChatML template over typed parts, as the processor's) and its
